@@ -1,0 +1,80 @@
+"""Aggregation strategies, one per module, and a registry to build them by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..scaling import LoRAScaling, ScaleRule
+from ..svd import SVDConfig
+from ..weights import WeightConfig
+from .base import RoundPlan, Strategy, module_seed, uniform_ranks
+from .factored import FedIT, HetLoRA, ZeroPadding, hetlora_pruned_rank, hetlora_tail_penalty
+from .fedhl import FedHL
+from .flexlora import FlexLoRA
+from .flora import FLoRA
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (FedHL, FlexLoRA, FLoRA, HetLoRA, ZeroPadding, FedIT)
+}
+
+WEIGHT_PRESETS: dict[str, WeightConfig] = {
+    "default": WeightConfig(),
+    "paper-literal": WeightConfig.paper_literal(),
+    "uniform": WeightConfig(rule="uniform", max_weight_ratio=None),
+    "data-size": WeightConfig(rule="data_size"),
+}
+
+
+def build_strategy(
+    name: str,
+    *,
+    alpha: float,
+    scale_rule: ScaleRule = "standard",
+    weights: str | WeightConfig | dict[str, Any] | None = None,
+    svd: SVDConfig | dict[str, Any] | None = None,
+    **options: Any,
+) -> Strategy:
+    """Build a strategy from plain options (as a job config or CLI holds them).
+
+    `weights` (FedHL only) is a preset name ('default', 'paper-literal', 'uniform',
+    'data-size'), a `WeightConfig`, or a dict of its fields.
+    """
+    try:
+        cls = STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}") from None
+    scaling = LoRAScaling(alpha, scale_rule)
+    svd_cfg = SVDConfig(**svd) if isinstance(svd, dict) else svd
+    if weights is not None:
+        if cls is not FedHL:
+            raise ValueError(f"weight options apply to 'fedhl' only, not {name!r}")
+        if isinstance(weights, str):
+            if weights not in WEIGHT_PRESETS:
+                raise ValueError(f"unknown weight preset {weights!r}; choose from {sorted(WEIGHT_PRESETS)}")
+            weights = WEIGHT_PRESETS[weights]
+        elif isinstance(weights, dict):
+            weights = WeightConfig(**weights)
+        options["weights"] = weights
+    try:
+        return cls(scaling, svd=svd_cfg, **options)
+    except TypeError as e:  # an option this strategy does not take
+        raise ValueError(f"strategy {name!r}: {e}") from None
+
+
+__all__ = [
+    "STRATEGIES",
+    "WEIGHT_PRESETS",
+    "FLoRA",
+    "FedHL",
+    "FedIT",
+    "FlexLoRA",
+    "HetLoRA",
+    "RoundPlan",
+    "Strategy",
+    "ZeroPadding",
+    "build_strategy",
+    "hetlora_pruned_rank",
+    "hetlora_tail_penalty",
+    "module_seed",
+    "uniform_ranks",
+]

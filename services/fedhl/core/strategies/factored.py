@@ -1,0 +1,100 @@
+"""Strategies whose global state is a pair of factors at the job's maximum rank:
+zero-padding (FedIT on padded factors), homogeneous FedIT, and HetLoRA (Cho et al., 2024).
+Clients at rank r receive `B_g[:, :r]`, `A_g[:r]` and train them with their own scale."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..merge import average_padded, lowrank_fro_sq
+from ..types import GlobalState, LoRAFactors, ModuleName
+from ..weights import normalise
+from .base import RoundPlan, Strategy
+
+
+class ZeroPadding(Strategy):
+    """Pad every client to r_max and average the factors with p ∝ n_i."""
+
+    name = "zeropad"
+    dense_state = False
+
+    def _check_ranks(self, state: GlobalState, plan: RoundPlan) -> None:
+        for c, rm in plan.ranks.items():
+            for m, r in rm.items():
+                if r > state.factors[m].rank:
+                    raise ValueError(f"client {c!r}: rank {r} on {m!r} exceeds the state's rank "
+                                     f"{state.factors[m].rank}")
+
+    def _start_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int) -> LoRAFactors:
+        g = state.factors[module]
+        return LoRAFactors(g.B[:, :rank].clone(), g.A[:rank].clone())
+
+    def _merge_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName,
+                      fs: Sequence[LoRAFactors], ranks: Sequence[int],
+                      p: Sequence[float]) -> tuple[LoRAFactors, list[float], float]:
+        g = state.factors[module]
+        new = average_padded(fs, p, g.rank)
+        gB, gA = g.B.to(new.B.device, new.B.dtype), g.A.to(new.A.device, new.A.dtype)
+        change = float(((new.B - gB) ** 2).sum() + ((new.A - gA) ** 2).sum())  # factor-space change
+        per_client = []
+        for f, r in zip(fs, ranks, strict=True):  # ‖s(B'A' − B⁰A⁰)‖ against the start factors
+            s = self.scaling.scale(r)
+            per_client.append(lowrank_fro_sq(torch.cat([s * f.B, -s * gB[:, :r]], 1),
+                                             torch.cat([f.A, gA[:r]], 0)))
+        return new, per_client, change
+
+
+class FedIT(ZeroPadding):
+    """FedAvg on LoRA factors; every client must hold the state's rank (homogeneous)."""
+
+    name = "fedit"
+
+    def _check_ranks(self, state: GlobalState, plan: RoundPlan) -> None:
+        for c, rm in plan.ranks.items():
+            for m, r in rm.items():
+                if r != state.factors[m].rank:
+                    raise ValueError(f"fedit needs homogeneous ranks: client {c!r} has rank {r} on {m!r}, "
+                                     f"the state has {state.factors[m].rank} (use 'zeropad' or 'hetlora')")
+
+
+class HetLoRA(ZeroPadding):
+    """Zero-pad, weight each client by ‖B_i A_i‖_F (per module; uniform if all are zero)."""
+
+    name = "hetlora"
+
+    def _round_weights(self, state: GlobalState, plan: RoundPlan, updates: Sequence[object],
+                       n: Tensor) -> dict[ModuleName, Tensor]:
+        return {}  # weights depend on the uploads: computed per module
+
+    def _module_weights(self, module: ModuleName, fs: Sequence[LoRAFactors], ranks: Sequence[int],
+                        n: Tensor) -> Tensor:
+        norms = torch.tensor([math.sqrt(lowrank_fro_sq(f.B, f.A)) for f in fs], dtype=torch.float64)
+        if float(norms.sum()) == 0.0:
+            return torch.full_like(norms, 1.0 / norms.numel())
+        return normalise(norms)
+
+    def _per_module_report(self) -> bool:
+        return True
+
+
+def hetlora_tail_penalty(B: Tensor, A: Tensor, gamma: float, lam: float) -> Tensor:
+    """HetLoRA's rank self-pruning regulariser `λ ‖B[:, ⌊γr⌋:]‖_F · ‖A[⌊γr⌋:]‖_F`.
+
+    Differentiable; the agent adds it to its training loss for every adapted module.
+    B (d_out, r), A (r, d_in).
+    """
+    if not 0 < gamma < 1:
+        raise ValueError(f"gamma must be in (0, 1), got {gamma}")
+    k = math.floor(gamma * A.shape[0])
+    return lam * torch.linalg.vector_norm(B[:, k:]) * torch.linalg.vector_norm(A[k:])
+
+
+def hetlora_pruned_rank(rank: int, gamma: float, tail_norm: float, previous_tail_norm: float | None) -> int:
+    """Shrink to ⌊γr⌋ (at least 1) when the tail norm shrank since the last check."""
+    if previous_tail_norm is not None and tail_norm < previous_tail_norm:
+        return max(1, math.floor(gamma * rank))
+    return rank

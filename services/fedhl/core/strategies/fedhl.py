@@ -1,0 +1,126 @@
+"""FedHL (arXiv 2505.18494): unbiased aggregation on the full-rank global update with
+drift-minimising weights. ALGORITHMS.md, steps 1–5."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ..merge import lowrank_fro_sq, stack_factors, start_factors, truncation_factors
+from ..scaling import LoRAScaling
+from ..types import ClientUpdate, GlobalState, LoRAFactors, ModuleName
+from ..weights import WeightConfig
+from .base import RoundPlan, Strategy
+
+StartBalance = Literal["all_in_B", "balanced"]
+
+
+def parse_client_view(view: str) -> tuple[str, int | None]:
+    """'truncated' | 'full' | 'residual:R' → (kind, R)."""
+    if view in ("truncated", "full"):
+        return view, None
+    if view.startswith("residual:"):
+        try:
+            R = int(view.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"client_view {view!r}: R must be an integer") from None
+        if R <= 0:
+            raise ValueError(f"client_view {view!r}: R must be positive")
+        return "residual", R
+    raise ValueError(f"unknown client_view {view!r}; expected 'truncated', 'full' or 'residual:R'")
+
+
+class FedHL(Strategy):
+    """`W_{t+1} = W_t + Σ_i p_i (s_i B_i' A_i' − trunc(W_t, r_i))`, p from `WeightConfig`."""
+
+    name = "fedhl"
+    dense_state = True
+    uses_spectrum = True
+
+    def __init__(
+        self,
+        scaling: LoRAScaling,
+        *,
+        weights: WeightConfig | None = None,
+        start_balance: StartBalance = "all_in_B",
+        client_view: str = "truncated",
+        **kw: Any,
+    ) -> None:
+        super().__init__(scaling, **kw)
+        if start_balance not in ("all_in_B", "balanced"):
+            raise ValueError(f"unknown start_balance {start_balance!r}")
+        self.view, self.view_rank = parse_client_view(client_view)
+        self.client_view = client_view
+        self.weights = weights or WeightConfig()
+        self.start_balance: StartBalance = start_balance
+
+    def options(self) -> dict[str, Any]:
+        w = self.weights
+        return {**super().options(), "start_balance": self.start_balance, "client_view": self.client_view,
+                "weights": {"rule": w.rule, "kappa": w.kappa, "eps": w.eps, "eps_mode": w.eps_mode,
+                            "use_data_size": w.use_data_size, "per_module": w.per_module,
+                            "max_weight_ratio": w.max_weight_ratio}}
+
+    def _spectrum_rank(self, plan: RoundPlan, module: ModuleName) -> int:
+        r = plan.r_max(module)
+        return max(r, self.view_rank) if self.view == "residual" and self.view_rank else r
+
+    # step 1: start point -------------------------------------------------------------------
+    def _start_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int) -> LoRAFactors:
+        spec = plan.spectra[module]
+        if spec.is_zero():  # W_t = 0 (round 0): standard LoRA init, trunc(W_t, r) = 0
+            return self._fresh_lora(state, plan, module, rank)
+        return start_factors(spec, rank, self.scaling.scale(rank), self.start_balance)
+
+    def _residual_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName,
+                         rank: int) -> Tensor | LoRAFactors | None:
+        spec = plan.spectra[module]
+        if self.view == "truncated" or spec.is_zero():
+            return None
+        if self.view == "full":  # the client's frozen base becomes W0 + (W_t − trunc(W_t, r))
+            W = state.dense[module].to(spec.U.device, spec.U.dtype)
+            return W - spec.trunc(rank)
+        R = min(self.view_rank or rank, spec.k)
+        if R <= rank:
+            return None
+        return LoRAFactors(spec.U[:, rank:R] * spec.S[rank:R], spec.Vh[rank:R].clone())  # scale 1
+
+    # step 4: weights from server-side quantities only ---------------------------------------
+    def _round_weights(self, state: GlobalState, plan: RoundPlan, updates: Sequence[ClientUpdate],
+                       n: Tensor) -> dict[ModuleName, Tensor]:
+        clients = [u.client_id for u in updates]
+        per_module = {m: torch.tensor([plan.spectra[m].tail_energy(plan.rank(c, m)) for c in clients],
+                                      dtype=torch.float64) for m in state.modules}
+        if self.weights.per_module:
+            return {m: self.weights.compute(e, n) for m, e in per_module.items()}
+        p = self.weights.compute(torch.stack(list(per_module.values())).sum(0), n)
+        return dict.fromkeys(state.modules, p)
+
+    def _per_module_report(self) -> bool:
+        return self.weights.per_module
+
+    # step 3: unbiased merge on the full-rank basis -----------------------------------------
+    def _merge_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName,
+                      fs: Sequence[LoRAFactors], ranks: Sequence[int],
+                      p: Sequence[float]) -> tuple[Tensor, list[float], float]:
+        spec = plan.spectra[module]
+        scales = [self.scaling.scale(r) for r in ranks]
+        L, R = stack_factors(fs, [pi * si for pi, si in zip(p, scales, strict=True)])  # (d_out, Σr), (Σr, d_in)
+        if not spec.is_zero():  # subtract Σ p_i trunc(W_t, r_i): one rank-r_max correction
+            Lt, Rt = truncation_factors(spec, ranks, p)  # (d_out, r_max), (r_max, d_in)
+            L, R = torch.cat([L, -Lt], dim=1), torch.cat([R, Rt], dim=0)
+        D = L @ R  # Σ_i p_i Δ_i, one GEMM  (d_out, d_in)
+        change = float(torch.linalg.vector_norm(D, dtype=torch.float64) ** 2)
+        W = state.dense[module]
+        D += W.to(D.device, D.dtype)
+        per_client = []
+        for f, r, s in zip(fs, ranks, scales, strict=True):  # ‖s B' A' − trunc(W_t, r)‖², low-rank form
+            if spec.is_zero():
+                per_client.append(lowrank_fro_sq(s * f.B, f.A))
+            else:
+                per_client.append(lowrank_fro_sq(torch.cat([s * f.B, -(spec.U[:, :r] * spec.S[:r])], 1),
+                                                 torch.cat([f.A, spec.Vh[:r]], 0)))
+        return D, per_client, change

@@ -1,0 +1,130 @@
+"""Aggregation weights. Pure functions over small float64 vectors.
+
+FedHL's default is the inverse-variance rule `p_i ∝ n_i / (e_i^κ + ε)` that minimises a
+drift bound of the form `Σ p_i² (L² e_i + σ²)`, with ε on the scale of the errors
+(`ε = mean_j e_j^κ`), then a cap at `max_weight_ratio ×` each client's data-size share.
+See ALGORITHMS.md, step 4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+WeightRule = Literal["drift", "data_size", "uniform"]
+EpsMode = Literal["relative", "absolute"]
+
+
+def normalise(w: Tensor) -> Tensor:
+    total = w.sum()
+    if not torch.isfinite(total) or total <= 0:
+        raise ValueError(f"weights must have a positive finite sum, got {w.tolist()}")
+    return w / total
+
+
+def data_size_weights(n_examples: Tensor) -> Tensor:
+    """p_i ∝ n_i."""
+    return normalise(n_examples.to(torch.float64))
+
+
+def uniform_weights(count: int) -> Tensor:
+    if count <= 0:
+        raise ValueError("no clients to weight")
+    return torch.full((count,), 1.0 / count, dtype=torch.float64)
+
+
+def drift_weights(
+    errors: Tensor,
+    n_examples: Tensor,
+    *,
+    kappa: float = 1.0,
+    eps: float = 1.0,
+    eps_mode: EpsMode = "relative",
+    use_data_size: bool = True,
+) -> Tensor:
+    """p_i ∝ n_i^[use_data_size] / (e_i^κ + ε); ε = eps · mean(e^κ) when relative.
+
+    When every error is zero (round 0, or all ranks cover rank(W_t)) the rule degenerates
+    to data-size weights (uniform without the data-size factor).
+    """
+    e = errors.to(torch.float64).clamp_min(0.0) ** kappa  # (N,)
+    n = n_examples.to(torch.float64) if use_data_size else torch.ones_like(e)
+    if bool((e == 0).all()):
+        return normalise(n)
+    floor = eps * float(e.mean()) if eps_mode == "relative" else eps
+    return normalise(n / (e + floor))
+
+
+def cap_weights(p: Tensor, n_examples: Tensor, max_ratio: float) -> Tensor:
+    """Cap every p_i at `max_ratio × n_i/Σn`, redistributing the excess to the uncapped
+    clients in proportion to their weights (water-filling; exact after ≤ N passes)."""
+    if max_ratio < 1.0:
+        raise ValueError(f"max_weight_ratio must be at least 1, got {max_ratio}")
+    cap = max_ratio * data_size_weights(n_examples)
+    p = p.clone()
+    capped = torch.zeros_like(p, dtype=torch.bool)
+    for _ in range(p.numel()):
+        over = (p > cap * (1 + 1e-12)) & ~capped
+        if not bool(over.any()):
+            break
+        capped |= over
+        p[capped] = cap[capped]
+        free = 1.0 - float(p[capped].sum())
+        rest = p[~capped]
+        if rest.numel() == 0 or float(rest.sum()) <= 0:
+            break
+        p[~capped] = rest * (free / float(rest.sum()))
+    return p
+
+
+def effective_participants(p: Tensor) -> float:
+    """N_eff = 1 / Σ p_i²: N for uniform weights, 1 when one client takes everything."""
+    return float(1.0 / (p.to(torch.float64) ** 2).sum())
+
+
+@dataclass(frozen=True)
+class WeightConfig:
+    """FedHL's weight options (ALGORITHMS.md step 4)."""
+
+    rule: WeightRule = "drift"
+    kappa: float = 1.0
+    eps: float = 1.0  # a multiplier of mean(e^κ) when eps_mode is relative
+    eps_mode: EpsMode = "relative"
+    use_data_size: bool = True
+    per_module: bool = False
+    max_weight_ratio: float | None = 4.0
+
+    def __post_init__(self) -> None:
+        if self.rule not in ("drift", "data_size", "uniform"):
+            raise ValueError(f"unknown weight rule {self.rule!r}")
+        if self.kappa not in (1.0, 2.0):
+            raise ValueError(f"kappa must be 1 or 2, got {self.kappa}")
+        if self.eps_mode not in ("relative", "absolute"):
+            raise ValueError(f"eps_mode must be 'relative' or 'absolute', got {self.eps_mode!r}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+        if self.max_weight_ratio is not None and self.max_weight_ratio < 1:
+            raise ValueError(f"max_weight_ratio must be ≥ 1 or None, got {self.max_weight_ratio}")
+
+    @classmethod
+    def paper_literal(cls) -> WeightConfig:
+        """The third-party reading of the paper's Eq. (15): κ=2, ε=1e-6 absolute, no n_i.
+        Kept for comparison; it collapses onto the highest-rank clients (ALGORITHMS.md)."""
+        return cls(kappa=2.0, eps=1e-6, eps_mode="absolute", use_data_size=False,
+                   max_weight_ratio=None)
+
+    def compute(self, errors: Tensor, n_examples: Tensor) -> Tensor:
+        """errors (N,) → weights (N,), summing to 1."""
+        if self.rule == "uniform":
+            p = uniform_weights(int(errors.numel()))
+        elif self.rule == "data_size":
+            p = data_size_weights(n_examples)
+        else:
+            p = drift_weights(errors, n_examples, kappa=self.kappa, eps=self.eps,
+                              eps_mode=self.eps_mode, use_data_size=self.use_data_size)
+        if self.max_weight_ratio is not None:
+            p = cap_weights(p, n_examples, self.max_weight_ratio)
+        return p
