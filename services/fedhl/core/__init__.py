@@ -1,11 +1,11 @@
 """`fedhl.core`: the aggregation math, pure torch, no I/O.
 
-    from fedhl.core import build_strategy, uniform_ranks, ClientUpdate
-    strategy = build_strategy("fedhl", alpha=16)
-    state = strategy.init_state({"q": (4096, 4096)})
-    plan = strategy.plan_round(state, {"a": {"q": 8}, "b": {"q": 32}})
-    start = strategy.client_start(state, plan, "a")            # ClientStart.factors["q"]
-    state, report = strategy.aggregate(state, plan, [ClientUpdate("a", {...}, n_examples=100), ...])
+from fedhl.core import build_strategy, uniform_ranks, ClientUpdate
+strategy = build_strategy("fedhl", alpha=16)
+state = strategy.init_state({"q": (4096, 4096)})
+plan = strategy.plan_round(state, {"a": {"q": 8}, "b": {"q": 32}})
+start = strategy.client_start(state, plan, "a")            # ClientStart.factors["q"]
+state, report = strategy.aggregate(state, plan, [ClientUpdate("a", {...}, n_examples=100), ...])
 """
 
 from .merge import (
@@ -44,7 +44,13 @@ from .types import (
     LoRAFactors,
     UploadError,
 )
-from .weights import WeightConfig, cap_weights, data_size_weights, drift_weights, effective_participants
+from .weights import (
+    WeightConfig,
+    cap_weights,
+    data_size_weights,
+    drift_weights,
+    effective_participants,
+)
 
 __all__ = [
     "STRATEGIES",

@@ -113,8 +113,9 @@ class WeightConfig:
     def paper_literal(cls) -> WeightConfig:
         """The third-party reading of the paper's Eq. (15): κ=2, ε=1e-6 absolute, no n_i.
         Kept for comparison; it collapses onto the highest-rank clients (ALGORITHMS.md)."""
-        return cls(kappa=2.0, eps=1e-6, eps_mode="absolute", use_data_size=False,
-                   max_weight_ratio=None)
+        return cls(
+            kappa=2.0, eps=1e-6, eps_mode="absolute", use_data_size=False, max_weight_ratio=None
+        )
 
     def compute(self, errors: Tensor, n_examples: Tensor) -> Tensor:
         """errors (N,) → weights (N,), summing to 1."""
@@ -123,8 +124,14 @@ class WeightConfig:
         elif self.rule == "data_size":
             p = data_size_weights(n_examples)
         else:
-            p = drift_weights(errors, n_examples, kappa=self.kappa, eps=self.eps,
-                              eps_mode=self.eps_mode, use_data_size=self.use_data_size)
+            p = drift_weights(
+                errors,
+                n_examples,
+                kappa=self.kappa,
+                eps=self.eps,
+                eps_mode=self.eps_mode,
+                use_data_size=self.use_data_size,
+            )
         if self.max_weight_ratio is not None:
             p = cap_weights(p, n_examples, self.max_weight_ratio)
         return p

@@ -50,7 +50,9 @@ def build_strategy(
             raise ValueError(f"weight options apply to 'fedhl' only, not {name!r}")
         if isinstance(weights, str):
             if weights not in WEIGHT_PRESETS:
-                raise ValueError(f"unknown weight preset {weights!r}; choose from {sorted(WEIGHT_PRESETS)}")
+                raise ValueError(
+                    f"unknown weight preset {weights!r}; choose from {sorted(WEIGHT_PRESETS)}"
+                )
             weights = WEIGHT_PRESETS[weights]
         elif isinstance(weights, dict):
             weights = WeightConfig(**weights)

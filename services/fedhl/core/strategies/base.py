@@ -69,8 +69,9 @@ def module_seed(seed: int, round_: int, module: ModuleName) -> int:
     return (seed * 1_000_003 + round_ * 7919 + zlib.crc32(module.encode())) % (2**63)
 
 
-def uniform_ranks(clients: Sequence[ClientId], modules: Sequence[ModuleName],
-                  rank_of: Mapping[ClientId, int]) -> dict[ClientId, dict[ModuleName, int]]:
+def uniform_ranks(
+    clients: Sequence[ClientId], modules: Sequence[ModuleName], rank_of: Mapping[ClientId, int]
+) -> dict[ClientId, dict[ModuleName, int]]:
     """Client → same rank on every module."""
     return {c: dict.fromkeys(modules, rank_of[c]) for c in clients}
 
@@ -124,13 +125,17 @@ class Strategy(ABC):
         device: torch.device | str = "cpu",
     ) -> GlobalState:
         """Round-0 state: W_0 = 0 (dense strategies) or B = 0, A random at `max_rank`."""
-        state = GlobalState(round=0, extras={k: v.detach().clone() for k, v in (extras or {}).items()})
+        state = GlobalState(
+            round=0, extras={k: v.detach().clone() for k, v in (extras or {}).items()}
+        )
         for m, (d_out, d_in) in shapes.items():
             if self.dense_state:
                 state.dense[m] = torch.zeros(d_out, d_in, dtype=dtype, device=device)
             else:
                 if max_rank is None or max_rank <= 0:
-                    raise ValueError(f"{self.name} keeps factors at the job's maximum rank: pass max_rank")
+                    raise ValueError(
+                        f"{self.name} keeps factors at the job's maximum rank: pass max_rank"
+                    )
                 gen = torch.Generator().manual_seed(module_seed(self.seed, -1, m))
                 state.factors[m] = lora_init(d_out, d_in, max_rank, gen, device, dtype)
         return state
@@ -152,10 +157,18 @@ class Strategy(ABC):
             missing = [m for m in modules if m not in rm]
             unknown = [m for m in rm if m not in modules]
             if missing or unknown:
-                raise ValueError(f"client {c!r}: rank map missing {missing} / unknown modules {unknown}")
-            bad = {m: r for m, r in rm.items() if not isinstance(r, int) or r <= 0 or r > min(state.shape(m))}
+                raise ValueError(
+                    f"client {c!r}: rank map missing {missing} / unknown modules {unknown}"
+                )
+            bad = {
+                m: r
+                for m, r in rm.items()
+                if not isinstance(r, int) or r <= 0 or r > min(state.shape(m))
+            }
             if bad:
-                raise ValueError(f"client {c!r}: ranks must be integers in [1, min(d_out, d_in)], got {bad}")
+                raise ValueError(
+                    f"client {c!r}: ranks must be integers in [1, min(d_out, d_in)], got {bad}"
+                )
             plan_ranks[c] = dict(rm)
         plan = RoundPlan(round=state.round, ranks=plan_ranks)
         self._check_ranks(state, plan)
@@ -164,17 +177,21 @@ class Strategy(ABC):
                 W = state.dense[m]
                 device, dtype = self._placement(W)
                 k = self._spectrum_rank(plan, m)
-                plan.spectra[m] = partial_svd(W.to(device, dtype), k, self.svd,
-                                              seed=module_seed(self.seed, state.round, m))
+                plan.spectra[m] = partial_svd(
+                    W.to(device, dtype), k, self.svd, seed=module_seed(self.seed, state.round, m)
+                )
         return plan
 
     def _spectrum_rank(self, plan: RoundPlan, module: ModuleName) -> int:
         return plan.r_max(module)
 
     def _check_ranks(self, state: GlobalState, plan: RoundPlan) -> None:
-        """Strategy-specific rank constraints (e.g. FedIT needs one rank)."""
+        """Strategy-specific rank constraints (e.g. FedIT needs one rank); none by default."""
+        return None
 
-    def start_factors(self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int) -> LoRAFactors:
+    def start_factors(
+        self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
+    ) -> LoRAFactors:
         """Start factors for one (module, rank), computed once per round and cached."""
         key = ("start", module, rank)
         if key not in plan._cache:
@@ -182,8 +199,9 @@ class Strategy(ABC):
         out: LoRAFactors = plan._cache[key]
         return out
 
-    def base_residual(self, state: GlobalState, plan: RoundPlan, module: ModuleName,
-                      rank: int) -> Tensor | LoRAFactors | None:
+    def base_residual(
+        self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
+    ) -> Tensor | LoRAFactors | None:
         key = ("residual", module, rank)
         if key not in plan._cache:
             plan._cache[key] = self._residual_module(state, plan, module, rank)
@@ -202,14 +220,18 @@ class Strategy(ABC):
         return ClientStart(factors, residual, {k: v.clone() for k, v in state.extras.items()})
 
     @abstractmethod
-    def _start_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int) -> LoRAFactors:
-        ...
+    def _start_module(
+        self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
+    ) -> LoRAFactors: ...
 
-    def _residual_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName,
-                         rank: int) -> Tensor | LoRAFactors | None:
+    def _residual_module(
+        self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
+    ) -> Tensor | LoRAFactors | None:
         return None
 
-    def _fresh_lora(self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int) -> LoRAFactors:
+    def _fresh_lora(
+        self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
+    ) -> LoRAFactors:
         """Standard LoRA init; clients at smaller ranks get the leading rows of one draw."""
         d_out, d_in = state.shape(module)
         gen = torch.Generator().manual_seed(module_seed(self.seed, plan.round, module))
@@ -234,7 +256,9 @@ class Strategy(ABC):
         blob store), where it must be discarded after an error.
         """
         if plan.round != state.round:
-            raise AggregationError(f"plan is for round {plan.round}, state is at round {state.round}")
+            raise AggregationError(
+                f"plan is for round {plan.round}, state is at round {state.round}"
+            )
         if not updates:
             raise AggregationError("no uploads to aggregate")
         clients = [u.client_id for u in updates]
@@ -257,24 +281,37 @@ class Strategy(ABC):
             ranks = [f.rank for f in fs]
             p = pre[m] if m in pre else self._module_weights(m, fs, ranks, n)
             module_weights[m] = dict(zip(clients, p.tolist(), strict=True))
-            result, per_client_sq, change = self._merge_module(state, plan, m, fs, ranks, p.tolist())
-            target = result if isinstance(result, Tensor) else torch.cat([result.B.flatten(), result.A.flatten()])
+            result, per_client_sq, change = self._merge_module(
+                state, plan, m, fs, ranks, p.tolist()
+            )
+            target = (
+                result
+                if isinstance(result, Tensor)
+                else torch.cat([result.B.flatten(), result.A.flatten()])
+            )
             if not _finite(target):
-                raise AggregationError(f"module {m!r}: merged update is not finite (an upload is poisoned "
-                                       "or overflowed); previous state kept")
+                raise AggregationError(
+                    f"module {m!r}: merged update is not finite (an upload is poisoned "
+                    "or overflowed); previous state kept"
+                )
             for c, sq in zip(clients, per_client_sq, strict=True):
                 update_sq[c] += sq
             change_sq += change
             self._store(state, new, m, result)
-        extras = {k: weighted_average([u.extras[k] for u in updates], data_p.tolist())
-                  for k in state.extras}
+        extras = {
+            k: weighted_average([u.extras[k] for u in updates], data_p.tolist())
+            for k in state.extras
+        }
         for k, v in extras.items():
             if not _finite(v):
                 raise AggregationError(f"non-LoRA parameter {k!r}: average is not finite")
         new.extras = extras
         new.round = state.round + 1
 
-        weights = {c: sum(module_weights[m][c] for m in module_weights) / len(module_weights) for c in clients}
+        weights = {
+            c: sum(module_weights[m][c] for m in module_weights) / len(module_weights)
+            for c in clients
+        }
         p_vec = torch.tensor([weights[c] for c in clients], dtype=torch.float64)
         errors = self._errors(plan, clients)
         report = AggregationReport(
@@ -297,17 +334,23 @@ class Strategy(ABC):
         missing = set(state.extras) - set(u.extras)
         unknown = set(u.extras) - set(state.extras)
         if missing or unknown:
-            raise UploadError(u.client_id, f"non-LoRA parameters: missing {sorted(missing)}, "
-                                           f"unexpected {sorted(unknown)}")
+            raise UploadError(
+                u.client_id,
+                f"non-LoRA parameters: missing {sorted(missing)}, unexpected {sorted(unknown)}",
+            )
         for k, v in u.extras.items():
             ref = state.extras[k]
             if tuple(v.shape) != tuple(ref.shape):
-                raise UploadError(u.client_id, f"parameter {k!r} has shape {tuple(v.shape)}, "
-                                               f"expected {tuple(ref.shape)}")
+                raise UploadError(
+                    u.client_id,
+                    f"parameter {k!r} has shape {tuple(v.shape)}, expected {tuple(ref.shape)}",
+                )
             if not v.is_floating_point() or not _finite(v):
                 raise UploadError(u.client_id, f"parameter {k!r} must be finite floating point")
 
-    def _load(self, u: ClientUpdate, module: ModuleName, rank: int, state: GlobalState) -> LoRAFactors:
+    def _load(
+        self, u: ClientUpdate, module: ModuleName, rank: int, state: GlobalState
+    ) -> LoRAFactors:
         """Fetch one module's upload, check it against the assignment, cast for compute."""
         try:
             f = u.factors[module]
@@ -315,8 +358,12 @@ class Strategy(ABC):
             raise UploadError(u.client_id, "module missing from upload", module) from None
         d_out, d_in = state.shape(module)
         if tuple(f.B.shape) != (d_out, rank) or tuple(f.A.shape) != (rank, d_in):
-            raise UploadError(u.client_id, f"expected B({d_out}, {rank}) A({rank}, {d_in}), got "
-                                           f"B{tuple(f.B.shape)} A{tuple(f.A.shape)}", module)
+            raise UploadError(
+                u.client_id,
+                f"expected B({d_out}, {rank}) A({rank}, {d_in}), got "
+                f"B{tuple(f.B.shape)} A{tuple(f.A.shape)}",
+                module,
+            )
         if not (f.B.is_floating_point() and f.A.is_floating_point()):
             raise UploadError(u.client_id, "factors must be floating point", module)
         if not (_finite(f.B) and _finite(f.A)):
@@ -325,7 +372,9 @@ class Strategy(ABC):
         device, dtype = self._placement(ref)
         return f.to(device, dtype)
 
-    def _store(self, old: GlobalState, new: GlobalState, module: ModuleName, result: Tensor | LoRAFactors) -> None:
+    def _store(
+        self, old: GlobalState, new: GlobalState, module: ModuleName, result: Tensor | LoRAFactors
+    ) -> None:
         if isinstance(result, Tensor):
             ref = old.dense[module]
             new.dense[module] = result.to(ref.device, ref.dtype)
@@ -334,26 +383,37 @@ class Strategy(ABC):
             new.factors[module] = result.to(refA.device, refA.dtype)
 
     # hooks -------------------------------------------------------------------------------
-    def _round_weights(self, state: GlobalState, plan: RoundPlan, updates: Sequence[ClientUpdate],
-                       n: Tensor) -> dict[ModuleName, Tensor]:
+    def _round_weights(
+        self, state: GlobalState, plan: RoundPlan, updates: Sequence[ClientUpdate], n: Tensor
+    ) -> dict[ModuleName, Tensor]:
         """Weights known before any upload is read (module → (N,)); empty: per-module hook."""
         p = data_size_weights(n)
         return dict.fromkeys(state.modules, p)
 
-    def _module_weights(self, module: ModuleName, fs: Sequence[LoRAFactors], ranks: Sequence[int],
-                        n: Tensor) -> Tensor:
+    def _module_weights(
+        self, module: ModuleName, fs: Sequence[LoRAFactors], ranks: Sequence[int], n: Tensor
+    ) -> Tensor:
         return data_size_weights(n)
 
     @abstractmethod
-    def _merge_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName,
-                      fs: Sequence[LoRAFactors], ranks: Sequence[int],
-                      p: Sequence[float]) -> tuple[Tensor | LoRAFactors, list[float], float]:
+    def _merge_module(
+        self,
+        state: GlobalState,
+        plan: RoundPlan,
+        module: ModuleName,
+        fs: Sequence[LoRAFactors],
+        ranks: Sequence[int],
+        p: Sequence[float],
+    ) -> tuple[Tensor | LoRAFactors, list[float], float]:
         """→ (new module state, ‖Δ_i‖² per client, ‖change‖²)."""
 
     def _errors(self, plan: RoundPlan, clients: Sequence[ClientId]) -> dict[ClientId, float]:
         if not plan.spectra:
             return {}
-        return {c: sum(plan.spectra[m].tail_energy(r) for m, r in plan.ranks[c].items()) for c in clients}
+        return {
+            c: sum(plan.spectra[m].tail_energy(r) for m, r in plan.ranks[c].items())
+            for c in clients
+        }
 
     def _energy_kept(self, plan: RoundPlan) -> dict[int, float]:
         if not plan.spectra:

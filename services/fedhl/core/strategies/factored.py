@@ -26,16 +26,26 @@ class ZeroPadding(Strategy):
         for c, rm in plan.ranks.items():
             for m, r in rm.items():
                 if r > state.factors[m].rank:
-                    raise ValueError(f"client {c!r}: rank {r} on {m!r} exceeds the state's rank "
-                                     f"{state.factors[m].rank}")
+                    raise ValueError(
+                        f"client {c!r}: rank {r} on {m!r} exceeds the state's rank "
+                        f"{state.factors[m].rank}"
+                    )
 
-    def _start_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int) -> LoRAFactors:
+    def _start_module(
+        self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
+    ) -> LoRAFactors:
         g = state.factors[module]
         return LoRAFactors(g.B[:, :rank].clone(), g.A[:rank].clone())
 
-    def _merge_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName,
-                      fs: Sequence[LoRAFactors], ranks: Sequence[int],
-                      p: Sequence[float]) -> tuple[LoRAFactors, list[float], float]:
+    def _merge_module(
+        self,
+        state: GlobalState,
+        plan: RoundPlan,
+        module: ModuleName,
+        fs: Sequence[LoRAFactors],
+        ranks: Sequence[int],
+        p: Sequence[float],
+    ) -> tuple[LoRAFactors, list[float], float]:
         g = state.factors[module]
         new = average_padded(fs, p, g.rank)
         gB, gA = g.B.to(new.B.device, new.B.dtype), g.A.to(new.A.device, new.A.dtype)
@@ -43,8 +53,9 @@ class ZeroPadding(Strategy):
         per_client = []
         for f, r in zip(fs, ranks, strict=True):  # ‖s(B'A' − B⁰A⁰)‖ against the start factors
             s = self.scaling.scale(r)
-            per_client.append(lowrank_fro_sq(torch.cat([s * f.B, -s * gB[:, :r]], 1),
-                                             torch.cat([f.A, gA[:r]], 0)))
+            per_client.append(
+                lowrank_fro_sq(torch.cat([s * f.B, -s * gB[:, :r]], 1), torch.cat([f.A, gA[:r]], 0))
+            )
         return new, per_client, change
 
 
@@ -57,8 +68,10 @@ class FedIT(ZeroPadding):
         for c, rm in plan.ranks.items():
             for m, r in rm.items():
                 if r != state.factors[m].rank:
-                    raise ValueError(f"fedit needs homogeneous ranks: client {c!r} has rank {r} on {m!r}, "
-                                     f"the state has {state.factors[m].rank} (use 'zeropad' or 'hetlora')")
+                    raise ValueError(
+                        f"fedit needs homogeneous ranks: client {c!r} has rank {r} on {m!r}, "
+                        f"the state has {state.factors[m].rank} (use 'zeropad' or 'hetlora')"
+                    )
 
 
 class HetLoRA(ZeroPadding):
@@ -66,12 +79,14 @@ class HetLoRA(ZeroPadding):
 
     name = "hetlora"
 
-    def _round_weights(self, state: GlobalState, plan: RoundPlan, updates: Sequence[object],
-                       n: Tensor) -> dict[ModuleName, Tensor]:
+    def _round_weights(
+        self, state: GlobalState, plan: RoundPlan, updates: Sequence[object], n: Tensor
+    ) -> dict[ModuleName, Tensor]:
         return {}  # weights depend on the uploads: computed per module
 
-    def _module_weights(self, module: ModuleName, fs: Sequence[LoRAFactors], ranks: Sequence[int],
-                        n: Tensor) -> Tensor:
+    def _module_weights(
+        self, module: ModuleName, fs: Sequence[LoRAFactors], ranks: Sequence[int], n: Tensor
+    ) -> Tensor:
         norms = torch.tensor([math.sqrt(lowrank_fro_sq(f.B, f.A)) for f in fs], dtype=torch.float64)
         if float(norms.sum()) == 0.0:
             return torch.full_like(norms, 1.0 / norms.numel())
@@ -90,10 +105,13 @@ def hetlora_tail_penalty(B: Tensor, A: Tensor, gamma: float, lam: float) -> Tens
     if not 0 < gamma < 1:
         raise ValueError(f"gamma must be in (0, 1), got {gamma}")
     k = math.floor(gamma * A.shape[0])
-    return lam * torch.linalg.vector_norm(B[:, k:]) * torch.linalg.vector_norm(A[k:])
+    penalty: Tensor = lam * torch.linalg.vector_norm(B[:, k:]) * torch.linalg.vector_norm(A[k:])
+    return penalty
 
 
-def hetlora_pruned_rank(rank: int, gamma: float, tail_norm: float, previous_tail_norm: float | None) -> int:
+def hetlora_pruned_rank(
+    rank: int, gamma: float, tail_norm: float, previous_tail_norm: float | None
+) -> int:
     """Shrink to ⌊γr⌋ (at least 1) when the tail norm shrank since the last check."""
     if previous_tail_norm is not None and tail_norm < previous_tail_norm:
         return max(1, math.floor(gamma * rank))

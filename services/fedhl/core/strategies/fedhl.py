@@ -59,24 +59,37 @@ class FedHL(Strategy):
 
     def options(self) -> dict[str, Any]:
         w = self.weights
-        return {**super().options(), "start_balance": self.start_balance, "client_view": self.client_view,
-                "weights": {"rule": w.rule, "kappa": w.kappa, "eps": w.eps, "eps_mode": w.eps_mode,
-                            "use_data_size": w.use_data_size, "per_module": w.per_module,
-                            "max_weight_ratio": w.max_weight_ratio}}
+        return {
+            **super().options(),
+            "start_balance": self.start_balance,
+            "client_view": self.client_view,
+            "weights": {
+                "rule": w.rule,
+                "kappa": w.kappa,
+                "eps": w.eps,
+                "eps_mode": w.eps_mode,
+                "use_data_size": w.use_data_size,
+                "per_module": w.per_module,
+                "max_weight_ratio": w.max_weight_ratio,
+            },
+        }
 
     def _spectrum_rank(self, plan: RoundPlan, module: ModuleName) -> int:
         r = plan.r_max(module)
         return max(r, self.view_rank) if self.view == "residual" and self.view_rank else r
 
     # step 1: start point -------------------------------------------------------------------
-    def _start_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int) -> LoRAFactors:
+    def _start_module(
+        self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
+    ) -> LoRAFactors:
         spec = plan.spectra[module]
         if spec.is_zero():  # W_t = 0 (round 0): standard LoRA init, trunc(W_t, r) = 0
             return self._fresh_lora(state, plan, module, rank)
         return start_factors(spec, rank, self.scaling.scale(rank), self.start_balance)
 
-    def _residual_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName,
-                         rank: int) -> Tensor | LoRAFactors | None:
+    def _residual_module(
+        self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
+    ) -> Tensor | LoRAFactors | None:
         spec = plan.spectra[module]
         if self.view == "truncated" or spec.is_zero():
             return None
@@ -84,16 +97,21 @@ class FedHL(Strategy):
             W = state.dense[module].to(spec.U.device, spec.U.dtype)
             return W - spec.trunc(rank)
         R = min(self.view_rank or rank, spec.k)
-        if R <= rank:
+        if rank >= R:
             return None
         return LoRAFactors(spec.U[:, rank:R] * spec.S[rank:R], spec.Vh[rank:R].clone())  # scale 1
 
     # step 4: weights from server-side quantities only ---------------------------------------
-    def _round_weights(self, state: GlobalState, plan: RoundPlan, updates: Sequence[ClientUpdate],
-                       n: Tensor) -> dict[ModuleName, Tensor]:
+    def _round_weights(
+        self, state: GlobalState, plan: RoundPlan, updates: Sequence[ClientUpdate], n: Tensor
+    ) -> dict[ModuleName, Tensor]:
         clients = [u.client_id for u in updates]
-        per_module = {m: torch.tensor([plan.spectra[m].tail_energy(plan.rank(c, m)) for c in clients],
-                                      dtype=torch.float64) for m in state.modules}
+        per_module = {
+            m: torch.tensor(
+                [plan.spectra[m].tail_energy(plan.rank(c, m)) for c in clients], dtype=torch.float64
+            )
+            for m in state.modules
+        }
         if self.weights.per_module:
             return {m: self.weights.compute(e, n) for m, e in per_module.items()}
         p = self.weights.compute(torch.stack(list(per_module.values())).sum(0), n)
@@ -103,12 +121,20 @@ class FedHL(Strategy):
         return self.weights.per_module
 
     # step 3: unbiased merge on the full-rank basis -----------------------------------------
-    def _merge_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName,
-                      fs: Sequence[LoRAFactors], ranks: Sequence[int],
-                      p: Sequence[float]) -> tuple[Tensor, list[float], float]:
+    def _merge_module(
+        self,
+        state: GlobalState,
+        plan: RoundPlan,
+        module: ModuleName,
+        fs: Sequence[LoRAFactors],
+        ranks: Sequence[int],
+        p: Sequence[float],
+    ) -> tuple[Tensor, list[float], float]:
         spec = plan.spectra[module]
         scales = [self.scaling.scale(r) for r in ranks]
-        L, R = stack_factors(fs, [pi * si for pi, si in zip(p, scales, strict=True)])  # (d_out, Σr), (Σr, d_in)
+        L, R = stack_factors(
+            fs, [pi * si for pi, si in zip(p, scales, strict=True)]
+        )  # (d_out, Σr), (Σr, d_in)
         if not spec.is_zero():  # subtract Σ p_i trunc(W_t, r_i): one rank-r_max correction
             Lt, Rt = truncation_factors(spec, ranks, p)  # (d_out, r_max), (r_max, d_in)
             L, R = torch.cat([L, -Lt], dim=1), torch.cat([R, Rt], dim=0)
@@ -117,10 +143,16 @@ class FedHL(Strategy):
         W = state.dense[module]
         D += W.to(D.device, D.dtype)
         per_client = []
-        for f, r, s in zip(fs, ranks, scales, strict=True):  # ‖s B' A' − trunc(W_t, r)‖², low-rank form
+        for f, r, s in zip(
+            fs, ranks, scales, strict=True
+        ):  # ‖s B' A' − trunc(W_t, r)‖², low-rank form
             if spec.is_zero():
                 per_client.append(lowrank_fro_sq(s * f.B, f.A))
             else:
-                per_client.append(lowrank_fro_sq(torch.cat([s * f.B, -(spec.U[:, :r] * spec.S[:r])], 1),
-                                                 torch.cat([f.A, spec.Vh[:r]], 0)))
+                per_client.append(
+                    lowrank_fro_sq(
+                        torch.cat([s * f.B, -(spec.U[:, :r] * spec.S[:r])], 1),
+                        torch.cat([f.A, spec.Vh[:r]], 0),
+                    )
+                )
         return D, per_client, change

@@ -20,8 +20,13 @@ class FlexLoRA(Strategy):
     dense_state = True
     uses_spectrum = True
 
-    def __init__(self, scaling: LoRAScaling, *,
-                 start_balance: Literal["all_in_B", "balanced"] = "all_in_B", **kw: Any) -> None:
+    def __init__(
+        self,
+        scaling: LoRAScaling,
+        *,
+        start_balance: Literal["all_in_B", "balanced"] = "all_in_B",
+        **kw: Any,
+    ) -> None:
         super().__init__(scaling, **kw)
         if start_balance not in ("all_in_B", "balanced"):
             raise ValueError(f"unknown start_balance {start_balance!r}")
@@ -30,15 +35,23 @@ class FlexLoRA(Strategy):
     def options(self) -> dict[str, Any]:
         return {**super().options(), "start_balance": self.start_balance}
 
-    def _start_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int) -> LoRAFactors:
+    def _start_module(
+        self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
+    ) -> LoRAFactors:
         spec = plan.spectra[module]
         if spec.is_zero():
             return self._fresh_lora(state, plan, module, rank)
         return start_factors(spec, rank, self.scaling.scale(rank), self.start_balance)
 
-    def _merge_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName,
-                      fs: Sequence[LoRAFactors], ranks: Sequence[int],
-                      p: Sequence[float]) -> tuple[Tensor, list[float], float]:
+    def _merge_module(
+        self,
+        state: GlobalState,
+        plan: RoundPlan,
+        module: ModuleName,
+        fs: Sequence[LoRAFactors],
+        ranks: Sequence[int],
+        p: Sequence[float],
+    ) -> tuple[Tensor, list[float], float]:
         scales = [self.scaling.scale(r) for r in ranks]
         L, R = stack_factors(fs, [pi * si for pi, si in zip(p, scales, strict=True)])
         Wg = L @ R  # Σ p_i s_i B_i A_i  (d_out, d_in)
@@ -50,6 +63,10 @@ class FlexLoRA(Strategy):
             if spec.is_zero():
                 per_client.append(lowrank_fro_sq(s * f.B, f.A))
             else:
-                per_client.append(lowrank_fro_sq(torch.cat([s * f.B, -(spec.U[:, :r] * spec.S[:r])], 1),
-                                                 torch.cat([f.A, spec.Vh[:r]], 0)))
+                per_client.append(
+                    lowrank_fro_sq(
+                        torch.cat([s * f.B, -(spec.U[:, :r] * spec.S[:r])], 1),
+                        torch.cat([f.A, spec.Vh[:r]], 0),
+                    )
+                )
         return Wg, per_client, change

@@ -17,20 +17,33 @@ class FLoRA(Strategy):
     name = "flora"
     dense_state = True
 
-    def _start_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int) -> LoRAFactors:
+    def _start_module(
+        self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
+    ) -> LoRAFactors:
         return self._fresh_lora(state, plan, module, rank)
 
-    def _residual_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName,
-                         rank: int) -> Tensor | LoRAFactors | None:
+    def _residual_module(
+        self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
+    ) -> Tensor | LoRAFactors | None:
         W = state.dense[module]
         return None if not bool(W.any()) else W  # the merged stack the client's base must include
 
-    def _merge_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName,
-                      fs: Sequence[LoRAFactors], ranks: Sequence[int],
-                      p: Sequence[float]) -> tuple[Tensor, list[float], float]:
+    def _merge_module(
+        self,
+        state: GlobalState,
+        plan: RoundPlan,
+        module: ModuleName,
+        fs: Sequence[LoRAFactors],
+        ranks: Sequence[int],
+        p: Sequence[float],
+    ) -> tuple[Tensor, list[float], float]:
         scales = [self.scaling.scale(r) for r in ranks]
-        L, R = stack_factors(fs, [pi * si for pi, si in zip(p, scales, strict=True)])  # stacked rank Σ r_i
+        L, R = stack_factors(
+            fs, [pi * si for pi, si in zip(p, scales, strict=True)]
+        )  # stacked rank Σ r_i
         D = L @ R  # (d_out, d_in)
-        change = lowrank_fro_sq(L, R) if L.shape[1] < min(D.shape) else float((D.double() ** 2).sum())
+        change = (
+            lowrank_fro_sq(L, R) if L.shape[1] < min(D.shape) else float((D.double() ** 2).sum())
+        )
         D += state.dense[module].to(D.device, D.dtype)
         return D, [lowrank_fro_sq(s * f.B, f.A) for f, s in zip(fs, scales, strict=True)], change
