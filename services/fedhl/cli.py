@@ -1,0 +1,99 @@
+"""The `fedhl` command. Services get their own subcommands as they land."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+
+    from .core import STRATEGIES, WEIGHT_PRESETS
+
+    info = {
+        "version": __version__,
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+        "devices": ["cpu"]
+        + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())],
+        "strategies": sorted(STRATEGIES),
+        "fedhl_weight_presets": sorted(WEIGHT_PRESETS),
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .core import LoRAScaling
+    from .export import export_peft_adapter
+    from .storage.state_file import load_state
+
+    state = load_state(args.state)
+    if not state.dense:
+        print("export needs a dense state (fedhl, flexlora, flora)", file=sys.stderr)
+        return 2
+    report = export_peft_adapter(
+        state.dense,
+        args.out,
+        rank=args.rank,
+        scaling=LoRAScaling(args.alpha, args.scale_rule),
+        base_model_name_or_path=args.base_model,
+        task_type=args.task_type,
+        extras=state.extras or None,
+    )
+    print(
+        json.dumps(
+            {
+                "out": str(args.out),
+                "rank": args.rank,
+                "dropped_energy_fraction": report.total_dropped_fraction,
+            }
+        )
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedhl", description="Federated heterogeneous-rank LoRA fine-tuning."
+    )
+    p.add_argument("--version", action="version", version=f"fedhl {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("info", help="versions, devices and available strategies").set_defaults(
+        func=_info
+    )
+
+    e = sub.add_parser(
+        "export", help="global state file → PEFT LoRA adapter directory at a chosen rank"
+    )
+    e.add_argument("--state", required=True, help="state file (safetensors) written by fedhl")
+    e.add_argument("--rank", type=int, required=True)
+    e.add_argument("--alpha", type=float, required=True, help="the job's lora_alpha")
+    e.add_argument("--scale-rule", choices=["standard", "rslora"], default="standard")
+    e.add_argument(
+        "--base-model", required=True, help="base model path or hub id (recorded in the config)"
+    )
+    e.add_argument("--task-type", default=None, help="peft task type, e.g. SEQ_CLS or CAUSAL_LM")
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=_export)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ValueError as err:  # bad input from the user: a message, not a traceback
+        print(f"fedhl {args.command}: {err}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Persistence: tensors as safetensors (never pickle)."""
