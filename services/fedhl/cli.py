@@ -51,7 +51,7 @@ def _export(args: argparse.Namespace) -> int:
             {
                 "out": str(args.out),
                 "rank": args.rank,
-                "dropped_energy_fraction": report.total_dropped_fraction,
+                "dropped_energy_fraction": report.dropped_fraction,
             }
         )
     )
