@@ -174,8 +174,9 @@ def _check_updates(updates: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {_check_module_name(m): _check_update(m, W) for m, W in updates.items()}
 
 
-def _check_against_base(name: str, shape: Sequence[int], base_state: Mapping[str, Tensor],
-                        key: str, what: str) -> None:
+def _check_against_base(
+    name: str, shape: Sequence[int], base_state: Mapping[str, Tensor], key: str, what: str
+) -> None:
     if key not in base_state:
         raise ValueError(f"unknown {what} {name!r}: the base model has no parameter {key!r}")
     ref = tuple(base_state[key].shape)
@@ -215,8 +216,9 @@ def _saved_by_peft(param: str, modules_to_save: Sequence[str]) -> bool:
     return any(p.endswith(m) for p in paths for m in modules_to_save)
 
 
-def _resolve_modules_to_save(extras: Mapping[str, Tensor], modules_to_save: list[str] | None
-                             ) -> list[str]:
+def _resolve_modules_to_save(
+    extras: Mapping[str, Tensor], modules_to_save: list[str] | None
+) -> list[str]:
     """Default: the owning module of every extra. Given: every extra must be covered, with
     peft's own rule (a module is wrapped when its path ends with an entry)."""
     owners = sorted({k.rsplit(".", 1)[0] for k in extras})
@@ -235,8 +237,12 @@ def _resolve_modules_to_save(extras: Mapping[str, Tensor], modules_to_save: list
     return list(dict.fromkeys(modules_to_save))
 
 
-def _complete_heads(ext: Mapping[str, Tensor], to_save: list[str], task: str | None,
-                    base_state: Mapping[str, Tensor] | None) -> tuple[dict[str, Tensor], list[str]]:
+def _complete_heads(
+    ext: Mapping[str, Tensor],
+    to_save: list[str],
+    task: str | None,
+    base_state: Mapping[str, Tensor] | None,
+) -> tuple[dict[str, Tensor], list[str]]:
     """Add the parameters peft will demand on load that `extras` lacks, from `base_state`.
 
     Without `base_state` only the task's automatic heads can be checked, coarsely: at least
@@ -271,8 +277,9 @@ def _check_task_type(task_type: str | None) -> str | None:
 
 
 # --------------------------------------------------------------------------- math
-def _factor_module(W: Tensor, rank: int, scaling: LoRAScaling, svd_cfg: SVDConfig | None
-                   ) -> tuple[LoRAFactors, float, float, str]:
+def _factor_module(
+    W: Tensor, rank: int, scaling: LoRAScaling, svd_cfg: SVDConfig | None
+) -> tuple[LoRAFactors, float, float, str]:
     """Factors at `rank`, ‖W − s·B@A‖²_F, ‖W‖²_F and the SVD method used."""
     dtype = torch.promote_types(W.dtype, torch.float32)  # fp16/bf16 -> fp32; fp64 stays
     Wc = W.detach().to(dtype)  # (d_out, d_in)
@@ -286,8 +293,9 @@ def _factor_module(W: Tensor, rank: int, scaling: LoRAScaling, svd_cfg: SVDConfi
     return f, dropped, spec.total_energy, spec.method
 
 
-def adapter_factors(W: Tensor, rank: int, scaling: LoRAScaling,
-                    svd_cfg: SVDConfig | None = None) -> tuple[LoRAFactors, float]:
+def adapter_factors(
+    W: Tensor, rank: int, scaling: LoRAScaling, svd_cfg: SVDConfig | None = None
+) -> tuple[LoRAFactors, float]:
     """LoRA factors of `W` at `rank` with `scaling.scale(rank) · B @ A == trunc(W, rank)`.
 
     B = U_r Σ_r / s (d_out, r), A = Vh_r (r, d_in), computed in float32 or better (float64
@@ -314,9 +322,15 @@ def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
         raise
 
 
-def _adapter_config(*, rank: int, scaling: LoRAScaling, target_modules: list[str],
-                    base_model_name_or_path: str | None, task_type: str | None,
-                    modules_to_save: list[str]) -> dict[str, Any]:
+def _adapter_config(
+    *,
+    rank: int,
+    scaling: LoRAScaling,
+    target_modules: list[str],
+    base_model_name_or_path: str | None,
+    task_type: str | None,
+    modules_to_save: list[str],
+) -> dict[str, Any]:
     """adapter_config.json contents, built by peft's own LoraConfig so every field and
     default matches what `PeftModel.save_pretrained` writes."""
     from peft import LoraConfig
@@ -375,12 +389,18 @@ def export_peft_adapter(
     mods = _check_updates(updates)
     ext = _check_extras(extras or {}, mods)
     task = _check_task_type(task_type)
-    to_save = list(dict.fromkeys(_resolve_modules_to_save(ext, modules_to_save)
-                                 + list(AUTO_MODULES_TO_SAVE.get(task or "", ()))))
+    to_save = list(
+        dict.fromkeys(
+            _resolve_modules_to_save(ext, modules_to_save)
+            + list(AUTO_MODULES_TO_SAVE.get(task or "", ()))
+        )
+    )
     saved = [m for m in mods if _saved_by_peft(f"{m}.weight", to_save)]
     if saved:
-        raise ValueError(f"LoRA target modules {saved} fall under modules_to_save={to_save}; "
-                         "peft would replace them with full copies instead of adapting them")
+        raise ValueError(
+            f"LoRA target modules {saved} fall under modules_to_save={to_save}; "
+            "peft would replace them with full copies instead of adapting them"
+        )
     if base_state is not None:
         for m, W in mods.items():
             _check_against_base(m, W.shape, base_state, f"{m}.weight", "module")
@@ -399,17 +419,31 @@ def export_peft_adapter(
     for k, v in ext.items():  # clone: safetensors refuses tensors that share storage
         tensors[f"{PEFT_KEY_PREFIX}{k}"] = v.detach().to("cpu").contiguous().clone()
 
-    config = _adapter_config(rank=rank, scaling=scaling, target_modules=sorted(mods),
-                             base_model_name_or_path=base_model_name_or_path, task_type=task,
-                             modules_to_save=to_save)
+    config = _adapter_config(
+        rank=rank,
+        scaling=scaling,
+        target_modules=sorted(mods),
+        base_model_name_or_path=base_model_name_or_path,
+        task_type=task,
+        modules_to_save=to_save,
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights_path, config_path = out / ADAPTER_WEIGHTS_NAME, out / ADAPTER_CONFIG_NAME
     _atomic_write(weights_path, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True)
     _atomic_write(config_path, lambda p: Path(p).write_text(text, encoding="utf-8"))
-    return ExportReport(out, rank, scaling.scale(rank), scaling.rule, per_module, sorted(ext),
-                        to_save, sorted(from_base), [config_path, weights_path])
+    return ExportReport(
+        out,
+        rank,
+        scaling.scale(rank),
+        scaling.rule,
+        per_module,
+        sorted(ext),
+        to_save,
+        sorted(from_base),
+        [config_path, weights_path],
+    )
 
 
 def effective_updates(strategy: Strategy, state: GlobalState) -> dict[str, Tensor]:
@@ -418,8 +452,9 @@ def effective_updates(strategy: Strategy, state: GlobalState) -> dict[str, Tenso
 
 
 # --------------------------------------------------------------------------- merged export
-def merge_into_base(base_state: Mapping[str, Tensor], updates: Mapping[str, Tensor]
-                    ) -> dict[str, Tensor]:
+def merge_into_base(
+    base_state: Mapping[str, Tensor], updates: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
     """Base weights with `W0 + W` in "<module>.weight" for every update; other entries are
     the same tensor objects as in `base_state` (not copied). The sum is formed in the wider
     of the two dtypes (at least float32) and stored in W0's dtype and device."""
@@ -430,8 +465,11 @@ def merge_into_base(base_state: Mapping[str, Tensor], updates: Mapping[str, Tens
     for m, W in mods.items():
         key = f"{m}.weight"
         W0 = base_state[key]  # (d_out, d_in)
-        tied = [k for k, v in base_state.items()
-                if k != key and v.data_ptr() == W0.data_ptr() and v.shape == W0.shape]
+        tied = [
+            k
+            for k, v in base_state.items()
+            if k != key and v.data_ptr() == W0.data_ptr() and v.shape == W0.shape
+        ]
         if tied:
             raise ValueError(f"{key!r} is tied to {tied}; merging would untie the weights")
         acc = torch.promote_types(torch.promote_types(W0.dtype, W.dtype), torch.float32)
@@ -442,8 +480,9 @@ def merge_into_base(base_state: Mapping[str, Tensor], updates: Mapping[str, Tens
     return merged
 
 
-def save_merged(model: PreTrainedModel, updates: Mapping[str, Tensor],
-                out_dir: str | os.PathLike[str]) -> Path:
+def save_merged(
+    model: PreTrainedModel, updates: Mapping[str, Tensor], out_dir: str | os.PathLike[str]
+) -> Path:
     """Save `model` with `W0 + W` merged into its weights (safetensors, via
     `model.save_pretrained`). The model itself is not modified."""
     merged = merge_into_base(model.state_dict(), updates)

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..merge import lora_init, weighted_average
+from ..merge import lora_init, lowrank_fro_sq, weighted_average
 from ..scaling import LoRAScaling
 from ..svd import Spectrum, SVDConfig, partial_svd
 from ..types import (
@@ -284,12 +284,12 @@ class Strategy(ABC):
             result, per_client_sq, change = self._merge_module(
                 state, plan, m, fs, ranks, p.tolist()
             )
-            target = (
-                result
-                if isinstance(result, Tensor)
-                else torch.cat([result.B.flatten(), result.A.flatten()])
-            )
-            if not _finite(target):
+            if isinstance(result, Tensor):
+                finite = _finite(result)
+            else:  # finite factors can still overflow in the served product s·B@A
+                finite = _finite(result.B) and _finite(result.A)
+                finite = finite and math.isfinite(lowrank_fro_sq(result.B, result.A))
+            if not finite:
                 raise AggregationError(
                     f"module {m!r}: merged update is not finite (an upload is poisoned "
                     "or overflowed); previous state kept"

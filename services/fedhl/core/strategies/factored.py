@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..merge import average_padded, lowrank_fro_sq
-from ..types import GlobalState, LoRAFactors, ModuleName
+from ..types import AggregationError, GlobalState, LoRAFactors, ModuleName
 from ..weights import normalise
 from .base import RoundPlan, Strategy
 
@@ -88,6 +88,11 @@ class HetLoRA(ZeroPadding):
         self, module: ModuleName, fs: Sequence[LoRAFactors], ranks: Sequence[int], n: Tensor
     ) -> Tensor:
         norms = torch.tensor([math.sqrt(lowrank_fro_sq(f.B, f.A)) for f in fs], dtype=torch.float64)
+        if not bool(torch.isfinite(norms).all()):
+            raise AggregationError(
+                f"module {module!r}: an upload's ‖B A‖_F is not finite (poisoned or overflowed); "
+                "previous state kept"
+            )
         if float(norms.sum()) == 0.0:
             return torch.full_like(norms, 1.0 / norms.numel())
         return normalise(norms)
