@@ -30,9 +30,7 @@ def randn(*shape: int, g: torch.Generator) -> Tensor:
     return torch.randn(*shape, generator=g, dtype=F64)
 
 
-def matrix_with_spectrum(
-    d_out: int, d_in: int, sigmas: Sequence[float], g: torch.Generator
-) -> Tensor:
+def matrix_with_spectrum(d_out: int, d_in: int, sigmas: Sequence[float], g: torch.Generator) -> Tensor:
     """U diag(σ) Vᵀ with random orthonormal U (d_out, k), V (d_in, k); rank = #nonzero σ."""
     k = len(sigmas)
     if k == 0:
@@ -120,9 +118,7 @@ def naive_weighted_products(
 
 def dense_state(strategy: Strategy, W: Mapping[str, Tensor], round_: int = 1) -> GlobalState:
     """A dense-strategy state holding the given W_t (cloned), at `round_`."""
-    state = strategy.init_state(
-        {m: tuple(w.shape) for m, w in W.items()}, dtype=W[next(iter(W))].dtype
-    )
+    state = strategy.init_state({m: tuple(w.shape) for m, w in W.items()}, dtype=W[next(iter(W))].dtype)
     state.round = round_
     for m, w in W.items():
         state.dense[m] = w.clone()
@@ -151,9 +147,7 @@ def random_uploads(
     return out
 
 
-def noop_uploads(
-    strategy: Strategy, state: GlobalState, plan: RoundPlan, n: Mapping[str, int]
-) -> list[ClientUpdate]:
+def noop_uploads(strategy: Strategy, state: GlobalState, plan: RoundPlan, n: Mapping[str, int]) -> list[ClientUpdate]:
     """Every client returns exactly the start factors it was given (a no-op round)."""
     out = []
     for c in plan.ranks:

@@ -36,17 +36,12 @@ def make_round(name: str, dtype: torch.dtype = F64, extras: bool = True):
         if strategy.dense_state:
             state.dense[m] = randn(d_out, d_in, g=g).to(dtype)
         else:
-            state.factors[m] = LoRAFactors(
-                randn(d_out, 4, g=g).to(dtype), randn(4, d_in, g=g).to(dtype)
-            )
+            state.factors[m] = LoRAFactors(randn(d_out, 4, g=g).to(dtype), randn(4, d_in, g=g).to(dtype))
     state.round = 2
     plan = strategy.plan_round(state, RANKS)
     uploads = random_uploads(RANKS, SHAPES, N, gen(2), dtype=dtype)
     if extras:
-        uploads = [
-            replace(u, extras={"head": torch.ones(3, dtype=dtype) * i})
-            for i, u in enumerate(uploads)
-        ]
+        uploads = [replace(u, extras={"head": torch.ones(3, dtype=dtype) * i}) for i, u in enumerate(uploads)]
     return strategy, state, plan, uploads
 
 
@@ -81,23 +76,17 @@ def poisoned(value: float, where: str):
 UPLOAD_CASES: dict[str, tuple[Callable, str, str | None]] = {
     # name: (edit the good uploads, message fragment, module blamed)
     "wrong_rank": (
-        lambda u: with_factor(
-            u, "a", "v", LoRAFactors(torch.ones(4, 2, dtype=F64), torch.ones(2, 7, dtype=F64))
-        ),
+        lambda u: with_factor(u, "a", "v", LoRAFactors(torch.ones(4, 2, dtype=F64), torch.ones(2, 7, dtype=F64))),
         r"expected B\(4, 3\) A\(3, 7\)",
         "v",
     ),
     "wrong_d_in": (
-        lambda u: with_factor(
-            u, "a", "v", LoRAFactors(torch.ones(4, 3, dtype=F64), torch.ones(3, 8, dtype=F64))
-        ),
+        lambda u: with_factor(u, "a", "v", LoRAFactors(torch.ones(4, 3, dtype=F64), torch.ones(3, 8, dtype=F64))),
         "expected B",
         "v",
     ),
     "wrong_d_out": (
-        lambda u: with_factor(
-            u, "a", "v", LoRAFactors(torch.ones(5, 3, dtype=F64), torch.ones(3, 7, dtype=F64))
-        ),
+        lambda u: with_factor(u, "a", "v", LoRAFactors(torch.ones(5, 3, dtype=F64), torch.ones(3, 7, dtype=F64))),
         "expected B",
         "v",
     ),
@@ -122,9 +111,7 @@ UPLOAD_CASES: dict[str, tuple[Callable, str, str | None]] = {
     ),
     "extras_missing": (lambda u: with_extras(u, "a", {}), "missing", None),
     "extras_unexpected": (
-        lambda u: with_extras(
-            u, "a", {"head": torch.ones(3, dtype=F64), "norm": torch.ones(2, dtype=F64)}
-        ),
+        lambda u: with_extras(u, "a", {"head": torch.ones(3, dtype=F64), "norm": torch.ones(2, dtype=F64)}),
         "unexpected",
         None,
     ),

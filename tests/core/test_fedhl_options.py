@@ -61,9 +61,7 @@ def test_fast_path_matches_naive_reference(rule: str, seed: int) -> None:
     new, report = strategy.aggregate(state, plan, uploads)
     # Assert
     e = errors_of(W, RANKS)
-    p = dict(
-        zip(RANKS, naive_drift_weights([e[c] for c in RANKS], [N[c] for c in RANKS]), strict=True)
-    )
+    p = dict(zip(RANKS, naive_drift_weights([e[c] for c in RANKS], [N[c] for c in RANKS]), strict=True))
     assert report.weights == pytest.approx(p, rel=1e-10)
     expected = naive_fedhl(W, uploads, dict.fromkeys(SHAPES, p), ALPHA, rule)
     for m in SHAPES:
@@ -71,12 +69,7 @@ def test_fast_path_matches_naive_reference(rule: str, seed: int) -> None:
     # per-client ‖Δ_i‖ and the global change, computed densely
     for u in uploads:
         sq = sum(
-            float(
-                torch.linalg.norm(
-                    lora_scale(ALPHA, f.rank, rule) * f.B @ f.A - naive_trunc(W[m], f.rank)
-                )
-                ** 2
-            )
+            float(torch.linalg.norm(lora_scale(ALPHA, f.rank, rule) * f.B @ f.A - naive_trunc(W[m], f.rank)) ** 2)
             for m, f in u.factors.items()
         )
         assert report.update_norms[u.client_id] == pytest.approx(sq**0.5, rel=1e-10)
@@ -138,17 +131,13 @@ def test_client_view_full_gives_the_global_model() -> None:
         start = strategy.client_start(state, plan, c)
         # Assert: frozen base residual + start product == W_t, so the client starts at W0 + W_t
         lora = sum(r * sum(SHAPES[m]) for m, r in rm.items())
-        assert start.downlink_values() == lora + sum(
-            d_out * d_in for d_out, d_in in SHAPES.values()
-        )
+        assert start.downlink_values() == lora + sum(d_out * d_in for d_out, d_in in SHAPES.values())
         for m, r in rm.items():
             res = start.base_residual[m]
             assert isinstance(res, torch.Tensor) and res.shape == SHAPES[m]
             f = start.factors[m]
             assert rel_err(res + lora_scale(ALPHA, r) * f.B @ f.A, W[m]) <= 1e-12
-            gap = torch.linalg.norm(
-                res - (W[m] - naive_trunc(W[m], r))
-            )  # res may be ~0 at full rank
+            gap = torch.linalg.norm(res - (W[m] - naive_trunc(W[m], r)))  # res may be ~0 at full rank
             assert float(gap) <= 1e-12 * float(torch.linalg.norm(W[m]))
 
 
@@ -216,9 +205,7 @@ def test_per_module_weights_use_each_modules_own_errors() -> None:
     expected_w = {}
     for m in SHAPES:
         e = [naive_tail(W[m], RANKS[c][m]) for c in clients]
-        expected_w[m] = dict(
-            zip(clients, naive_drift_weights(e, [N[c] for c in clients]), strict=True)
-        )
+        expected_w[m] = dict(zip(clients, naive_drift_weights(e, [N[c] for c in clients]), strict=True))
     assert report.module_weights is not None
     for m in SHAPES:
         assert report.module_weights[m] == pytest.approx(expected_w[m], rel=1e-10)
@@ -229,18 +216,14 @@ def test_per_module_weights_use_each_modules_own_errors() -> None:
     for m in SHAPES:
         assert rel_err(new.dense[m], expected[m]) <= 1e-12
     # and they differ from the one-scalar-per-client rule on this example
-    scalar, _ = FedHL(LoRAScaling(ALPHA)).aggregate(
-        state, strategy.plan_round(state, RANKS), uploads
-    )
+    scalar, _ = FedHL(LoRAScaling(ALPHA)).aggregate(state, strategy.plan_round(state, RANKS), uploads)
     assert any(rel_err(new.dense[m], scalar.dense[m]) > 1e-6 for m in SHAPES)
 
 
 def test_scalar_weights_report_has_no_module_weights() -> None:
     strategy = FedHL(LoRAScaling(ALPHA))
     state = dense_state(strategy, random_W(13))
-    _, report = strategy.aggregate(
-        state, strategy.plan_round(state, RANKS), random_uploads(RANKS, SHAPES, N, gen(14))
-    )
+    _, report = strategy.aggregate(state, strategy.plan_round(state, RANKS), random_uploads(RANKS, SHAPES, N, gen(14)))
     assert report.module_weights is None
     assert report.options["weights"]["rule"] == "drift"
     assert report.options["client_view"] == "truncated"
@@ -346,14 +329,10 @@ def test_noop_round_over_several_rounds_keeps_W() -> None:
     strategy = FedHL(LoRAScaling(ALPHA), weights=WeightConfig(per_module=True))
     W = random_W(18)
     state = dense_state(strategy, W)
-    for i, ranks in enumerate(
-        [RANKS, {"x": {"tall": 4, "wide": 5, "square": 8}}, {"a": RANKS["c"], "b": RANKS["a"]}]
-    ):
+    for i, ranks in enumerate([RANKS, {"x": {"tall": 4, "wide": 5, "square": 8}}, {"a": RANKS["c"], "b": RANKS["a"]}]):
         plan = strategy.plan_round(state, ranks)
         # Execute
-        state, report = strategy.aggregate(
-            state, plan, noop_uploads(strategy, state, plan, dict.fromkeys(ranks, 3))
-        )
+        state, report = strategy.aggregate(state, plan, noop_uploads(strategy, state, plan, dict.fromkeys(ranks, 3)))
         # Assert
         assert report.round == i + 1
         for m in SHAPES:

@@ -35,9 +35,7 @@ def test_fedhl_round_float32_on_device_matches_float64_cpu(svd: SVDConfig) -> No
     W64 = {m: decaying(s, 10 + i) for i, (m, s) in enumerate(SHAPES.items())}
     up64 = random_uploads(RANKS, SHAPES, N, gen(20), scale=0.1)
     up32 = [
-        ClientUpdate(
-            u.client_id, {m: f.to("cpu", torch.float32) for m, f in u.factors.items()}, u.n_examples
-        )
+        ClientUpdate(u.client_id, {m: f.to("cpu", torch.float32) for m, f in u.factors.items()}, u.n_examples)
         for u in up64
     ]
     dev = FedHL(LoRAScaling(16.0), device=DEVICE, compute_dtype=torch.float32, svd=svd)
@@ -59,9 +57,7 @@ def test_fedhl_round_float32_on_device_matches_float64_cpu(svd: SVDConfig) -> No
     # Assert
     plan_d, starts_d, new_d, rep_d = out["dev"]
     _, starts_r, new_r, rep_r = out["ref"]
-    assert all(
-        s.U.device.type == DEVICE and s.U.dtype == torch.float32 for s in plan_d.spectra.values()
-    )
+    assert all(s.U.device.type == DEVICE and s.U.dtype == torch.float32 for s in plan_d.spectra.values())
     for m in SHAPES:
         assert new_d.dense[m].dtype == torch.float32 and new_d.dense[m].device.type == "cpu"
         assert rel_err(new_d.dense[m], new_r.dense[m]) <= 1e-4

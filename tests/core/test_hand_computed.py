@@ -80,9 +80,7 @@ def test_drift_weights_all_zero_errors_fall_back_to_data_size(use_n: bool, expec
 
 def test_weight_config_paper_literal_by_hand() -> None:
     p = WeightConfig.paper_literal().compute(E, t(1.0, 99.0))
-    assert p.tolist() == pytest.approx(
-        [(1 + 1e-6) / (26 + 2e-6), (25 + 1e-6) / (26 + 2e-6)], rel=1e-13
-    )
+    assert p.tolist() == pytest.approx([(1 + 1e-6) / (26 + 2e-6), (25 + 1e-6) / (26 + 2e-6)], rel=1e-13)
 
 
 # ------------------------------------------------------------------ cap

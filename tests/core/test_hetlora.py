@@ -108,22 +108,14 @@ def test_weights_proportional_to_product_norms_by_hand() -> None:
 def test_weights_uniform_when_all_products_are_zero() -> None:
     # Prepare: B = 0 for every client (e.g. an untrained round-0 upload)
     ups = [
-        ClientUpdate(
-            c, {"m": LoRAFactors(torch.zeros(2, r, dtype=F64), randn(r, 2, g=gen(r)))}, n_examples=n
-        )
+        ClientUpdate(c, {"m": LoRAFactors(torch.zeros(2, r, dtype=F64), randn(r, 2, g=gen(r)))}, n_examples=n)
         for c, r, n in (("a", 1, 1), ("b", 2, 50), ("c", 2, 7))
     ]
     # Execute
     new, report = hetlora_round(ups)
     # Assert
     assert report.weights == pytest.approx(dict.fromkeys("abc", 1 / 3), rel=1e-15)
-    expected_A = (
-        sum(
-            torch.nn.functional.pad(u.factors["m"].A, (0, 0, 0, 2 - u.factors["m"].rank))
-            for u in ups
-        )
-        / 3
-    )
+    expected_A = sum(torch.nn.functional.pad(u.factors["m"].A, (0, 0, 0, 2 - u.factors["m"].rank)) for u in ups) / 3
     assert torch.allclose(new.factors["m"].A, expected_A, rtol=1e-14)
 
 

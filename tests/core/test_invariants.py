@@ -114,9 +114,7 @@ def test_inv01_client_start_through_strategy(cls: type, balance: str) -> None:
 @pytest.mark.parametrize("view", ["truncated", "full", "residual:4"])
 def test_inv02_fedhl_noop_round_is_identity(preset: str, balance: str, view: str) -> None:
     # Prepare
-    strategy = build_strategy(
-        "fedhl", alpha=ALPHA, weights=preset, start_balance=balance, client_view=view
-    )
+    strategy = build_strategy("fedhl", alpha=ALPHA, weights=preset, start_balance=balance, client_view=view)
     W = full_rank_W(3)
     state = dense_state(strategy, W)
     ranks = {"a": {"q": 1, "v": 2}, "b": {"q": 3, "v": 1}, "c": {"q": 5, "v": 6}}
@@ -238,9 +236,7 @@ def test_inv03_fedhl_decomposition_matches_naive_reference(ranks, n, weights) ->
     )
     p_t = torch.tensor(p, dtype=F64)
     if weights.max_weight_ratio is not None:
-        p_t = cap_weights(
-            p_t, torch.tensor([float(n[c]) for c in clients]), weights.max_weight_ratio
-        )
+        p_t = cap_weights(p_t, torch.tensor([float(n[c]) for c in clients]), weights.max_weight_ratio)
     expected_p = dict(zip(clients, p_t.tolist(), strict=True))
     assert report.weights == pytest.approx(expected_p, rel=1e-10)
     expected = naive_fedhl(W, uploads, dict.fromkeys(SHAPES, expected_p), ALPHA)
@@ -345,9 +341,7 @@ def test_inv05_weights_monotone_in_rank(preset: str) -> None:
     # Prepare: four clients, equal data, ranks 1..4 on every module
     strategy = build_strategy("fedhl", alpha=ALPHA, weights=preset)
     state = dense_state(strategy, full_rank_W(11))
-    ranks = uniform_ranks(
-        ["r1", "r2", "r3", "r4"], list(SHAPES), {"r1": 1, "r2": 2, "r3": 3, "r4": 4}
-    )
+    ranks = uniform_ranks(["r1", "r2", "r3", "r4"], list(SHAPES), {"r1": 1, "r2": 2, "r3": 3, "r4": 4})
     plan = strategy.plan_round(state, ranks)
     uploads = random_uploads(ranks, SHAPES, dict.fromkeys(ranks, 5), gen(12))
     # Execute
@@ -460,14 +454,10 @@ def test_inv06_report_errors_sum_tail_energies_over_modules() -> None:
     ranks = {"a": {"q": 1, "v": 4}, "b": {"q": 3, "v": 6}}
     plan = strategy.plan_round(state, ranks)
     # Execute
-    _, report = strategy.aggregate(
-        state, plan, random_uploads(ranks, SHAPES, {"a": 1, "b": 1}, gen(18))
-    )
+    _, report = strategy.aggregate(state, plan, random_uploads(ranks, SHAPES, {"a": 1, "b": 1}, gen(18)))
     # Assert
     for c, rm in ranks.items():
-        direct = sum(
-            float(torch.linalg.norm(W[m] - naive_trunc(W[m], r)) ** 2) for m, r in rm.items()
-        )
+        direct = sum(float(torch.linalg.norm(W[m] - naive_trunc(W[m], r)) ** 2) for m, r in rm.items())
         assert report.truncation_errors[c] == pytest.approx(direct, rel=1e-10)
     total = sum(float((w**2).sum()) for w in W.values())
     kept1 = sum(float((torch.linalg.svdvals(W[m])[:1] ** 2).sum()) for m in SHAPES) / total
@@ -581,9 +571,7 @@ def test_inv08_flexlora_aggregate_is_weighted_product_sum() -> None:
     # Assert
     for m in SHAPES:
         assert torch.linalg.matrix_rank(new.dense[m]) == 3
-        assert close(
-            lora_scale(ALPHA, 3) * full.factors[m].B @ full.factors[m].A, new.dense[m], 1e-11
-        )
+        assert close(lora_scale(ALPHA, 3) * full.factors[m].B @ full.factors[m].A, new.dense[m], 1e-11)
         got = lora_scale(ALPHA, 2) * low.factors[m].B @ low.factors[m].A
         assert close(got, naive_trunc(new.dense[m], 2), 1e-11)
         assert not close(got, new.dense[m], 1e-3)
@@ -629,10 +617,7 @@ def test_inv09_hetlora_homogeneous_equal_norms_equals_fedit() -> None:
     uploads = random_uploads(ranks, SHAPES, dict.fromkeys("abc", 4), gen(30))
     normed = []
     for u in uploads:
-        fs = {
-            m: LoRAFactors(2 * f.B / torch.linalg.norm(f.B @ f.A), f.A)
-            for m, f in u.factors.items()
-        }
+        fs = {m: LoRAFactors(2 * f.B / torch.linalg.norm(f.B @ f.A), f.A) for m, f in u.factors.items()}
         normed.append(ClientUpdate(u.client_id, fs, n_examples=u.n_examples))
     het, fedit = HetLoRA(LoRAScaling(ALPHA)), FedIT(LoRAScaling(ALPHA))
     state = factor_state(het, rank, 31)
@@ -771,10 +756,7 @@ def test_inv11_one_client_factor_strategies(name: str) -> None:
 def test_inv12_upload_size_is_rank_times_dims(name: str) -> None:
     # Prepare
     strategy = STRATEGIES[name](LoRAScaling(ALPHA))
-    if strategy.dense_state:
-        state = dense_state(strategy, full_rank_W(41))
-    else:
-        state = factor_state(strategy, 5, 41)
+    state = dense_state(strategy, full_rank_W(41)) if strategy.dense_state else factor_state(strategy, 5, 41)
     ranks = {"a": {"q": 1, "v": 5}, "b": {"q": 4, "v": 2}}
     plan = strategy.plan_round(state, ranks)
     for c, rm in ranks.items():
@@ -799,10 +781,7 @@ def test_inv12_flora_downlink_counts_the_dense_update() -> None:
     later = dense_state(strategy, full_rank_W(43))
     ranks = {"a": {"q": 2, "v": 3}}
     lora = 2 * (7 + 5) + 3 * (6 + 9)
-    assert (
-        strategy.client_start(fresh, strategy.plan_round(fresh, ranks), "a").downlink_values()
-        == lora
-    )
+    assert strategy.client_start(fresh, strategy.plan_round(fresh, ranks), "a").downlink_values() == lora
     dense = 7 * 5 + 6 * 9
     start = strategy.client_start(later, strategy.plan_round(later, ranks), "a")
     assert start.downlink_values() == lora + dense

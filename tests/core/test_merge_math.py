@@ -103,9 +103,7 @@ def test_uniform_ranks() -> None:
 
 
 def test_report_to_dict_is_json_safe() -> None:
-    r = AggregationReport(
-        "fedhl", 0, ["a"], {"a": 1.0}, {"a": 0.0}, {4: 1.0}, {"a": 0.5}, float("nan"), 1.0
-    )
+    r = AggregationReport("fedhl", 0, ["a"], {"a": 1.0}, {"a": 0.0}, {4: 1.0}, {"a": 0.5}, float("nan"), 1.0)
     d = r.to_dict()
     assert d["global_update_norm"] is None
     assert d["energy_kept"] == {"4": 1.0}

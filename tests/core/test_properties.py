@@ -45,18 +45,14 @@ def rounds(draw, max_modules: int = 3, max_clients: int = 5):
     n_mod = draw(st.integers(1, max_modules))
     shapes = {f"m{j}": (draw(st.integers(2, 24)), draw(st.integers(2, 24))) for j in range(n_mod)}
     n_cli = draw(st.integers(1, max_clients))
-    ranks = {
-        f"c{i}": {m: draw(st.integers(1, min(s))) for m, s in shapes.items()} for i in range(n_cli)
-    }
+    ranks = {f"c{i}": {m: draw(st.integers(1, min(s))) for m, s in shapes.items()} for i in range(n_cli)}
     n = {c: draw(st.integers(1, 1000)) for c in ranks}
     seed = draw(st.integers(0, 2**31 - 1))
     g = gen(seed)
     W = {}
     for m, s in shapes.items():
         rank_W = draw(st.integers(0, min(s)))
-        sig = sorted(
-            (0.5 + 2.5 * torch.rand(rank_W, generator=g, dtype=F64)).tolist(), reverse=True
-        )
+        sig = sorted((0.5 + 2.5 * torch.rand(rank_W, generator=g, dtype=F64)).tolist(), reverse=True)
         W[m] = matrix_with_spectrum(*s, sig, g)
     return W, shapes, ranks, n, seed
 
@@ -123,17 +119,12 @@ def test_prop_fedhl_decomposition_matches_naive_reference(case, cfg) -> None:
                 use_n=cfg.use_data_size,
             )
         if cfg.max_weight_ratio is not None:
-            p = cap_weights(
-                torch.tensor(p, dtype=F64), torch.tensor(nn, dtype=F64), cfg.max_weight_ratio
-            ).tolist()
+            p = cap_weights(torch.tensor(p, dtype=F64), torch.tensor(nn, dtype=F64), cfg.max_weight_ratio).tolist()
         return p
 
     tails = {c: {m: naive_tail(W[m], r) for m, r in ranks[c].items()} for c in clients}
     if cfg.per_module:
-        p = {
-            m: dict(zip(clients, expected_weights([tails[c][m] for c in clients]), strict=True))
-            for m in W
-        }
+        p = {m: dict(zip(clients, expected_weights([tails[c][m] for c in clients]), strict=True)) for m in W}
     else:
         scalar = expected_weights([sum(tails[c].values()) for c in clients])
         p = {m: dict(zip(clients, scalar, strict=True)) for m in W}
@@ -239,9 +230,7 @@ def test_prop_start_factors_reproduce_truncation(case) -> None:
                 f: LoRAFactors = start.factors[m]
                 expected = plan.spectra[m].trunc(r) if not plan.spectra[m].is_zero() else 0 * W[m]
                 got = strategy.scaling.scale(r) * f.B @ f.A
-                assert float(torch.linalg.norm(got - expected)) <= 1e-12 * (
-                    1 + float(torch.linalg.norm(W[m]))
-                )
+                assert float(torch.linalg.norm(got - expected)) <= 1e-12 * (1 + float(torch.linalg.norm(W[m])))
                 assert tail_matches(W[m], r, plan.spectra[m].tail_energy(r))
 
 

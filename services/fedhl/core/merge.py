@@ -40,20 +40,14 @@ def truncation_coefficients(ranks: Sequence[int], weights: Sequence[float], r_ma
     return c
 
 
-def truncation_factors(
-    spec: Spectrum, ranks: Sequence[int], weights: Sequence[float]
-) -> tuple[Tensor, Tensor]:
+def truncation_factors(spec: Spectrum, ranks: Sequence[int], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
     """Factors (L, R) with L @ R == Σ_i p_i trunc(W, r_i): rank r_max, not one per client."""
     r_max = max(ranks)
     c = truncation_coefficients(ranks, weights, r_max).to(spec.S.device, spec.S.dtype)
-    return spec.U[:, :r_max] * (spec.S[:r_max] * c), spec.Vh[
-        :r_max
-    ]  # (d_out, r_max), (r_max, d_in)
+    return spec.U[:, :r_max] * (spec.S[:r_max] * c), spec.Vh[:r_max]  # (d_out, r_max), (r_max, d_in)
 
 
-def start_factors(
-    spec: Spectrum, rank: int, scale: float, balance: str = "all_in_B"
-) -> LoRAFactors:
+def start_factors(spec: Spectrum, rank: int, scale: float, balance: str = "all_in_B") -> LoRAFactors:
     """LoRA factors with `scale · B @ A == trunc(W, rank)` (FedHL/FlexLoRA step 1).
 
     `all_in_B`: B = U_r Σ_r / s, A = Vh_r (rows of A orthonormal);
@@ -93,6 +87,28 @@ def lowrank_fro_sq(L: Tensor, R: Tensor) -> float:
     return float(torch.linalg.vector_norm(T @ R, dtype=torch.float64) ** 2)  # T @ R: (·, d_in)
 
 
+def change_norms_sq(
+    starts: Sequence[LoRAFactors], trained: Sequence[LoRAFactors], scales: Sequence[float]
+) -> list[float]:
+    """‖s_i (B'_i A'_i − B⁰_i A⁰_i)‖²_F per client: each client's change against its start.
+
+    Written as s[(B' − B⁰) A' + B⁰ (A' − A⁰)] so the Gram form Σ (LᵀL) ⊙ (R Rᵀ) sees no
+    cancellation (a small change is not the difference of two large products), and batched
+    over the clients of one rank: a few bmm calls instead of one small kernel per client.
+    """
+    out = [0.0] * len(trained)
+    by_rank: dict[int, list[int]] = {}
+    for i, f in enumerate(trained):
+        by_rank.setdefault(f.rank, []).append(i)
+    for idx in by_rank.values():
+        L = torch.stack([scales[i] * torch.cat([trained[i].B - starts[i].B, starts[i].B], 1) for i in idx])
+        R = torch.stack([torch.cat([trained[i].A, trained[i].A - starts[i].A], 0) for i in idx])
+        sq = ((L.mT @ L) * (R @ R.mT)).sum((1, 2))  # (k,)  L: (k, d_out, 2r), R: (k, 2r, d_in)
+        for i, v in zip(idx, sq.tolist(), strict=True):
+            out[i] = max(float(v), 0.0)
+    return out
+
+
 def pad_factors(f: LoRAFactors, r_max: int) -> LoRAFactors:
     """Zero-pad B's columns and A's rows to r_max: the product is unchanged."""
     r = f.rank
@@ -105,9 +121,7 @@ def pad_factors(f: LoRAFactors, r_max: int) -> LoRAFactors:
     return LoRAFactors(B, A)
 
 
-def average_padded(
-    factors: Sequence[LoRAFactors], weights: Sequence[float], r_max: int
-) -> LoRAFactors:
+def average_padded(factors: Sequence[LoRAFactors], weights: Sequence[float], r_max: int) -> LoRAFactors:
     """B̄ = Σ w_i pad(B_i), Ā = Σ w_i pad(A_i) (FedIT / zero-padding / HetLoRA)."""
     padded = [pad_factors(f, r_max) for f in factors]
     B = sum((w * f.B for f, w in zip(padded, weights, strict=True)), torch.zeros_like(padded[0].B))

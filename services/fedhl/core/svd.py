@@ -155,9 +155,7 @@ def partial_svd(W: Tensor, k: int, cfg: SVDConfig | None = None, seed: int = 0) 
         U, S, Vh = _project(W, Q, k)
         res = _residual(W, U, S, Vh)
         if res <= cfg.tol:
-            return Spectrum(
-                U, S, Vh, total, f"randomized(q={iters})", res, time.perf_counter() - t0
-            )
+            return Spectrum(U, S, Vh, total, f"randomized(q={iters})", res, time.perf_counter() - t0)
         if iters >= cfg.max_power_iters:
             break
         iters = min(max(2 * iters, 1), cfg.max_power_iters)

@@ -39,9 +39,7 @@ class LoRAFactors:
 
     def __post_init__(self) -> None:
         if self.B.ndim != 2 or self.A.ndim != 2:
-            raise ValueError(
-                f"LoRA factors must be 2-D, got B{tuple(self.B.shape)} A{tuple(self.A.shape)}"
-            )
+            raise ValueError(f"LoRA factors must be 2-D, got B{tuple(self.B.shape)} A{tuple(self.A.shape)}")
         if self.B.shape[1] != self.A.shape[0]:
             raise ValueError(
                 f"rank mismatch: B{tuple(self.B.shape)} has {self.B.shape[1]} columns, "
@@ -58,9 +56,7 @@ class LoRAFactors:
         return int(self.B.shape[0]), int(self.A.shape[1])
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> LoRAFactors:
-        return LoRAFactors(
-            self.B.to(device=device, dtype=dtype), self.A.to(device=device, dtype=dtype)
-        )
+        return LoRAFactors(self.B.to(device=device, dtype=dtype), self.A.to(device=device, dtype=dtype))
 
 
 @dataclass(frozen=True)

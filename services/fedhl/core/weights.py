@@ -113,9 +113,7 @@ class WeightConfig:
     def paper_literal(cls) -> WeightConfig:
         """The third-party reading of the paper's Eq. (15): κ=2, ε=1e-6 absolute, no n_i.
         Kept for comparison; it collapses onto the highest-rank clients (ALGORITHMS.md)."""
-        return cls(
-            kappa=2.0, eps=1e-6, eps_mode="absolute", use_data_size=False, max_weight_ratio=None
-        )
+        return cls(kappa=2.0, eps=1e-6, eps_mode="absolute", use_data_size=False, max_weight_ratio=None)
 
     def compute(self, errors: Tensor, n_examples: Tensor) -> Tensor:
         """errors (N,) → weights (N,), summing to 1."""

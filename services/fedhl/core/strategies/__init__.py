@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from ..scaling import LoRAScaling, ScaleRule
 from ..svd import SVDConfig
@@ -13,9 +13,7 @@ from .fedhl import FedHL
 from .flexlora import FlexLoRA
 from .flora import FLoRA
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedHL, FlexLoRA, FLoRA, HetLoRA, ZeroPadding, FedIT)
-}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedHL, FlexLoRA, FLoRA, HetLoRA, ZeroPadding, FedIT)}
 
 WEIGHT_PRESETS: dict[str, WeightConfig] = {
     "default": WeightConfig(),
@@ -23,6 +21,21 @@ WEIGHT_PRESETS: dict[str, WeightConfig] = {
     "uniform": WeightConfig(rule="uniform", max_weight_ratio=None),
     "data-size": WeightConfig(rule="data_size"),
 }
+
+
+C = TypeVar("C", SVDConfig, WeightConfig)
+
+
+def _config(cls: type[C], value: object, what: str) -> C:
+    """A config object from itself or a dict of its fields, with a ValueError naming the option."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a mapping of {cls.__name__} fields, got {type(value).__name__}")
+    try:
+        return cls(**value)
+    except TypeError as e:
+        raise ValueError(f"{what}: {e}") from None
 
 
 def build_strategy(
@@ -44,19 +57,15 @@ def build_strategy(
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}") from None
     scaling = LoRAScaling(alpha, scale_rule)
-    svd_cfg = SVDConfig(**svd) if isinstance(svd, dict) else svd
+    svd_cfg = _config(SVDConfig, svd, "svd") if svd is not None else None
     if weights is not None:
         if cls is not FedHL:
             raise ValueError(f"weight options apply to 'fedhl' only, not {name!r}")
         if isinstance(weights, str):
             if weights not in WEIGHT_PRESETS:
-                raise ValueError(
-                    f"unknown weight preset {weights!r}; choose from {sorted(WEIGHT_PRESETS)}"
-                )
+                raise ValueError(f"unknown weight preset {weights!r}; choose from {sorted(WEIGHT_PRESETS)}")
             weights = WEIGHT_PRESETS[weights]
-        elif isinstance(weights, dict):
-            weights = WeightConfig(**weights)
-        options["weights"] = weights
+        options["weights"] = _config(WeightConfig, weights, "weights")
     try:
         return cls(scaling, svd=svd_cfg, **options)
     except TypeError as e:  # an option this strategy does not take

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..merge import lora_init, lowrank_fro_sq, weighted_average
+from ..merge import change_norms_sq, lora_init, lowrank_fro_sq, weighted_average
 from ..scaling import LoRAScaling
 from ..svd import Spectrum, SVDConfig, partial_svd
 from ..types import (
@@ -125,17 +125,13 @@ class Strategy(ABC):
         device: torch.device | str = "cpu",
     ) -> GlobalState:
         """Round-0 state: W_0 = 0 (dense strategies) or B = 0, A random at `max_rank`."""
-        state = GlobalState(
-            round=0, extras={k: v.detach().clone() for k, v in (extras or {}).items()}
-        )
+        state = GlobalState(round=0, extras={k: v.detach().clone() for k, v in (extras or {}).items()})
         for m, (d_out, d_in) in shapes.items():
             if self.dense_state:
                 state.dense[m] = torch.zeros(d_out, d_in, dtype=dtype, device=device)
             else:
                 if max_rank is None or max_rank <= 0:
-                    raise ValueError(
-                        f"{self.name} keeps factors at the job's maximum rank: pass max_rank"
-                    )
+                    raise ValueError(f"{self.name} keeps factors at the job's maximum rank: pass max_rank")
                 gen = torch.Generator().manual_seed(module_seed(self.seed, -1, m))
                 state.factors[m] = lora_init(d_out, d_in, max_rank, gen, device, dtype)
         return state
@@ -157,18 +153,10 @@ class Strategy(ABC):
             missing = [m for m in modules if m not in rm]
             unknown = [m for m in rm if m not in modules]
             if missing or unknown:
-                raise ValueError(
-                    f"client {c!r}: rank map missing {missing} / unknown modules {unknown}"
-                )
-            bad = {
-                m: r
-                for m, r in rm.items()
-                if not isinstance(r, int) or r <= 0 or r > min(state.shape(m))
-            }
+                raise ValueError(f"client {c!r}: rank map missing {missing} / unknown modules {unknown}")
+            bad = {m: r for m, r in rm.items() if not isinstance(r, int) or r <= 0 or r > min(state.shape(m))}
             if bad:
-                raise ValueError(
-                    f"client {c!r}: ranks must be integers in [1, min(d_out, d_in)], got {bad}"
-                )
+                raise ValueError(f"client {c!r}: ranks must be integers in [1, min(d_out, d_in)], got {bad}")
             plan_ranks[c] = dict(rm)
         plan = RoundPlan(round=state.round, ranks=plan_ranks)
         self._check_ranks(state, plan)
@@ -189,9 +177,7 @@ class Strategy(ABC):
         """Strategy-specific rank constraints (e.g. FedIT needs one rank); none by default."""
         return None
 
-    def start_factors(
-        self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
-    ) -> LoRAFactors:
+    def start_factors(self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int) -> LoRAFactors:
         """Start factors for one (module, rank), computed once per round and cached."""
         key = ("start", module, rank)
         if key not in plan._cache:
@@ -220,18 +206,14 @@ class Strategy(ABC):
         return ClientStart(factors, residual, {k: v.clone() for k, v in state.extras.items()})
 
     @abstractmethod
-    def _start_module(
-        self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
-    ) -> LoRAFactors: ...
+    def _start_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int) -> LoRAFactors: ...
 
     def _residual_module(
         self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
     ) -> Tensor | LoRAFactors | None:
         return None
 
-    def _fresh_lora(
-        self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
-    ) -> LoRAFactors:
+    def _fresh_lora(self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int) -> LoRAFactors:
         """Standard LoRA init; clients at smaller ranks get the leading rows of one draw."""
         d_out, d_in = state.shape(module)
         gen = torch.Generator().manual_seed(module_seed(self.seed, plan.round, module))
@@ -256,9 +238,7 @@ class Strategy(ABC):
         blob store), where it must be discarded after an error.
         """
         if plan.round != state.round:
-            raise AggregationError(
-                f"plan is for round {plan.round}, state is at round {state.round}"
-            )
+            raise AggregationError(f"plan is for round {plan.round}, state is at round {state.round}")
         if not updates:
             raise AggregationError("no uploads to aggregate")
         clients = [u.client_id for u in updates]
@@ -281,9 +261,11 @@ class Strategy(ABC):
             ranks = [f.rank for f in fs]
             p = pre[m] if m in pre else self._module_weights(m, fs, ranks, n)
             module_weights[m] = dict(zip(clients, p.tolist(), strict=True))
-            result, per_client_sq, change = self._merge_module(
-                state, plan, m, fs, ranks, p.tolist()
-            )
+            result, change = self._merge_module(state, plan, m, fs, ranks, p.tolist())
+            starts = [
+                self.start_factors(state, plan, m, r).to(f.B.device, f.B.dtype) for f, r in zip(fs, ranks, strict=True)
+            ]
+            per_client_sq = change_norms_sq(starts, fs, [self.scaling.scale(r) for r in ranks])
             if isinstance(result, Tensor):
                 finite = _finite(result)
             else:  # finite factors can still overflow in the served product s·B@A
@@ -298,20 +280,14 @@ class Strategy(ABC):
                 update_sq[c] += sq
             change_sq += change
             self._store(state, new, m, result)
-        extras = {
-            k: weighted_average([u.extras[k] for u in updates], data_p.tolist())
-            for k in state.extras
-        }
+        extras = {k: weighted_average([u.extras[k] for u in updates], data_p.tolist()) for k in state.extras}
         for k, v in extras.items():
             if not _finite(v):
                 raise AggregationError(f"non-LoRA parameter {k!r}: average is not finite")
         new.extras = extras
         new.round = state.round + 1
 
-        weights = {
-            c: sum(module_weights[m][c] for m in module_weights) / len(module_weights)
-            for c in clients
-        }
+        weights = {c: sum(module_weights[m][c] for m in module_weights) / len(module_weights) for c in clients}
         p_vec = torch.tensor([weights[c] for c in clients], dtype=torch.float64)
         errors = self._errors(plan, clients)
         report = AggregationReport(
@@ -348,9 +324,7 @@ class Strategy(ABC):
             if not v.is_floating_point() or not _finite(v):
                 raise UploadError(u.client_id, f"parameter {k!r} must be finite floating point")
 
-    def _load(
-        self, u: ClientUpdate, module: ModuleName, rank: int, state: GlobalState
-    ) -> LoRAFactors:
+    def _load(self, u: ClientUpdate, module: ModuleName, rank: int, state: GlobalState) -> LoRAFactors:
         """Fetch one module's upload, check it against the assignment, cast for compute."""
         try:
             f = u.factors[module]
@@ -360,8 +334,7 @@ class Strategy(ABC):
         if tuple(f.B.shape) != (d_out, rank) or tuple(f.A.shape) != (rank, d_in):
             raise UploadError(
                 u.client_id,
-                f"expected B({d_out}, {rank}) A({rank}, {d_in}), got "
-                f"B{tuple(f.B.shape)} A{tuple(f.A.shape)}",
+                f"expected B({d_out}, {rank}) A({rank}, {d_in}), got B{tuple(f.B.shape)} A{tuple(f.A.shape)}",
                 module,
             )
         if not (f.B.is_floating_point() and f.A.is_floating_point()):
@@ -372,9 +345,7 @@ class Strategy(ABC):
         device, dtype = self._placement(ref)
         return f.to(device, dtype)
 
-    def _store(
-        self, old: GlobalState, new: GlobalState, module: ModuleName, result: Tensor | LoRAFactors
-    ) -> None:
+    def _store(self, old: GlobalState, new: GlobalState, module: ModuleName, result: Tensor | LoRAFactors) -> None:
         if isinstance(result, Tensor):
             ref = old.dense[module]
             new.dense[module] = result.to(ref.device, ref.dtype)
@@ -390,9 +361,7 @@ class Strategy(ABC):
         p = data_size_weights(n)
         return dict.fromkeys(state.modules, p)
 
-    def _module_weights(
-        self, module: ModuleName, fs: Sequence[LoRAFactors], ranks: Sequence[int], n: Tensor
-    ) -> Tensor:
+    def _module_weights(self, module: ModuleName, fs: Sequence[LoRAFactors], ranks: Sequence[int], n: Tensor) -> Tensor:
         return data_size_weights(n)
 
     @abstractmethod
@@ -404,16 +373,14 @@ class Strategy(ABC):
         fs: Sequence[LoRAFactors],
         ranks: Sequence[int],
         p: Sequence[float],
-    ) -> tuple[Tensor | LoRAFactors, list[float], float]:
-        """→ (new module state, ‖Δ_i‖² per client, ‖change‖²)."""
+    ) -> tuple[Tensor | LoRAFactors, float]:
+        """→ (new module state, ‖change‖²). Per-client ‖Δ_i‖² is computed by the base class
+        against each client's start factors."""
 
     def _errors(self, plan: RoundPlan, clients: Sequence[ClientId]) -> dict[ClientId, float]:
         if not plan.spectra:
             return {}
-        return {
-            c: sum(plan.spectra[m].tail_energy(r) for m, r in plan.ranks[c].items())
-            for c in clients
-        }
+        return {c: sum(plan.spectra[m].tail_energy(r) for m, r in plan.ranks[c].items()) for c in clients}
 
     def _energy_kept(self, plan: RoundPlan) -> dict[int, float]:
         if not plan.spectra:

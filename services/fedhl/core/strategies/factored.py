@@ -27,13 +27,10 @@ class ZeroPadding(Strategy):
             for m, r in rm.items():
                 if r > state.factors[m].rank:
                     raise ValueError(
-                        f"client {c!r}: rank {r} on {m!r} exceeds the state's rank "
-                        f"{state.factors[m].rank}"
+                        f"client {c!r}: rank {r} on {m!r} exceeds the state's rank {state.factors[m].rank}"
                     )
 
-    def _start_module(
-        self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
-    ) -> LoRAFactors:
+    def _start_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int) -> LoRAFactors:
         g = state.factors[module]
         return LoRAFactors(g.B[:, :rank].clone(), g.A[:rank].clone())
 
@@ -45,18 +42,12 @@ class ZeroPadding(Strategy):
         fs: Sequence[LoRAFactors],
         ranks: Sequence[int],
         p: Sequence[float],
-    ) -> tuple[LoRAFactors, list[float], float]:
+    ) -> tuple[LoRAFactors, float]:
         g = state.factors[module]
         new = average_padded(fs, p, g.rank)
         gB, gA = g.B.to(new.B.device, new.B.dtype), g.A.to(new.A.device, new.A.dtype)
         change = float(((new.B - gB) ** 2).sum() + ((new.A - gA) ** 2).sum())  # factor-space change
-        per_client = []
-        for f, r in zip(fs, ranks, strict=True):  # ‖s(B'A' − B⁰A⁰)‖ against the start factors
-            s = self.scaling.scale(r)
-            per_client.append(
-                lowrank_fro_sq(torch.cat([s * f.B, -s * gB[:, :r]], 1), torch.cat([f.A, gA[:r]], 0))
-            )
-        return new, per_client, change
+        return new, change
 
 
 class FedIT(ZeroPadding):
@@ -84,14 +75,11 @@ class HetLoRA(ZeroPadding):
     ) -> dict[ModuleName, Tensor]:
         return {}  # weights depend on the uploads: computed per module
 
-    def _module_weights(
-        self, module: ModuleName, fs: Sequence[LoRAFactors], ranks: Sequence[int], n: Tensor
-    ) -> Tensor:
+    def _module_weights(self, module: ModuleName, fs: Sequence[LoRAFactors], ranks: Sequence[int], n: Tensor) -> Tensor:
         norms = torch.tensor([math.sqrt(lowrank_fro_sq(f.B, f.A)) for f in fs], dtype=torch.float64)
         if not bool(torch.isfinite(norms).all()):
             raise AggregationError(
-                f"module {module!r}: an upload's ‖B A‖_F is not finite (poisoned or overflowed); "
-                "previous state kept"
+                f"module {module!r}: an upload's ‖B A‖_F is not finite (poisoned or overflowed); previous state kept"
             )
         if float(norms.sum()) == 0.0:
             return torch.full_like(norms, 1.0 / norms.numel())
@@ -114,9 +102,7 @@ def hetlora_tail_penalty(B: Tensor, A: Tensor, gamma: float, lam: float) -> Tens
     return penalty
 
 
-def hetlora_pruned_rank(
-    rank: int, gamma: float, tail_norm: float, previous_tail_norm: float | None
-) -> int:
+def hetlora_pruned_rank(rank: int, gamma: float, tail_norm: float, previous_tail_norm: float | None) -> int:
     """Shrink to ⌊γr⌋ (at least 1) when the tail norm shrank since the last check."""
     if previous_tail_norm is not None and tail_norm < previous_tail_norm:
         return max(1, math.floor(gamma * rank))

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ..merge import lowrank_fro_sq, stack_factors, start_factors, truncation_factors
+from ..merge import stack_factors, start_factors, truncation_factors
 from ..scaling import LoRAScaling
 from ..types import ClientUpdate, GlobalState, LoRAFactors, ModuleName
 from ..weights import WeightConfig
@@ -79,9 +79,7 @@ class FedHL(Strategy):
         return max(r, self.view_rank) if self.view == "residual" and self.view_rank else r
 
     # step 1: start point -------------------------------------------------------------------
-    def _start_module(
-        self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
-    ) -> LoRAFactors:
+    def _start_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int) -> LoRAFactors:
         spec = plan.spectra[module]
         if spec.is_zero():  # W_t = 0 (round 0): standard LoRA init, trunc(W_t, r) = 0
             return self._fresh_lora(state, plan, module, rank)
@@ -107,9 +105,7 @@ class FedHL(Strategy):
     ) -> dict[ModuleName, Tensor]:
         clients = [u.client_id for u in updates]
         per_module = {
-            m: torch.tensor(
-                [plan.spectra[m].tail_energy(plan.rank(c, m)) for c in clients], dtype=torch.float64
-            )
+            m: torch.tensor([plan.spectra[m].tail_energy(plan.rank(c, m)) for c in clients], dtype=torch.float64)
             for m in state.modules
         }
         if self.weights.per_module:
@@ -129,30 +125,14 @@ class FedHL(Strategy):
         fs: Sequence[LoRAFactors],
         ranks: Sequence[int],
         p: Sequence[float],
-    ) -> tuple[Tensor, list[float], float]:
+    ) -> tuple[Tensor, float]:
         spec = plan.spectra[module]
         scales = [self.scaling.scale(r) for r in ranks]
-        L, R = stack_factors(
-            fs, [pi * si for pi, si in zip(p, scales, strict=True)]
-        )  # (d_out, Σr), (Σr, d_in)
+        L, R = stack_factors(fs, [pi * si for pi, si in zip(p, scales, strict=True)])  # (d_out, Σr), (Σr, d_in)
         if not spec.is_zero():  # subtract Σ p_i trunc(W_t, r_i): one rank-r_max correction
             Lt, Rt = truncation_factors(spec, ranks, p)  # (d_out, r_max), (r_max, d_in)
             L, R = torch.cat([L, -Lt], dim=1), torch.cat([R, Rt], dim=0)
         D = L @ R  # Σ_i p_i Δ_i, one GEMM  (d_out, d_in)
         change = float(torch.linalg.vector_norm(D, dtype=torch.float64) ** 2)
-        W = state.dense[module]
-        D += W.to(D.device, D.dtype)
-        per_client = []
-        for f, r, s in zip(
-            fs, ranks, scales, strict=True
-        ):  # ‖s B' A' − trunc(W_t, r)‖², low-rank form
-            if spec.is_zero():
-                per_client.append(lowrank_fro_sq(s * f.B, f.A))
-            else:
-                per_client.append(
-                    lowrank_fro_sq(
-                        torch.cat([s * f.B, -(spec.U[:, :r] * spec.S[:r])], 1),
-                        torch.cat([f.A, spec.Vh[:r]], 0),
-                    )
-                )
-        return D, per_client, change
+        D += state.dense[module].to(D.device, D.dtype)
+        return D, change

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ..merge import lowrank_fro_sq, stack_factors, start_factors
+from ..merge import stack_factors, start_factors
 from ..scaling import LoRAScaling
 from ..types import GlobalState, LoRAFactors, ModuleName
 from .base import RoundPlan, Strategy
@@ -35,9 +35,7 @@ class FlexLoRA(Strategy):
     def options(self) -> dict[str, Any]:
         return {**super().options(), "start_balance": self.start_balance}
 
-    def _start_module(
-        self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
-    ) -> LoRAFactors:
+    def _start_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int) -> LoRAFactors:
         spec = plan.spectra[module]
         if spec.is_zero():
             return self._fresh_lora(state, plan, module, rank)
@@ -51,22 +49,10 @@ class FlexLoRA(Strategy):
         fs: Sequence[LoRAFactors],
         ranks: Sequence[int],
         p: Sequence[float],
-    ) -> tuple[Tensor, list[float], float]:
+    ) -> tuple[Tensor, float]:
         scales = [self.scaling.scale(r) for r in ranks]
         L, R = stack_factors(fs, [pi * si for pi, si in zip(p, scales, strict=True)])
         Wg = L @ R  # Σ p_i s_i B_i A_i  (d_out, d_in)
         W = state.dense[module].to(Wg.device, Wg.dtype)
         change = float(torch.linalg.vector_norm(Wg - W, dtype=torch.float64) ** 2)
-        spec = plan.spectra[module]
-        per_client = []
-        for f, r, s in zip(fs, ranks, scales, strict=True):
-            if spec.is_zero():
-                per_client.append(lowrank_fro_sq(s * f.B, f.A))
-            else:
-                per_client.append(
-                    lowrank_fro_sq(
-                        torch.cat([s * f.B, -(spec.U[:, :r] * spec.S[:r])], 1),
-                        torch.cat([f.A, spec.Vh[:r]], 0),
-                    )
-                )
-        return Wg, per_client, change
+        return Wg, change

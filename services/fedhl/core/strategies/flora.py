@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
-from ..merge import lowrank_fro_sq, stack_factors
+from ..merge import stack_factors
 from ..types import GlobalState, LoRAFactors, ModuleName
 from .base import RoundPlan, Strategy
 
@@ -17,9 +18,7 @@ class FLoRA(Strategy):
     name = "flora"
     dense_state = True
 
-    def _start_module(
-        self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
-    ) -> LoRAFactors:
+    def _start_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int) -> LoRAFactors:
         return self._fresh_lora(state, plan, module, rank)
 
     def _residual_module(
@@ -36,14 +35,10 @@ class FLoRA(Strategy):
         fs: Sequence[LoRAFactors],
         ranks: Sequence[int],
         p: Sequence[float],
-    ) -> tuple[Tensor, list[float], float]:
+    ) -> tuple[Tensor, float]:
         scales = [self.scaling.scale(r) for r in ranks]
-        L, R = stack_factors(
-            fs, [pi * si for pi, si in zip(p, scales, strict=True)]
-        )  # stacked rank Σ r_i
+        L, R = stack_factors(fs, [pi * si for pi, si in zip(p, scales, strict=True)])  # stacked rank Σ r_i
         D = L @ R  # (d_out, d_in)
-        change = (
-            lowrank_fro_sq(L, R) if L.shape[1] < min(D.shape) else float((D.double() ** 2).sum())
-        )
+        change = float(torch.linalg.vector_norm(D, dtype=torch.float64) ** 2)
         D += state.dense[module].to(D.device, D.dtype)
-        return D, [lowrank_fro_sq(s * f.B, f.A) for f, s in zip(fs, scales, strict=True)], change
+        return D, change
