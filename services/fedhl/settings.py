@@ -1,0 +1,120 @@
+"""Service configuration from `FEDHL_*` environment variables, validated at start.
+
+Read through `get_settings()` (cached), never at import time, so tests and subprocesses can
+set the environment first.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+DEV_ADMIN_TOKEN = "dev-admin-token"
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or invalid; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    env: Literal["production", "development"] = "production"
+    database_url: str = "sqlite:///./fedhl.db"
+    redis_url: str | None = None  # unset: in-process liveness/queue/events (embedded mode)
+    blob_url: str = "file://./fedhl-blobs"
+    admin_token: str = ""
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 50051
+    http_host: str = "0.0.0.0"
+    http_port: int = 8080
+    grpc_tls_cert: str | None = None
+    grpc_tls_key: str | None = None
+    grpc_tls_client_ca: str | None = None  # set: mTLS, agents must present a client certificate
+    http_tls_cert: str | None = None
+    http_tls_key: str | None = None
+    grpc_max_workers: int = 64
+    heartbeat_ttl_s: float = 15.0
+    pull_wait_max_s: float = 20.0
+    scheduler_interval_s: float = 0.2
+    chunk_bytes: int = 1 << 20
+    max_upload_bytes: int = 4 << 30
+    inprocess_aggregator: bool = True  # run the aggregation worker loop inside the coordinator
+
+    def __post_init__(self) -> None:
+        if self.env not in ("production", "development"):
+            raise SettingsError(f"FEDHL_ENV must be 'production' or 'development', got {self.env!r}")
+        if not self.admin_token:
+            raise SettingsError("FEDHL_ADMIN_TOKEN is required (set FEDHL_ENV=development to use a dev token)")
+        if self.env == "production" and (self.admin_token == DEV_ADMIN_TOKEN or len(self.admin_token) < 16):
+            raise SettingsError("FEDHL_ADMIN_TOKEN must be at least 16 characters and not the dev token in production")
+        if not self.database_url.startswith(("sqlite", "postgresql")):
+            raise SettingsError(f"FEDHL_DATABASE_URL must be sqlite:// or postgresql://, got {self.database_url!r}")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError(f"FEDHL_REDIS_URL must be redis://, rediss:// or unix://, got {self.redis_url!r}")
+        for name in ("grpc_port", "http_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise SettingsError(f"FEDHL_{name.upper()} must be a port number, got {port}")
+        if bool(self.grpc_tls_cert) != bool(self.grpc_tls_key):
+            raise SettingsError("FEDHL_GRPC_TLS_CERT and FEDHL_GRPC_TLS_KEY go together")
+        if self.grpc_tls_client_ca and not self.grpc_tls_cert:
+            raise SettingsError("FEDHL_GRPC_TLS_CLIENT_CA (mTLS) needs FEDHL_GRPC_TLS_CERT/KEY")
+        if bool(self.http_tls_cert) != bool(self.http_tls_key):
+            raise SettingsError("FEDHL_HTTP_TLS_CERT and FEDHL_HTTP_TLS_KEY go together")
+        for name in (
+            "grpc_tls_cert",
+            "grpc_tls_key",
+            "grpc_tls_client_ca",
+            "http_tls_cert",
+            "http_tls_key",
+        ):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise SettingsError(f"FEDHL_{name.upper()}: no such file {path}")
+        positive = (
+            "grpc_max_workers",
+            "heartbeat_ttl_s",
+            "pull_wait_max_s",
+            "scheduler_interval_s",
+            "chunk_bytes",
+            "max_upload_bytes",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise SettingsError(f"FEDHL_{name.upper()} must be positive, got {getattr(self, name)}")
+        if self.chunk_bytes > 3 << 20:
+            raise SettingsError("FEDHL_CHUNK_BYTES must stay under gRPC's 4 MiB message limit")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if environ is None else environ)
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f"FEDHL_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            kind = str(f.type)
+            try:
+                if kind == "int":
+                    values[f.name] = int(raw)
+                elif kind == "float":
+                    values[f.name] = float(raw)
+                elif kind == "bool":
+                    if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                        raise ValueError(raw)
+                    values[f.name] = raw.lower() in ("1", "true", "yes")
+                else:
+                    values[f.name] = raw
+            except ValueError:
+                raise SettingsError(f"FEDHL_{f.name.upper()}: cannot parse {raw!r} as {kind}") from None
+        if values.get("env") == "development" and "admin_token" not in values:
+            values["admin_token"] = DEV_ADMIN_TOKEN
+        return cls(**values)  # type: ignore[arg-type]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings.from_env()

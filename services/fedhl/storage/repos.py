@@ -1,0 +1,335 @@
+"""Small repositories over the ORM models, one per resource. Each works inside the caller's
+transaction (a `Session` from `db.transaction`), so a service function composes several of
+them into one atomic state transition."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from .models import (
+    Agent,
+    AgentStatus,
+    Assignment,
+    AssignmentState,
+    AuditEvent,
+    Checkpoint,
+    EnrolmentToken,
+    Job,
+    JobStatus,
+    Round,
+    RoundState,
+    Update,
+    utcnow,
+)
+
+
+class NotFound(LookupError):
+    pass
+
+
+class Conflict(RuntimeError):
+    """A conditional transition did not apply: someone else got there first."""
+
+
+def secret_hash(secret: str) -> str:
+    # Secrets are 256-bit random tokens, so a plain SHA-256 is not brute-forceable.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+class AgentRepo:
+    def __init__(self, s: Session) -> None:
+        self.s = s
+
+    def create_token(self, label: str, uses: int, expires_at: datetime | None) -> tuple[str, EnrolmentToken]:
+        token = "fedhl-enrol-" + new_secret()
+        row = EnrolmentToken(token_hash=secret_hash(token), label=label, uses_left=uses, expires_at=expires_at)
+        self.s.add(row)
+        self.s.flush()
+        return token, row
+
+    def list_tokens(self) -> Sequence[EnrolmentToken]:
+        return self.s.scalars(select(EnrolmentToken).order_by(EnrolmentToken.created_at)).all()
+
+    def revoke_token(self, token_id: str) -> EnrolmentToken:
+        row = self.s.get(EnrolmentToken, token_id)
+        if row is None:
+            raise NotFound(f"enrolment token {token_id} not found")
+        row.revoked = True
+        return row
+
+    def redeem(self, token: str, name: str, resources: dict[str, Any]) -> tuple[Agent, str]:
+        """Enrolment token → a new agent and its credential `<agent_id>.<secret>` (shown once)."""
+        row = self.s.scalars(
+            select(EnrolmentToken).where(EnrolmentToken.token_hash == secret_hash(token)).with_for_update()
+        ).first()
+        if row is None or row.revoked:
+            raise PermissionError("unknown or revoked enrolment token")
+        if row.expires_at is not None and row.expires_at <= utcnow():
+            raise PermissionError("enrolment token expired")
+        if row.uses_left <= 0:
+            raise PermissionError("enrolment token used up")
+        row.uses_left -= 1
+        secret = new_secret()
+        agent = Agent(
+            name=name,
+            credential_hash=secret_hash(secret),
+            resources=resources,
+            enrolment_token_id=row.id,
+            last_seen_at=utcnow(),
+        )
+        self.s.add(agent)
+        self.s.flush()
+        return agent, f"{agent.id}.{secret}"
+
+    def authenticate(self, credential: str) -> Agent:
+        """Raises PermissionError (unknown/malformed) or RevokedError."""
+        agent_id, _, secret = credential.partition(".")
+        agent = self.s.get(Agent, agent_id) if agent_id and secret else None
+        if agent is None or not hmac.compare_digest(agent.credential_hash, secret_hash(secret)):
+            raise PermissionError("unknown agent or bad credential")
+        if agent.status is AgentStatus.REVOKED:
+            raise RevokedError(f"agent {agent.id} is revoked")
+        return agent
+
+    def get(self, agent_id: str) -> Agent:
+        agent = self.s.get(Agent, agent_id)
+        if agent is None:
+            raise NotFound(f"agent {agent_id} not found")
+        return agent
+
+    def list(self) -> Sequence[Agent]:
+        return self.s.scalars(select(Agent).order_by(Agent.created_at)).all()
+
+    def active(self) -> Sequence[Agent]:
+        return self.s.scalars(select(Agent).where(Agent.status == AgentStatus.ACTIVE).order_by(Agent.id)).all()
+
+
+class RevokedError(PermissionError):
+    pass
+
+
+class JobRepo:
+    def __init__(self, s: Session) -> None:
+        self.s = s
+
+    def add(self, job: Job) -> Job:
+        self.s.add(job)
+        self.s.flush()
+        return job
+
+    def get(self, job_id: str, *, lock: bool = False) -> Job:
+        q = select(Job).where(Job.id == job_id)
+        job = self.s.scalars(q.with_for_update() if lock else q).first()
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
+        return job
+
+    def list(self, status: JobStatus | None = None) -> Sequence[Job]:
+        q = select(Job).order_by(Job.created_at)
+        return self.s.scalars(q.where(Job.status == status) if status else q).all()
+
+    def running(self) -> Sequence[Job]:
+        return self.list(JobStatus.RUNNING)
+
+    def transition(self, job_id: str, allowed: Sequence[JobStatus], to: JobStatus, **values: Any) -> bool:
+        res = self.s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(list(allowed)))
+            .values(status=to, updated_at=utcnow(), **values)
+            .execution_options(synchronize_session="fetch")
+        )
+        return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+class RoundRepo:
+    def __init__(self, s: Session) -> None:
+        self.s = s
+
+    def get(self, round_id: int) -> Round:
+        r = self.s.get(Round, round_id)
+        if r is None:
+            raise NotFound(f"round {round_id} not found")
+        return r
+
+    def active(self, job_id: str) -> Round | None:
+        """The job's round that has not ended (at most one by construction)."""
+        return self.s.scalars(
+            select(Round).where(
+                Round.job_id == job_id,
+                Round.state.in_(
+                    [
+                        RoundState.PENDING,
+                        RoundState.OPEN,
+                        RoundState.COLLECTING,
+                        RoundState.AGGREGATING,
+                    ]
+                ),
+            )
+        ).first()
+
+    def for_job(self, job_id: str) -> Sequence[Round]:
+        return self.s.scalars(select(Round).where(Round.job_id == job_id).order_by(Round.id)).all()
+
+    def attempts(self, job_id: str, number: int) -> int:
+        n = self.s.scalar(select(func.count()).select_from(Round).where(Round.job_id == job_id, Round.number == number))
+        return int(n or 0)
+
+    def open(
+        self,
+        job_id: str,
+        number: int,
+        attempt: int,
+        deadline: datetime,
+        target: int,
+        quorum: int,
+        ranks: dict[str, int],
+    ) -> Round:
+        r = Round(
+            job_id=job_id,
+            number=number,
+            attempt=attempt,
+            deadline=deadline,
+            target=target,
+            quorum=quorum,
+            state=RoundState.OPEN,
+        )
+        self.s.add(r)
+        self.s.flush()
+        for agent_id, rank in sorted(ranks.items()):
+            self.s.add(Assignment(round_id=r.id, agent_id=agent_id, rank=rank))
+        self.s.flush()
+        return r
+
+    def transition(self, round_id: int, allowed: Sequence[RoundState], to: RoundState, **values: Any) -> bool:
+        """Conditional UPDATE: applies only from an allowed state (idempotent under races)."""
+        res = self.s.execute(
+            update(Round)
+            .where(Round.id == round_id, Round.state.in_(list(allowed)))
+            .values(state=to, **values)
+            .execution_options(synchronize_session="fetch")
+        )
+        return bool(res.rowcount)  # type: ignore[attr-defined]
+
+    def assignment(self, task_id: str) -> Assignment:
+        a = self.s.get(Assignment, task_id)
+        if a is None:
+            raise NotFound(f"task {task_id} not found")
+        return a
+
+    def pending_for_agent(self, agent_id: str) -> Assignment | None:
+        """The agent's oldest assignment it has not uploaded, in a round still collecting."""
+        return self.s.scalars(
+            select(Assignment)
+            .join(Round)
+            .join(Job)
+            .where(
+                Assignment.agent_id == agent_id,
+                Assignment.state.in_([AssignmentState.ISSUED, AssignmentState.RUNNING]),
+                Round.state.in_([RoundState.OPEN, RoundState.COLLECTING]),
+                Job.status == JobStatus.RUNNING,
+            )
+            .order_by(Assignment.created_at)
+        ).first()
+
+    def busy_agents(self) -> set[str]:
+        rows = self.s.scalars(
+            select(Assignment.agent_id)
+            .join(Round)
+            .where(
+                Assignment.state.in_([AssignmentState.ISSUED, AssignmentState.RUNNING]),
+                Round.state.in_([RoundState.OPEN, RoundState.COLLECTING]),
+            )
+        ).all()
+        return set(rows)
+
+    def set_assignment_state(self, task_id: str, allowed: Sequence[AssignmentState], to: AssignmentState) -> bool:
+        res = self.s.execute(
+            update(Assignment)
+            .where(Assignment.id == task_id, Assignment.state.in_(list(allowed)))
+            .values(state=to, updated_at=utcnow())
+            .execution_options(synchronize_session="fetch")
+        )
+        return bool(res.rowcount)  # type: ignore[attr-defined]
+
+    def expire_open_assignments(self, round_id: int) -> int:
+        res = self.s.execute(
+            update(Assignment)
+            .where(
+                Assignment.round_id == round_id,
+                Assignment.state.in_([AssignmentState.ISSUED, AssignmentState.RUNNING]),
+            )
+            .values(state=AssignmentState.EXPIRED, updated_at=utcnow())
+            .execution_options(synchronize_session="fetch")
+        )
+        return int(res.rowcount)  # type: ignore[attr-defined]
+
+    def cancel_open_assignments(self, agent_id: str) -> int:
+        res = self.s.execute(
+            update(Assignment)
+            .where(
+                Assignment.agent_id == agent_id,
+                Assignment.state.in_([AssignmentState.ISSUED, AssignmentState.RUNNING]),
+            )
+            .values(state=AssignmentState.CANCELLED, updated_at=utcnow())
+            .execution_options(synchronize_session="fetch")
+        )
+        return int(res.rowcount)  # type: ignore[attr-defined]
+
+    def updates(self, round_id: int) -> Sequence[Update]:
+        return self.s.scalars(select(Update).where(Update.round_id == round_id).order_by(Update.agent_id)).all()
+
+    def update_count(self, round_id: int) -> int:
+        return int(self.s.scalar(select(func.count()).select_from(Update).where(Update.round_id == round_id)) or 0)
+
+    def add_update(self, upd: Update) -> Update:
+        self.s.add(upd)
+        self.s.flush()
+        return upd
+
+
+class CheckpointRepo:
+    def __init__(self, s: Session) -> None:
+        self.s = s
+
+    def add(self, job_id: str, round_number: int, state_key: str) -> Checkpoint:
+        c = Checkpoint(job_id=job_id, round_number=round_number, state_key=state_key)
+        self.s.add(c)
+        self.s.flush()
+        return c
+
+    def for_job(self, job_id: str) -> Sequence[Checkpoint]:
+        return self.s.scalars(
+            select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.round_number)
+        ).all()
+
+    def get(self, job_id: str, round_number: int) -> Checkpoint:
+        c = self.s.scalars(
+            select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.round_number == round_number)
+        ).first()
+        if c is None:
+            raise NotFound(f"job {job_id} has no checkpoint for round {round_number}")
+        return c
+
+
+class AuditRepo:
+    def __init__(self, s: Session) -> None:
+        self.s = s
+
+    def record(self, actor: str, action: str, job_id: str | None = None, **details: Any) -> None:
+        self.s.add(AuditEvent(actor=actor, action=action, job_id=job_id, details=details))
+
+    def list(self, job_id: str | None = None, limit: int = 200) -> Sequence[AuditEvent]:
+        q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+        return self.s.scalars(q.where(AuditEvent.job_id == job_id) if job_id else q).all()
