@@ -1,0 +1,1 @@
+"""The client agent: speaks AgentService over gRPC (client.py) and trains LoRA locally."""

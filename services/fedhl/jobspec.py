@@ -1,0 +1,138 @@
+"""A federated job's specification, validated once at creation (REST → 422 with the field)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .core import Strategy, build_strategy
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainConfig(Strict):
+    local_steps: int | None = Field(default=10, ge=1, le=1_000_000)
+    local_epochs: float | None = Field(default=None, gt=0, le=1000)
+    lr: float = Field(default=5e-4, gt=0, le=10)
+    head_lr: float | None = Field(default=None, gt=0, le=10)  # classification head, if trainable
+    batch_size: int = Field(default=16, ge=1, le=65536)
+    max_seq_len: int = Field(default=128, ge=8, le=131072)
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    hetlora_gamma: float | None = Field(default=None, gt=0, lt=1)  # HetLoRA self-pruning
+    hetlora_lambda: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainConfig:
+        if self.local_epochs is not None:
+            self.local_steps = None
+        if self.local_steps is None and self.local_epochs is None:
+            raise ValueError("set local_steps or local_epochs")
+        return self
+
+
+class SelectionConfig(Strict):
+    fraction: float | None = Field(default=None, gt=0, le=1)  # of the available agents
+    count: int | None = Field(default=None, ge=1)
+    min_clients: int = Field(default=1, ge=1)
+    over_selection: float = Field(default=1.0, ge=1, le=3)  # select ×this many, close at the target
+    deadline_s: float = Field(default=600, gt=0, le=7 * 86400)
+    quorum: float = Field(default=0.5, gt=0, le=1)  # fraction of the target that must report
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SelectionConfig:
+        if self.fraction is not None and self.count is not None:
+            raise ValueError("set selection.fraction or selection.count, not both")
+        if self.count is not None and self.count < self.min_clients:
+            raise ValueError("selection.count must be at least min_clients")
+        return self
+
+
+class RankPolicy(Strict):
+    kind: Literal["fixed", "capacity", "random"] = "capacity"
+    fixed: dict[str, int] = Field(default_factory=dict)  # agent id or name -> rank
+    default_rank: int | None = Field(default=None, ge=1)  # fixed: agents not in the map
+    seed: int = 0  # random
+    # capacity: memory needed at rank r = base_bytes + activation_bytes + 16 B × r × Σ(d_in + d_out)
+    # (fp32 factor, gradient, two Adam moments); throughput caps r at rank_per_step_per_s × steps/s.
+    base_model_bytes: int = Field(default=0, ge=0)
+    activation_bytes: int = Field(default=0, ge=0)
+    rank_per_step_per_s: float | None = Field(default=None, gt=0)
+
+
+class EvaluationConfig(Strict):
+    path: str | None = None  # held-out split (JSONL/CSV) read by the server-side evaluator
+    every: int = Field(default=1, ge=1)
+
+
+class JobSpec(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    base_model: str = Field(min_length=1, max_length=500, description="local path or hub id")
+    base_model_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    task_type: Literal["seq_cls", "causal_lm"] = "seq_cls"
+    num_labels: int = Field(default=2, ge=1)
+    target_modules: list[str] = Field(min_length=1)
+    module_shapes: dict[str, tuple[int, int]] = Field(
+        default_factory=dict,
+        description="module path -> (d_out, d_in); resolved from the model if empty",
+    )
+    extra_shapes: dict[str, list[int]] = Field(
+        default_factory=dict, description="non-LoRA trainable parameters (e.g. a classifier head)"
+    )
+    lora_alpha: float = Field(default=16.0, gt=0)
+    scale_rule: Literal["standard", "rslora"] = "standard"
+    rank_set: list[int] = Field(min_length=1)
+    rank_policy: RankPolicy = Field(default_factory=RankPolicy)
+    strategy: str = "fedhl"
+    strategy_options: dict[str, Any] = Field(default_factory=dict)
+    rounds: int = Field(ge=1, le=100_000)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    seed: int = 0
+
+    @field_validator("rank_set")
+    @classmethod
+    def _ranks(cls, v: list[int]) -> list[int]:
+        if any(r < 1 for r in v):
+            raise ValueError("ranks must be positive")
+        return sorted(set(v))
+
+    @field_validator("module_shapes")
+    @classmethod
+    def _shapes(cls, v: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+        for m, (o, i) in v.items():
+            if o < 1 or i < 1:
+                raise ValueError(f"module {m}: dimensions must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if self.module_shapes:
+            for m in self.module_shapes:
+                if not any(m == t or m.endswith("." + t) for t in self.target_modules):
+                    raise ValueError(f"module_shapes has {m!r}, which matches no target_modules entry")
+            smallest = min(min(s) for s in self.module_shapes.values())
+            if max(self.rank_set) > smallest:
+                raise ValueError(f"rank {max(self.rank_set)} exceeds the smallest module dimension {smallest}")
+        fixed = self.rank_policy.fixed
+        bad = {k: r for k, r in fixed.items() if r not in self.rank_set}
+        if bad:
+            raise ValueError(f"rank_policy.fixed ranks {bad} are not in rank_set {self.rank_set}")
+        if self.rank_policy.default_rank is not None and self.rank_policy.default_rank not in self.rank_set:
+            raise ValueError("rank_policy.default_rank must be in rank_set")
+        if self.strategy == "fedit" and len(self.rank_set) != 1:
+            raise ValueError("strategy 'fedit' needs a single rank in rank_set (use 'zeropad' or 'hetlora')")
+        self.build_strategy()  # unknown strategy or options raise ValueError here → 422
+        return self
+
+    def build_strategy(self) -> Strategy:
+        return build_strategy(
+            self.strategy,
+            alpha=self.lora_alpha,
+            scale_rule=self.scale_rule,
+            seed=self.seed,
+            **self.strategy_options,
+        )
