@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .settings import Settings, SettingsError
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -19,8 +22,7 @@ def _info(args: argparse.Namespace) -> int:
         "version": __version__,
         "torch": torch.__version__,
         "cuda": torch.cuda.is_available(),
-        "devices": ["cpu"]
-        + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())],
+        "devices": ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())],
         "strategies": sorted(STRATEGIES),
         "fedhl_weight_presets": sorted(WEIGHT_PRESETS),
     }
@@ -58,38 +60,62 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings() -> Settings:
+    from .settings import get_settings
+
+    return get_settings()
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from .storage.db import migrate
+
+    settings = _settings()
+    migrate(settings.database_url)
+    print(f"database at head: {settings.database_url.split('@')[-1]}")
+    return 0
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+    from .coordinator.main import serve
+
+    serve(_settings(), auto_migrate=args.migrate)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fedhl", description="Federated heterogeneous-rank LoRA fine-tuning."
-    )
+    p = argparse.ArgumentParser(prog="fedhl", description="Federated heterogeneous-rank LoRA fine-tuning.")
     p.add_argument("--version", action="version", version=f"fedhl {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("info", help="versions, devices and available strategies").set_defaults(
-        func=_info
-    )
+    sub.add_parser("info", help="versions, devices and available strategies").set_defaults(func=_info)
 
-    e = sub.add_parser(
-        "export", help="global state file → PEFT LoRA adapter directory at a chosen rank"
-    )
+    e = sub.add_parser("export", help="global state file → PEFT LoRA adapter directory at a chosen rank")
     e.add_argument("--state", required=True, help="state file (safetensors) written by fedhl")
     e.add_argument("--rank", type=int, required=True)
     e.add_argument("--alpha", type=float, required=True, help="the job's lora_alpha")
     e.add_argument("--scale-rule", choices=["standard", "rslora"], default="standard")
-    e.add_argument(
-        "--base-model", required=True, help="base model path or hub id (recorded in the config)"
-    )
+    e.add_argument("--base-model", required=True, help="base model path or hub id (recorded in the config)")
     e.add_argument("--task-type", default=None, help="peft task type, e.g. SEQ_CLS or CAUSAL_LM")
     e.add_argument("--out", required=True)
     e.set_defaults(func=_export)
+
+    sub.add_parser(
+        "migrate", help="bring the database schema to the latest migration (FEDHL_DATABASE_URL)"
+    ).set_defaults(func=_migrate)
+    c = sub.add_parser("coordinator", help="run the coordinator: gRPC for agents, REST admin API, scheduler")
+    c.add_argument("--migrate", action="store_true", help="run migrations first (embedded deployments)")
+    c.set_defaults(func=_coordinator)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("FEDHL_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         code: int = args.func(args)
-    except ValueError as err:  # bad input from the user: a message, not a traceback
+    except (ValueError, SettingsError) as err:  # bad input or configuration: a message, not a traceback
         print(f"fedhl {args.command}: {err}", file=sys.stderr)
         return 2
     return code

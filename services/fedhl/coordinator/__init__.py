@@ -1,0 +1,1 @@
+"""The coordinator: schedules rounds, assigns ranks, serves agents (gRPC) and admins (REST)."""

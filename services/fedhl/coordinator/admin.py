@@ -1,0 +1,67 @@
+"""Admin operations on agents and enrolment tokens, independent of the transport (the REST
+edge decodes, calls these, and maps `ServiceError` / `NotFound` to a status). Each call is
+one transaction that also records an audit event."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+
+from ..aggregation.runner import Deps
+from ..storage.db import transaction
+from ..storage.models import Agent, AgentStatus, EnrolmentToken, utcnow
+from ..storage.repos import AgentRepo, AuditRepo, RoundRepo
+from .errors import Code, ServiceError
+
+MAX_TOKEN_USES = 10_000
+
+
+class AgentAdmin:
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+
+    def create_enrolment_token(
+        self, label: str, uses: int, expires_in_s: float | None, actor: str = "admin"
+    ) -> tuple[str, EnrolmentToken]:
+        """A new enrolment token; the plaintext is returned here only, the table keeps a hash."""
+        if not 1 <= uses <= MAX_TOKEN_USES:
+            raise ServiceError(Code.INVALID_ARGUMENT, f"uses must be in [1, {MAX_TOKEN_USES}]")
+        if expires_in_s is not None and not (expires_in_s > 0 and math.isfinite(expires_in_s)):
+            raise ServiceError(Code.INVALID_ARGUMENT, "expires_in_s must be positive and finite")
+        expires_at = None if expires_in_s is None else utcnow() + timedelta(seconds=expires_in_s)
+        with transaction(self.deps.sessions) as s:
+            token, row = AgentRepo(s).create_token(label, uses, expires_at)
+            AuditRepo(s).record(actor, "enrolment_token_created", token_id=row.id, label=label, uses=uses)
+        return token, row
+
+    def revoke_enrolment_token(self, token_id: str, actor: str = "admin") -> EnrolmentToken:
+        """Idempotent: revoking a revoked token changes nothing and records nothing."""
+        with transaction(self.deps.sessions) as s:
+            existing = s.get(EnrolmentToken, token_id)
+            was_revoked = existing is not None and existing.revoked
+            row = AgentRepo(s).revoke_token(token_id)  # NotFound → 404
+            if not was_revoked:
+                AuditRepo(s).record(actor, "enrolment_token_revoked", token_id=token_id)
+        return row
+
+    def revoke_agent(self, agent_id: str, actor: str = "admin") -> Agent:
+        """The agent's credential stops working at once (idempotent)."""
+        with transaction(self.deps.sessions) as s:
+            agent = AgentRepo(s).get(agent_id)
+            if agent.status is not AgentStatus.REVOKED:
+                agent.status = AgentStatus.REVOKED
+                # its open tasks will never report: cancel them so rounds close without waiting
+                cancelled = RoundRepo(s).cancel_open_assignments(agent_id)
+                AuditRepo(s).record(actor, "agent_revoked", agent_id=agent_id, cancelled_tasks=cancelled)
+        return agent
+
+    def set_rank_override(self, agent_id: str, rank: int | None, actor: str = "admin") -> Agent:
+        """Pin the agent's rank (snapped to each job's nearest allowed rank), or clear it."""
+        if rank is not None and rank < 1:
+            raise ServiceError(Code.INVALID_ARGUMENT, "rank must be positive")
+        with transaction(self.deps.sessions) as s:
+            agent = AgentRepo(s).get(agent_id)
+            previous = agent.rank_override
+            agent.rank_override = rank
+            AuditRepo(s).record(actor, "agent_rank_override", agent_id=agent_id, rank=rank, previous=previous)
+        return agent

@@ -1,0 +1,381 @@
+"""What agents can do, independent of the transport: the gRPC servicer decodes, calls these
+methods, and maps `ServiceError.code` to a status. Protobuf types never reach this layer."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter
+from sqlalchemy.exc import IntegrityError
+
+from .. import metrics
+from ..aggregation.runner import ROUND_EVENTS, Deps
+from ..jobspec import JobSpec
+from ..settings import Settings
+from ..storage.blobs import BlobIntegrityError, BlobNotFound, BlobTooLarge, UploadInProgress
+from ..storage.db import transaction
+from ..storage.models import Agent, AssignmentState, JobStatus, RoundState, Update, utcnow
+from ..storage.repos import AgentRepo, AuditRepo, NotFound, RevokedError, RoundRepo
+from ..wire.payloads import Expected, PayloadError, decode_file, validate_update
+from .errors import Code, ServiceError
+
+RESOURCE_KEYS = {
+    "device_type": str,
+    "device_name": str,
+    "device_memory_bytes": int,
+    "memory_budget_bytes": int,
+    "steps_per_second": float,
+}
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    key: str
+    size: int
+    name: str
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    task_id: str
+    job_id: str
+    round: int
+    rank: int
+    ranks: dict[str, int]
+    strategy: str
+    lora_alpha: float
+    scale_rule: str
+    blobs: list[BlobInfo]
+    base_model: str
+    base_model_sha256: str
+    task_type: str
+    train_config: dict[str, Any]
+    deadline: datetime
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    task_id: str
+    job_id: str
+    round: int
+    size: int
+    sha256: str
+    offset: int
+    n_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    update_id: str
+    received: int
+    accepted: bool
+
+
+def clean_resources(raw: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, kind in RESOURCE_KEYS.items():
+        v = raw.get(k)
+        if v in (None, "", 0):
+            continue
+        try:
+            val = kind(v)
+        except (TypeError, ValueError):
+            raise ServiceError(Code.INVALID_ARGUMENT, f"resources.{k}: not a {kind.__name__}") from None
+        if isinstance(val, (int, float)) and (val < 0 or (isinstance(val, float) and not math.isfinite(val))):
+            raise ServiceError(Code.INVALID_ARGUMENT, f"resources.{k}: must be finite and non-negative")
+        out[k] = val
+    return out
+
+
+def _counted(chunks: Iterable[bytes], counter: Counter) -> Iterator[bytes]:
+    for c in chunks:
+        counter.inc(len(c))
+        yield c
+
+
+def _validate_file(path: Path, exp: Expected) -> None:
+    validate_update(decode_file(path), exp)
+
+
+class AgentService:
+    def __init__(self, deps: Deps, settings: Settings) -> None:
+        self.deps = deps
+        self.settings = settings
+
+    # ---------------------------------------------------------------- identity
+    def register(self, token: str, name: str, resources: dict[str, Any]) -> tuple[str, str]:
+        if not token:
+            raise ServiceError(Code.INVALID_ARGUMENT, "enrolment_token is required")
+        if len(name) > 200:
+            raise ServiceError(Code.INVALID_ARGUMENT, "name longer than 200 characters")
+        res = clean_resources(resources)
+        if not self.deps.coord.rate_limiter.allow("register", limit=600, window_s=60):
+            raise ServiceError(Code.RESOURCE_EXHAUSTED, "too many registrations; retry later")
+        try:
+            with transaction(self.deps.sessions) as s:
+                agent, credential = AgentRepo(s).redeem(token, name, res)
+                AuditRepo(s).record(f"agent:{agent.id}", "agent_registered", name=name)
+        except PermissionError as e:
+            raise ServiceError(Code.PERMISSION_DENIED, str(e)) from None
+        self.deps.coord.liveness.beat(agent.id, self.settings.heartbeat_ttl_s)
+        return agent.id, credential
+
+    def authenticate(self, credential: str | None) -> str:
+        if not credential:
+            raise ServiceError(Code.UNAUTHENTICATED, "missing credential (authorization: Bearer <credential>)")
+        try:
+            with transaction(self.deps.sessions) as s:
+                return AgentRepo(s).authenticate(credential).id
+        except RevokedError as e:
+            raise ServiceError(Code.PERMISSION_DENIED, str(e)) from None
+        except PermissionError as e:
+            raise ServiceError(Code.UNAUTHENTICATED, str(e)) from None
+
+    # ---------------------------------------------------------------- liveness
+    def heartbeat(self, agent_id: str, resources: dict[str, Any], task_id: str, progress: float) -> str:
+        """→ "CONTINUE" or "CANCEL_TASK" (the task's round closed or its job stopped)."""
+        res = clean_resources(resources)
+        self.deps.coord.liveness.beat(agent_id, self.settings.heartbeat_ttl_s)
+        with transaction(self.deps.sessions) as s:
+            agent = s.get(Agent, agent_id)
+            if agent is not None:
+                agent.last_seen_at = utcnow()
+                if res:
+                    agent.resources = {**agent.resources, **res}
+            if task_id:
+                try:
+                    a = RoundRepo(s).assignment(task_id)
+                except NotFound:
+                    return "CANCEL_TASK"
+                if a.agent_id != agent_id:
+                    raise ServiceError(Code.PERMISSION_DENIED, f"task {task_id} is not this agent's")
+                alive = a.state in (AssignmentState.ISSUED, AssignmentState.RUNNING, AssignmentState.UPLOADED)
+                round_open = a.round.state in (RoundState.OPEN, RoundState.COLLECTING)
+                if not (alive and round_open and a.round.job.status is JobStatus.RUNNING):
+                    return "CANCEL_TASK" if a.state is not AssignmentState.UPLOADED else "CONTINUE"
+        return "CONTINUE"
+
+    # ---------------------------------------------------------------- tasks
+    def pull_task(self, agent_id: str, wait_s: float) -> TaskInfo | None:
+        """Long-poll: a task as soon as a round assigns this agent one, else None at the timeout."""
+        self.deps.coord.liveness.beat(agent_id, self.settings.heartbeat_ttl_s)
+        deadline = time.monotonic() + max(0.0, min(wait_s, self.settings.pull_wait_max_s))
+        with self.deps.coord.events.subscribe(ROUND_EVENTS) as sub:
+            while True:
+                task = self._claim(agent_id)
+                if task is not None:
+                    return task
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                sub.get(timeout_s=min(left, 1.0))  # woken by round events; re-check at least every 1 s
+
+    def _claim(self, agent_id: str) -> TaskInfo | None:
+        with transaction(self.deps.sessions) as s:
+            rounds = RoundRepo(s)
+            a = rounds.pending_for_agent(agent_id)
+            if a is None:
+                return None
+            rounds.set_assignment_state(a.id, [AssignmentState.ISSUED], AssignmentState.RUNNING)
+            rnd, job = a.round, a.round.job
+            spec = JobSpec.model_validate(job.config)
+            key = job.start_keys.get(str(a.rank))
+            if key is None:
+                raise ServiceError(Code.FAILED_PRECONDITION, f"no start package for rank {a.rank}")
+            blob = BlobInfo(key, self.deps.blobs.size(key), "start")
+            return TaskInfo(
+                task_id=a.id,
+                job_id=job.id,
+                round=rnd.number,
+                rank=a.rank,
+                ranks=dict.fromkeys(spec.module_shapes, a.rank),
+                strategy=spec.strategy,
+                lora_alpha=spec.lora_alpha,
+                scale_rule=spec.scale_rule,
+                blobs=[blob],
+                base_model=spec.base_model,
+                base_model_sha256=spec.base_model_sha256 or "",
+                task_type=spec.task_type,
+                train_config={**spec.train.model_dump(), "extra_shapes": spec.extra_shapes, "seed": spec.seed},
+                deadline=rnd.deadline,
+            )
+
+    # ---------------------------------------------------------------- blobs
+    def open_blob(self, agent_id: str, key: str, offset: int) -> tuple[int, str, Iterator[bytes]]:
+        """(size, sha256, chunks from offset) for a blob this agent's open task references."""
+        with transaction(self.deps.sessions) as s:
+            a = RoundRepo(s).pending_for_agent(agent_id)
+            allowed = a is not None and key in a.round.job.start_keys.values()
+            if not allowed:
+                raise ServiceError(Code.PERMISSION_DENIED, "blob is not part of an open task of this agent")
+        try:
+            size = self.deps.blobs.size(key)
+        except BlobNotFound:
+            raise ServiceError(Code.NOT_FOUND, f"blob {key} not found") from None
+        if not 0 <= offset <= size:
+            raise ServiceError(Code.OUT_OF_RANGE, f"offset {offset} outside [0, {size}]")
+        return (
+            size,
+            key,
+            _counted(self.deps.blobs.read_chunks(key, offset, self.settings.chunk_bytes), metrics.DOWNLOAD_BYTES),
+        )
+
+    # ---------------------------------------------------------------- uploads
+    def upload_status(self, agent_id: str, task_id: str) -> int:
+        self._own_task(agent_id, task_id)
+        return self.deps.blobs.staging_size(task_id)
+
+    def _own_task(self, agent_id: str, task_id: str) -> None:
+        with transaction(self.deps.sessions) as s:
+            try:
+                a = RoundRepo(s).assignment(task_id)
+            except NotFound:
+                raise ServiceError(Code.NOT_FOUND, f"task {task_id} not found") from None
+            if a.agent_id != agent_id:
+                raise ServiceError(Code.PERMISSION_DENIED, f"task {task_id} is not this agent's")
+
+    def _check_open(self, agent_id: str, h: UploadHeader) -> Expected:
+        """The assignment this header names must be this agent's, current, and not yet uploaded."""
+        with transaction(self.deps.sessions) as s:
+            try:
+                a = RoundRepo(s).assignment(h.task_id)
+            except NotFound:
+                raise ServiceError(Code.NOT_FOUND, f"task {h.task_id} not found") from None
+            if a.agent_id != agent_id:
+                raise ServiceError(Code.PERMISSION_DENIED, f"task {h.task_id} is not this agent's")
+            rnd, job = a.round, a.round.job
+            if h.job_id != job.id or h.round != rnd.number:
+                raise ServiceError(
+                    Code.INVALID_ARGUMENT,
+                    f"header names job {h.job_id} round {h.round}; the task is job {job.id} round {rnd.number}",
+                )
+            if a.state is AssignmentState.UPLOADED:
+                raise ServiceError(Code.ALREADY_EXISTS, f"task {h.task_id} already has an accepted upload")
+            if a.state not in (AssignmentState.ISSUED, AssignmentState.RUNNING) or rnd.state not in (
+                RoundState.OPEN,
+                RoundState.COLLECTING,
+            ):
+                raise ServiceError(
+                    Code.FAILED_PRECONDITION, f"round {rnd.number} is closed ({rnd.state.value}); late upload rejected"
+                )
+            if utcnow() > rnd.deadline:
+                raise ServiceError(Code.FAILED_PRECONDITION, "the round's deadline has passed; late upload rejected")
+            spec = JobSpec.model_validate(job.config)
+            return Expected(spec.module_shapes, a.rank, {k: tuple(v) for k, v in spec.extra_shapes.items()})
+
+    def upload(self, agent_id: str, h: UploadHeader, chunks: Iterable[bytes]) -> UploadResult:
+        try:
+            res = self._upload(agent_id, h, chunks)
+        except ServiceError as e:
+            metrics.UPLOADS.labels(e.code.value.lower()).inc()
+            raise
+        metrics.UPLOADS.labels("accepted" if res.accepted else "partial").inc()
+        return res
+
+    def _upload(self, agent_id: str, h: UploadHeader, chunks: Iterable[bytes]) -> UploadResult:
+        """Append chunks to the task's staging area; when complete, verify, validate and accept
+        exactly once. Any rejection leaves the database and the global state unchanged."""
+        if h.n_examples <= 0:
+            raise ServiceError(Code.INVALID_ARGUMENT, "n_examples must be positive")
+        if len(h.sha256) != 64 or any(c not in "0123456789abcdef" for c in h.sha256):
+            raise ServiceError(Code.INVALID_ARGUMENT, "sha256 must be 64 lowercase hex characters")
+        bad = [k for k, v in h.metrics.items() if not math.isfinite(v) or len(k) > 100]
+        if bad or len(h.metrics) > 100:
+            raise ServiceError(Code.INVALID_ARGUMENT, f"metrics must be ≤ 100 finite values, bad: {bad[:5]}")
+        exp = self._check_open(agent_id, h)
+        limit = min(exp.max_bytes(), self.settings.max_upload_bytes)
+        if h.size <= 0 or h.size > limit:
+            raise ServiceError(
+                Code.INVALID_ARGUMENT, f"declared size {h.size} outside (0, {limit}] for rank {exp.rank}"
+            )
+        blobs = self.deps.blobs
+        have = blobs.staging_size(h.task_id)
+        if h.offset != have:
+            raise ServiceError(Code.FAILED_PRECONDITION, f"resume from offset {have}, not {h.offset}")
+        try:
+            received = blobs.staging_append(
+                h.task_id, h.offset, _counted(chunks, metrics.UPLOAD_BYTES), max_size=h.size
+            )
+        except UploadInProgress:
+            raise ServiceError(Code.ABORTED, "another stream is uploading this task; retry") from None
+        except BlobTooLarge:
+            blobs.staging_discard(h.task_id)
+            raise ServiceError(Code.INVALID_ARGUMENT, f"stream exceeds the declared size {h.size}") from None
+        except ValueError as e:  # a concurrent stream moved the staged size
+            raise ServiceError(Code.FAILED_PRECONDITION, str(e)) from None
+        if received < h.size:
+            return UploadResult("", received, False)  # resumable: the agent continues from `received`
+        try:
+            key = blobs.staging_commit(h.task_id, h.sha256, validate=lambda p: _validate_file(p, exp))
+        except BlobIntegrityError:
+            raise ServiceError(
+                Code.DATA_LOSS,
+                "sha256 of the received bytes does not match the header; "
+                "staged data discarded, upload again from offset 0",
+            ) from None
+        except PayloadError as e:
+            raise ServiceError(Code.INVALID_ARGUMENT, str(e)) from None
+        except UploadInProgress:
+            raise ServiceError(Code.ABORTED, "another stream is uploading this task; retry") from None
+        return self._accept(agent_id, h, key, received)
+
+    def _accept(self, agent_id: str, h: UploadHeader, key: str, size: int) -> UploadResult:
+        try:
+            with transaction(self.deps.sessions) as s:
+                rounds = RoundRepo(s)
+                a = rounds.assignment(h.task_id)
+                rnd = a.round
+                if rnd.state not in (RoundState.OPEN, RoundState.COLLECTING) or utcnow() > rnd.deadline:
+                    raise ServiceError(
+                        Code.FAILED_PRECONDITION, "the round closed while uploading; late upload rejected"
+                    )
+                if not rounds.set_assignment_state(
+                    h.task_id, [AssignmentState.ISSUED, AssignmentState.RUNNING], AssignmentState.UPLOADED
+                ):
+                    raise ServiceError(Code.ALREADY_EXISTS, f"task {h.task_id} already has an accepted upload")
+                upd = rounds.add_update(
+                    Update(
+                        assignment_id=a.id,
+                        round_id=rnd.id,
+                        agent_id=agent_id,
+                        blob_key=key,
+                        sha256=h.sha256,
+                        size=size,
+                        n_examples=h.n_examples,
+                        metrics=dict(h.metrics),
+                    )
+                )
+                rounds.transition(rnd.id, [RoundState.OPEN], RoundState.COLLECTING)
+                AuditRepo(s).record(
+                    f"agent:{agent_id}", "upload_accepted", rnd.job_id, round=rnd.number, task_id=a.id, bytes=size
+                )
+                update_id, job_id, round_id = upd.id, rnd.job_id, rnd.id
+        except IntegrityError:
+            raise ServiceError(Code.ALREADY_EXISTS, f"task {h.task_id} already has an accepted upload") from None
+        self.deps.coord.events.publish(ROUND_EVENTS, {"type": "upload", "job_id": job_id, "round_id": round_id})
+        return UploadResult(update_id, size, True)
+
+    # ---------------------------------------------------------------- metrics
+    def report_metrics(self, agent_id: str, task_id: str, metrics: dict[str, float], step: int) -> None:
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad or len(metrics) > 100:
+            raise ServiceError(Code.INVALID_ARGUMENT, f"metrics must be ≤ 100 finite values, bad: {bad[:5]}")
+        with transaction(self.deps.sessions) as s:
+            try:
+                a = RoundRepo(s).assignment(task_id)
+            except NotFound:
+                raise ServiceError(Code.NOT_FOUND, f"task {task_id} not found") from None
+            if a.agent_id != agent_id:
+                raise ServiceError(Code.PERMISSION_DENIED, f"task {task_id} is not this agent's")
+            rnd = a.round
+            progress = dict(rnd.metrics)
+            progress[agent_id] = {"step": step, **metrics}
+            rnd.metrics = json.loads(json.dumps(progress))

@@ -1,0 +1,89 @@
+"""Wiring: one `Coordinator` owns the dependencies, the services and the threads of one
+coordinator process (gRPC server, scheduler, in-process aggregation worker)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from ..aggregation.runner import Deps, run_worker
+from ..settings import Settings
+from ..storage.blobs import open_blob_store
+from ..storage.coordination import open_coordination
+from ..storage.db import make_engine, migrate, schema_is_current, session_factory
+from .agents import AgentService
+from .grpc_api import build_server
+from .jobs import JobService
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+def resolve_blob_url(url: str) -> str:
+    """`file://./x` → an absolute file URL, so every process agrees on the directory."""
+    if url.startswith("file://"):
+        path = url[len("file://") :]
+        return "file://" + str(Path(path).resolve())
+    return url
+
+
+@dataclass
+class Coordinator:
+    settings: Settings
+    deps: Deps
+    agents: AgentService
+    jobs: JobService
+    scheduler: Scheduler
+    stop: threading.Event = field(default_factory=threading.Event)
+    grpc_server: grpc.Server | None = None
+    grpc_port: int = 0
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, auto_migrate: bool = False) -> Coordinator:
+        engine = make_engine(settings.database_url)
+        if auto_migrate:
+            migrate(settings.database_url)
+        elif not schema_is_current(engine):
+            raise RuntimeError("the database schema is not at the latest migration: run `fedhl migrate` first")
+        deps = Deps(
+            session_factory(engine),
+            open_blob_store(resolve_blob_url(settings.blob_url)),
+            open_coordination(settings.redis_url),
+        )
+        return cls(
+            settings,
+            deps,
+            AgentService(deps, settings),
+            JobService(deps),
+            Scheduler(deps, settings.scheduler_interval_s),
+        )
+
+    def start(self) -> None:
+        """Start gRPC, the scheduler and (if configured) the in-process aggregation worker."""
+        self.grpc_server, self.grpc_port = build_server(self.agents, self.settings)
+        self.grpc_server.start()
+        self._thread("scheduler", lambda: self.scheduler.run(self.stop))
+        if self.settings.inprocess_aggregator:
+            consumer = f"{socket.gethostname()}-inproc-{id(self):x}"
+            self._thread("aggregator", lambda: run_worker(self.deps, consumer, self.stop))
+        log.info("coordinator: gRPC on port %d", self.grpc_port)
+
+    def _thread(self, name: str, target: object) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
+        t.start()
+        self.threads.append(t)
+
+    def shutdown(self, grace_s: float = 5.0) -> None:
+        self.stop.set()
+        if self.grpc_server is not None:
+            self.grpc_server.stop(grace_s).wait()
+        for t in self.threads:
+            t.join(timeout=grace_s)
+        self.deps.coord.close()
+        self.deps.sessions.kw["bind"].dispose()

@@ -1,0 +1,26 @@
+"""Domain errors of the coordinator's service layer; transports map `code` to their own
+status (gRPC StatusCode, HTTP status)."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Code(enum.StrEnum):
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    NOT_FOUND = "NOT_FOUND"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    DATA_LOSS = "DATA_LOSS"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    OUT_OF_RANGE = "OUT_OF_RANGE"
+    ABORTED = "ABORTED"  # a concurrent operation on the same resource: retry
+
+
+class ServiceError(Exception):
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

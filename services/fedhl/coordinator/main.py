@@ -1,0 +1,31 @@
+"""`fedhl coordinator`: gRPC AgentService + REST admin API + scheduler in one process."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from ..settings import Settings
+from .api import create_app
+from .app import Coordinator
+
+log = logging.getLogger(__name__)
+
+
+def serve(settings: Settings, *, auto_migrate: bool = False) -> None:
+    coordinator = Coordinator.from_settings(settings, auto_migrate=auto_migrate)
+    coordinator.start()
+    config = uvicorn.Config(
+        create_app(coordinator),
+        host=settings.http_host,
+        port=settings.http_port,
+        log_level="info",
+        ssl_certfile=settings.http_tls_cert,
+        ssl_keyfile=settings.http_tls_key,
+    )
+    server = uvicorn.Server(config)
+    try:
+        server.run()  # returns on SIGINT/SIGTERM
+    finally:
+        coordinator.shutdown()

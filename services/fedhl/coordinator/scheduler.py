@@ -1,0 +1,176 @@
+"""The round state machine, driven by one leader among the coordinator replicas.
+
+PENDING → OPEN (assignments issued) → COLLECTING (first upload) → AGGREGATING (target reached,
+every assignment reported, or the deadline passed with quorum) → COMMITTED (by the
+aggregation runner), or FAILED (deadline without quorum, cancellation, bad merge); a failed
+round is retried as a new attempt from the same global state. Every transition is one
+transaction with a conditional UPDATE, so a coordinator killed at any instant resumes from
+the tables.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import timedelta
+
+from sqlalchemy import Connection, text
+from sqlalchemy import select as sql_select
+from sqlalchemy.orm import Session
+
+from ..aggregation.runner import AGGREGATION_STREAM_FIELD, ROUND_EVENTS, Deps
+from ..jobspec import JobSpec
+from ..storage.db import transaction
+from ..storage.models import Agent, AgentStatus, AssignmentState, JobStatus, Round, RoundState, utcnow
+from ..storage.repos import AuditRepo, JobRepo, RoundRepo
+from .ranks import AgentInfo, assign_ranks
+from .selection import quorum, select
+
+log = logging.getLogger(__name__)
+
+LEADER_LOCK_ID = 0x46454448  # "FEDH": the Postgres advisory lock the scheduler leader holds
+REENQUEUE_AFTER_S = 60.0
+
+
+class Leader:
+    """Exactly one scheduler runs: a Postgres session-level advisory lock held on a dedicated
+    connection (released by the server if this process dies). SQLite is single-process."""
+
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+        self.conn: Connection | None = None
+
+    def acquire(self) -> bool:
+        engine = self.deps.sessions.kw["bind"]
+        if engine.dialect.name != "postgresql":
+            return True
+        if self.conn is None:
+            self.conn = engine.connect()
+        try:
+            got = bool(self.conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": LEADER_LOCK_ID}).scalar())
+            self.conn.commit()
+            if got:
+                return True
+            self.conn.close()
+            self.conn = None
+            return False
+        except Exception:
+            self.conn = None
+            raise
+
+    def release(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": LEADER_LOCK_ID})
+                self.conn.commit()
+            finally:
+                self.conn.close()
+                self.conn = None
+
+
+class Scheduler:
+    def __init__(self, deps: Deps, interval_s: float = 0.2) -> None:
+        self.deps = deps
+        self.interval_s = interval_s
+        self._enqueued: dict[int, float] = {}
+
+    def run(self, stop: threading.Event) -> None:
+        """Loop until stopped: become leader, then tick on every round event or interval."""
+        leader = Leader(self.deps)
+        try:
+            while not stop.is_set():
+                if leader.acquire():
+                    break
+                stop.wait(1.0)
+            if stop.is_set():
+                return
+            log.info("scheduler is the leader")
+            self._enqueued.clear()  # a new leader re-enqueues every AGGREGATING round once
+            with self.deps.coord.events.subscribe(ROUND_EVENTS) as sub:
+                while not stop.is_set():
+                    try:
+                        self.tick()
+                    except Exception:
+                        log.exception("scheduler tick failed")
+                    sub.get(timeout_s=self.interval_s)
+        finally:
+            leader.release()
+
+    def tick(self) -> None:
+        with transaction(self.deps.sessions) as s:
+            job_ids = [j.id for j in JobRepo(s).list() if j.status in (JobStatus.RUNNING, JobStatus.PAUSED)]
+        for job_id in job_ids:
+            self.advance(job_id)
+
+    def advance(self, job_id: str) -> None:
+        enqueue: int | None = None
+        opened = False
+        with transaction(self.deps.sessions) as s:
+            job = JobRepo(s).get(job_id, lock=True)  # serialises transitions of this job
+            spec = JobSpec.model_validate(job.config)
+            rounds = RoundRepo(s)
+            rnd = rounds.active(job_id)
+            now = utcnow()
+            if rnd is None:
+                if job.current_round >= spec.rounds:
+                    JobRepo(s).transition(job_id, [JobStatus.RUNNING, JobStatus.PAUSED], JobStatus.COMPLETED)
+                elif job.status is JobStatus.RUNNING:
+                    opened = self._open(s, job_id, job.current_round, spec)
+            elif rnd.state in (RoundState.OPEN, RoundState.COLLECTING):
+                n = rounds.update_count(rnd.id)
+                expected = [a for a in rnd.assignments if a.state is not AssignmentState.CANCELLED]
+                everyone = bool(expected) and n >= len(expected)
+                if n >= rnd.target or everyone or (now >= rnd.deadline and n >= rnd.quorum):
+                    rounds.expire_open_assignments(rnd.id)
+                    rounds.transition(
+                        rnd.id, [RoundState.OPEN, RoundState.COLLECTING], RoundState.AGGREGATING, closed_at=now
+                    )
+                    AuditRepo(s).record("scheduler", "round_closed", job_id, round=rnd.number, uploads=n)
+                    enqueue = rnd.id
+                elif now >= rnd.deadline or not expected:
+                    rounds.expire_open_assignments(rnd.id)
+                    rounds.transition(
+                        rnd.id,
+                        [RoundState.OPEN, RoundState.COLLECTING],
+                        RoundState.FAILED,
+                        closed_at=now,
+                        error=f"deadline passed with {n} of {rnd.quorum} uploads needed",
+                    )
+                    AuditRepo(s).record("scheduler", "round_failed", job_id, round=rnd.number, uploads=n)
+            elif rnd.state is RoundState.AGGREGATING:
+                last = self._enqueued.get(rnd.id)
+                if last is None or time.monotonic() - last > REENQUEUE_AFTER_S:
+                    enqueue = rnd.id  # after a leader change or a lost queue: duplicates are harmless
+        if enqueue is not None:
+            self.deps.coord.queue.publish({AGGREGATION_STREAM_FIELD: str(enqueue)})
+            self._enqueued[enqueue] = time.monotonic()
+        if opened or enqueue is not None:
+            self.deps.coord.events.publish(ROUND_EVENTS, {"type": "round_changed", "job_id": job_id})
+
+    def _open(self, s: Session, job_id: str, number: int, spec: JobSpec) -> bool:
+        rounds = RoundRepo(s)
+        agents = {a.id: a for a in s.scalars(sql_select(Agent).where(Agent.status == AgentStatus.ACTIVE))}
+        live = self.deps.coord.liveness.alive(agents)
+        available = sorted(live - rounds.busy_agents())
+        attempt = rounds.attempts(job_id, number)
+        chosen = select(spec.selection, available, seed=f"{spec.seed}:{job_id}:{number}:{attempt}")
+        if chosen is None:
+            return False
+        ids, target = chosen
+        infos = [AgentInfo(a.id, a.name, a.resources, a.rank_override) for a in (agents[i] for i in ids)]
+        values_per_rank = sum(o + i for o, i in spec.module_shapes.values())
+        ranks = assign_ranks(infos, spec.rank_set, spec.rank_policy, values_per_rank, number)
+        deadline = utcnow() + timedelta(seconds=spec.selection.deadline_s)
+        rnd: Round = rounds.open(job_id, number, attempt, deadline, target, quorum(spec.selection, target), ranks)
+        AuditRepo(s).record(
+            "scheduler",
+            "round_opened",
+            job_id,
+            round=number,
+            attempt=attempt,
+            agents=len(ids),
+            ranks=sorted(set(ranks.values())),
+            round_id=rnd.id,
+        )
+        return True

@@ -1,0 +1,58 @@
+"""Prometheus metrics of the FedHL services, on a registry of their own.
+
+`REGISTRY` is not prometheus_client's global default: importing this module twice (or
+building many apps in one test process) never registers a metric twice, and `/metrics`
+exposes exactly these series. Services increment the counters; the two gauges describe the
+cluster as a whole and are set by the scrape handler just before it renders `REGISTRY`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+UPLOADS = Counter(
+    "fedhl_uploads",
+    "Agent uploads by result (accepted, rejected, late, duplicate, ...).",
+    ["result"],
+    registry=REGISTRY,
+)
+UPLOAD_BYTES = Counter("fedhl_upload_bytes", "Bytes received in agent uploads.", registry=REGISTRY)
+DOWNLOAD_BYTES = Counter("fedhl_download_bytes", "Bytes of round artifacts sent to agents.", registry=REGISTRY)
+ROUNDS = Counter(
+    "fedhl_rounds",
+    "Rounds that ended, by outcome (committed, failed).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+AGGREGATION_SECONDS = Histogram(
+    "fedhl_aggregation_seconds",
+    "Wall time of one round's aggregation (load, merge, publish).",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+    registry=REGISTRY,
+)
+AGENTS_ALIVE = Gauge(
+    "fedhl_agents_alive",
+    "Active agents whose heartbeat has not expired (set at scrape time).",
+    registry=REGISTRY,
+)
+ACTIVE_ROUNDS = Gauge(
+    "fedhl_active_rounds",
+    "Rounds not yet ended: open, collecting or aggregating (set at scrape time).",
+    registry=REGISTRY,
+)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def exposition() -> bytes:
+    """`REGISTRY` in the Prometheus text format."""
+    return generate_latest(REGISTRY)
