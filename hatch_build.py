@@ -30,7 +30,6 @@ def generate(root: Path) -> list[Path]:
         f"-I{proto_root}",
         f"-I{well_known}",
         f"--python_out={out}",
-        f"--pyi_out={out}",
         f"--grpc_python_out={out}",
         *[str(p) for p in protos],
     ]

@@ -51,16 +51,12 @@ def sync(device: torch.device) -> None:
 def spectrum(kind: str, d: int, k_signal: int) -> torch.Tensor:
     k = torch.arange(1, min(d, 8 * k_signal) + 1, dtype=torch.float64)
     s = 1.0 / k
-    if (
-        kind == "stepped"
-    ):  # shared task signal in the top k_signal directions, a 10× lower floor beyond
+    if kind == "stepped":  # shared task signal in the top k_signal directions, a 10× lower floor beyond
         s[k_signal:] *= 0.1
     return s
 
 
-def make_state(
-    modules: list[str], d: int, kind: str, k_signal: int, seed: int, device: torch.device
-) -> GlobalState:
+def make_state(modules: list[str], d: int, kind: str, k_signal: int, seed: int, device: torch.device) -> GlobalState:
     """W_t = G1 diag(σ) G2 with Gaussian G1 (d, K), G2 (K, d) scaled to near-orthonormal.
 
     `stepped` (default): σ_k = 1/k for k ≤ 64, 0.1/k for 64 < k ≤ 512 — the shape of an
@@ -122,9 +118,7 @@ def naive_round(
     t0 = time.perf_counter()
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     truncs = {r: (U[:, :r] * S[:r]) @ Vh[:r] for r in sorted(set(ranks))}  # start points
-    errors = torch.tensor(
-        [float(torch.linalg.vector_norm(W - truncs[r]) ** 2) for r in ranks], dtype=torch.float64
-    )
+    errors = torch.tensor([float(torch.linalg.vector_norm(W - truncs[r]) ** 2) for r in ranks], dtype=torch.float64)
     p = weights.compute(errors, n).tolist()
     out = W.clone()
     for f, r, pi in zip(ups, ranks, p, strict=True):
@@ -135,12 +129,8 @@ def naive_round(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument(
-        "--quick", action="store_true", help="CI-sized: 2 layers at 2048×2048, naive on 1 module"
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CI-sized: 2 layers at 2048×2048, naive on 1 module")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--clients", type=int, default=100)
@@ -154,21 +144,16 @@ def main() -> None:
         args.layers, args.dim, args.naive_modules = 2, 2048, 1
     device = torch.device(args.device)
     rank_set = [int(r) for r in args.ranks.split(",")]
-    modules = [
-        f"model.layers.{i}.self_attn.{p}" for i in range(args.layers) for p in ("q_proj", "v_proj")
-    ]
+    modules = [f"model.layers.{i}.self_attn.{p}" for i in range(args.layers) for p in ("q_proj", "v_proj")]
     gen = torch.Generator().manual_seed(args.seed)
     clients = [f"client-{i:03d}" for i in range(args.clients)]
-    client_rank = {
-        c: rank_set[int(torch.randint(len(rank_set), (1,), generator=gen))] for c in clients
-    }
+    client_rank = {c: rank_set[int(torch.randint(len(rank_set), (1,), generator=gen))] for c in clients}
     n = torch.randint(50, 500, (args.clients,), generator=gen).tolist()
     ranks = {c: dict.fromkeys(modules, client_rank[c]) for c in clients}
 
     strategy = FedHL(LoRAScaling(alpha=16.0), seed=args.seed, device=device, svd=SVDConfig())
     print(
-        f"building W_t: {len(modules)} modules of {args.dim}×{args.dim} ({args.spectrum} spectrum) "
-        f"on {device}",
+        f"building W_t: {len(modules)} modules of {args.dim}×{args.dim} ({args.spectrum} spectrum) on {device}",
         flush=True,
     )
     state = make_state(modules, args.dim, args.spectrum, max(rank_set), args.seed, device)
@@ -185,8 +170,7 @@ def main() -> None:
     sync(device)
     t_start = time.perf_counter() - t0
     updates = [
-        ClientUpdate(c, TrainedUpload(strategy, state, plan, c, i), n_examples=n[i])
-        for i, c in enumerate(clients)
+        ClientUpdate(c, TrainedUpload(strategy, state, plan, c, i), n_examples=n[i]) for i, c in enumerate(clients)
     ]
     t0 = time.perf_counter()  # what producing the uploads costs, to subtract from the merge
     for u in updates:
@@ -221,16 +205,11 @@ def main() -> None:
         for r, T in truncs.items():
             start_err = max(
                 start_err,
-                float(
-                    torch.linalg.vector_norm(spec_fast.trunc(r) - T) / torch.linalg.vector_norm(T)
-                ),
+                float(torch.linalg.vector_norm(spec_fast.trunc(r) - T) / torch.linalg.vector_norm(T)),
             )
         merge_err = max(
             merge_err,
-            float(
-                torch.linalg.vector_norm(new_state.dense[m] - W_naive)
-                / torch.linalg.vector_norm(W_naive)
-            ),
+            float(torch.linalg.vector_norm(new_state.dense[m] - W_naive) / torch.linalg.vector_norm(W_naive)),
         )
         print(f"naive {m}: {secs:.2f}s", flush=True)
     naive_per_round = naive_t / args.naive_modules * len(modules)

@@ -42,8 +42,9 @@ INPUT_IDS = torch.tensor([[2, 17, 5, 88, 41, 3], [2, 9, 64, 12, 99, 3]])
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, vocab_size=100, num_labels=3)
+    cfg = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_labels=3
+    )
     path = tmp_path_factory.mktemp("base")
     BertForSequenceClassification(cfg).double().save_pretrained(path)
     return path
@@ -102,20 +103,25 @@ def test_adapter_factors_truncate_and_report_dropped_fraction() -> None:
 # --------------------------------------------------------------------------- 1 + 3: round trip
 @pytest.mark.parametrize("rule", ["standard", "rslora"])
 @pytest.mark.parametrize("true_rank", [R + 3, R - 1], ids=["lossy", "exact"])
-def test_adapter_round_trips_through_peft(base_dir: Path, tmp_path: Path, rule: str,
-                                          true_rank: int) -> None:
+def test_adapter_round_trips_through_peft(base_dir: Path, tmp_path: Path, rule: str, true_rank: int) -> None:
     # Prepare
     scaling = LoRAScaling(alpha=16.0, rule=rule)  # type: ignore[arg-type]
     updates = updates_of_rank(true_rank)
     base = load_base(base_dir)
     W0 = {m: base.state_dict()[f"{m}.weight"].clone() for m in MODULES}
     # Execute
-    report = export_peft_adapter(updates, tmp_path, rank=R, scaling=scaling,
-                                 base_model_name_or_path=str(base_dir), task_type="SEQ_CLS",
-                                 dtype=torch.float64, base_state=base.state_dict())
+    report = export_peft_adapter(
+        updates,
+        tmp_path,
+        rank=R,
+        scaling=scaling,
+        base_model_name_or_path=str(base_dir),
+        task_type="SEQ_CLS",
+        dtype=torch.float64,
+        base_state=base.state_dict(),
+    )
     peft_model = PeftModel.from_pretrained(base, tmp_path)
-    peft_scaling = {m: peft_model.get_submodule(f"base_model.model.{m}").scaling["default"]
-                    for m in MODULES}
+    peft_scaling = {m: peft_model.get_submodule(f"base_model.model.{m}").scaling["default"] for m in MODULES}
     merged = peft_model.merge_and_unload().state_dict()
     # Assert
     config, keys = read_adapter(tmp_path)
@@ -142,14 +148,26 @@ def test_adapter_round_trips_through_peft(base_dir: Path, tmp_path: Path, rule: 
 def test_adapter_files_match_peft_save_pretrained(base_dir: Path, tmp_path: Path) -> None:
     # Prepare
     scaling = LoRAScaling(alpha=8.0)
-    head = {"classifier.weight": torch.zeros(3, 32, dtype=torch.float64),
-            "classifier.bias": torch.zeros(3, dtype=torch.float64)}
-    reference = get_peft_model(load_base(base_dir), LoraConfig(
-        r=R, lora_alpha=8, target_modules=list(MODULES), task_type="SEQ_CLS",
-        modules_to_save=["classifier"]))
+    head = {
+        "classifier.weight": torch.zeros(3, 32, dtype=torch.float64),
+        "classifier.bias": torch.zeros(3, dtype=torch.float64),
+    }
+    reference = get_peft_model(
+        load_base(base_dir),
+        LoraConfig(
+            r=R, lora_alpha=8, target_modules=list(MODULES), task_type="SEQ_CLS", modules_to_save=["classifier"]
+        ),
+    )
     # Execute
-    export_peft_adapter(updates_of_rank(2), tmp_path / "ours", rank=R, scaling=scaling,
-                        base_model_name_or_path=None, task_type="SEQ_CLS", extras=head)
+    export_peft_adapter(
+        updates_of_rank(2),
+        tmp_path / "ours",
+        rank=R,
+        scaling=scaling,
+        base_model_name_or_path=None,
+        task_type="SEQ_CLS",
+        extras=head,
+    )
     reference.save_pretrained(tmp_path / "peft")
     # Assert
     ours_cfg, ours = read_adapter(tmp_path / "ours")
@@ -166,21 +184,29 @@ def test_adapter_files_match_peft_save_pretrained(base_dir: Path, tmp_path: Path
 
 # --------------------------------------------------------------------------- 2: classifier head
 @pytest.mark.parametrize("task_type", ["SEQ_CLS", None])
-def test_classifier_head_restored_via_modules_to_save(base_dir: Path, tmp_path: Path,
-                                                      task_type: str | None) -> None:
+def test_classifier_head_restored_via_modules_to_save(base_dir: Path, tmp_path: Path, task_type: str | None) -> None:
     # Prepare
     scaling = LoRAScaling(alpha=8.0)
     updates = updates_of_rank(R)  # R >= rank(W_T): the export is exact
     g = torch.Generator().manual_seed(3)
-    head = {"classifier.weight": torch.randn(3, 32, generator=g, dtype=torch.float64),
-            "classifier.bias": torch.randn(3, generator=g, dtype=torch.float64)}
+    head = {
+        "classifier.weight": torch.randn(3, 32, generator=g, dtype=torch.float64),
+        "classifier.bias": torch.randn(3, generator=g, dtype=torch.float64),
+    }
     manual = load_base(base_dir)
     manual.load_state_dict({**merge_into_base(manual.state_dict(), updates), **head})
     untouched = load_base(base_dir)
     # Execute
-    report = export_peft_adapter(updates, tmp_path, rank=R, scaling=scaling,
-                                 base_model_name_or_path=str(base_dir), task_type=task_type,
-                                 extras=head, dtype=torch.float64)
+    report = export_peft_adapter(
+        updates,
+        tmp_path,
+        rank=R,
+        scaling=scaling,
+        base_model_name_or_path=str(base_dir),
+        task_type=task_type,
+        extras=head,
+        dtype=torch.float64,
+    )
     loaded = PeftModel.from_pretrained(load_base(base_dir), tmp_path)
     loaded.eval()
     with torch.no_grad():
@@ -227,8 +253,7 @@ def test_bad_input_raises_precise_errors(base_dir: Path, tmp_path: Path) -> None
     out = tmp_path / "never"
 
     def export(updates: dict[str, Tensor], **kw: object) -> None:
-        args: dict[str, object] = {"rank": R, "scaling": scaling,
-                                   "base_model_name_or_path": None, "task_type": None}
+        args: dict[str, object] = {"rank": R, "scaling": scaling, "base_model_name_or_path": None, "task_type": None}
         args.update(kw)
         export_peft_adapter(updates, out, **args)  # type: ignore[arg-type]
 

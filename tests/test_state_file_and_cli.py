@@ -78,11 +78,22 @@ def test_cli_info_lists_strategies(capsys: pytest.CaptureFixture[str]) -> None:
     assert {"fedhl", "flexlora", "hetlora", "zeropad", "fedit", "flora"} <= set(info["strategies"])
 
 
-def test_cli_reports_bad_state_file_without_traceback(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_reports_bad_state_file_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "x").write_bytes(b"not a file")
-    code = main(["export", "--state", str(tmp_path / "x"), "--rank", "2", "--alpha", "4",
-                 "--base-model", "m", "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "export",
+            "--state",
+            str(tmp_path / "x"),
+            "--rank",
+            "2",
+            "--alpha",
+            "4",
+            "--base-model",
+            "m",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
     assert "not a readable" in capsys.readouterr().err

@@ -12,7 +12,12 @@ def test_generated_agent_service_has_every_rpc() -> None:
 
     service = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
     assert set(service.methods_by_name) == {
-        "Register", "Heartbeat", "PullTask", "DownloadBlob", "UploadUpdate", "UploadStatus",
+        "Register",
+        "Heartbeat",
+        "PullTask",
+        "DownloadBlob",
+        "UploadUpdate",
+        "UploadStatus",
         "ReportMetrics",
     }
     assert service.methods_by_name["DownloadBlob"].server_streaming

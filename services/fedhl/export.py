@@ -153,9 +153,7 @@ def _check_module_name(name: object) -> str:
 
 def _check_update(name: str, W: object) -> Tensor:
     if not isinstance(W, Tensor):
-        raise ValueError(
-            f"update for module {name!r} must be a torch.Tensor, got {type(W).__name__}"
-        )
+        raise ValueError(f"update for module {name!r} must be a torch.Tensor, got {type(W).__name__}")
     if W.ndim != 2:
         raise ValueError(
             f"update for module {name!r} must be a 2-D (d_out, d_in) nn.Linear weight update, "
@@ -174,26 +172,19 @@ def _check_updates(updates: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {_check_module_name(m): _check_update(m, W) for m, W in updates.items()}
 
 
-def _check_against_base(
-    name: str, shape: Sequence[int], base_state: Mapping[str, Tensor], key: str, what: str
-) -> None:
+def _check_against_base(name: str, shape: Sequence[int], base_state: Mapping[str, Tensor], key: str, what: str) -> None:
     if key not in base_state:
         raise ValueError(f"unknown {what} {name!r}: the base model has no parameter {key!r}")
     ref = tuple(base_state[key].shape)
     if tuple(shape) != ref:
-        raise ValueError(
-            f"shape mismatch for {what} {name!r}: got {tuple(shape)}, base parameter {key!r} "
-            f"is {ref}"
-        )
+        raise ValueError(f"shape mismatch for {what} {name!r}: got {tuple(shape)}, base parameter {key!r} is {ref}")
 
 
 def _check_extras(extras: Mapping[str, Tensor], modules: Mapping[str, Tensor]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for key, value in extras.items():
         if not isinstance(key, str) or "." not in key.strip("."):
-            raise ValueError(
-                f"extras keys must be full parameter names such as 'classifier.weight', got {key!r}"
-            )
+            raise ValueError(f"extras keys must be full parameter names such as 'classifier.weight', got {key!r}")
         if not isinstance(value, Tensor):
             raise ValueError(f"extra {key!r} must be a torch.Tensor, got {type(value).__name__}")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
@@ -216,18 +207,14 @@ def _saved_by_peft(param: str, modules_to_save: Sequence[str]) -> bool:
     return any(p.endswith(m) for p in paths for m in modules_to_save)
 
 
-def _resolve_modules_to_save(
-    extras: Mapping[str, Tensor], modules_to_save: list[str] | None
-) -> list[str]:
+def _resolve_modules_to_save(extras: Mapping[str, Tensor], modules_to_save: list[str] | None) -> list[str]:
     """Default: the owning module of every extra. Given: every extra must be covered, with
     peft's own rule (a module is wrapped when its path ends with an entry)."""
     owners = sorted({k.rsplit(".", 1)[0] for k in extras})
     if modules_to_save is None:
         return owners
     if any(not isinstance(m, str) or not m for m in modules_to_save):
-        raise ValueError(
-            f"modules_to_save entries must be non-empty strings, got {modules_to_save}"
-        )
+        raise ValueError(f"modules_to_save entries must be non-empty strings, got {modules_to_save}")
     uncovered = [k for k in extras if not _saved_by_peft(k, modules_to_save)]
     if uncovered:
         raise ValueError(
@@ -390,10 +377,7 @@ def export_peft_adapter(
     ext = _check_extras(extras or {}, mods)
     task = _check_task_type(task_type)
     to_save = list(
-        dict.fromkeys(
-            _resolve_modules_to_save(ext, modules_to_save)
-            + list(AUTO_MODULES_TO_SAVE.get(task or "", ()))
-        )
+        dict.fromkeys(_resolve_modules_to_save(ext, modules_to_save) + list(AUTO_MODULES_TO_SAVE.get(task or "", ())))
     )
     saved = [m for m in mods if _saved_by_peft(f"{m}.weight", to_save)]
     if saved:
@@ -452,9 +436,7 @@ def effective_updates(strategy: Strategy, state: GlobalState) -> dict[str, Tenso
 
 
 # --------------------------------------------------------------------------- merged export
-def merge_into_base(
-    base_state: Mapping[str, Tensor], updates: Mapping[str, Tensor]
-) -> dict[str, Tensor]:
+def merge_into_base(base_state: Mapping[str, Tensor], updates: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Base weights with `W0 + W` in "<module>.weight" for every update; other entries are
     the same tensor objects as in `base_state` (not copied). The sum is formed in the wider
     of the two dtypes (at least float32) and stored in W0's dtype and device."""
@@ -465,11 +447,7 @@ def merge_into_base(
     for m, W in mods.items():
         key = f"{m}.weight"
         W0 = base_state[key]  # (d_out, d_in)
-        tied = [
-            k
-            for k, v in base_state.items()
-            if k != key and v.data_ptr() == W0.data_ptr() and v.shape == W0.shape
-        ]
+        tied = [k for k, v in base_state.items() if k != key and v.data_ptr() == W0.data_ptr() and v.shape == W0.shape]
         if tied:
             raise ValueError(f"{key!r} is tied to {tied}; merging would untie the weights")
         acc = torch.promote_types(torch.promote_types(W0.dtype, W.dtype), torch.float32)
@@ -480,9 +458,7 @@ def merge_into_base(
     return merged
 
 
-def save_merged(
-    model: PreTrainedModel, updates: Mapping[str, Tensor], out_dir: str | os.PathLike[str]
-) -> Path:
+def save_merged(model: PreTrainedModel, updates: Mapping[str, Tensor], out_dir: str | os.PathLike[str]) -> Path:
     """Save `model` with `W0 + W` merged into its weights (safetensors, via
     `model.save_pretrained`). The model itself is not modified."""
     merged = merge_into_base(model.state_dict(), updates)
