@@ -42,13 +42,14 @@ def test_factor_state_round_trips(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("tensors", "metadata", "message"),
     [
-        ({"dense::m": torch.zeros(2, 2)}, {"format": "other"}, "format"),
-        ({"dense::m": torch.zeros(2, 2)}, {"format": "fedhl-state/1"}, "round"),
-        ({"weird::m": torch.zeros(2, 2)}, {"format": "fedhl-state/1", "round": "0"}, "unexpected"),
-        ({"lora_B::m": torch.zeros(2, 2)}, {"format": "fedhl-state/1", "round": "0"}, "unpaired"),
+        ({"dense::m": torch.zeros(2, 2)}, {"fedhl": '{"format": "other"}'}, "not a"),
+        ({"dense::m": torch.zeros(2, 2)}, {"format": "fedhl-state/1"}, "not a"),
+        ({"dense::m": torch.zeros(2, 2)}, {"fedhl": '{"format": "fedhl-state/1"}'}, "round"),
+        ({"weird::m": torch.zeros(2, 2)}, {"fedhl": '{"format": "fedhl-state/1", "round": 0}'}, "unexpected"),
+        ({"lora_B::m": torch.zeros(2, 2)}, {"fedhl": '{"format": "fedhl-state/1", "round": 0}'}, "unpaired"),
         (
             {"lora_B::m": torch.zeros(2, 2), "lora_A::m": torch.zeros(3, 2)},
-            {"format": "fedhl-state/1", "round": "0"},
+            {"fedhl": '{"format": "fedhl-state/1", "round": 0}'},
             "rank mismatch",
         ),
     ],

@@ -82,6 +82,13 @@ def _coordinator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _aggregator(args: argparse.Namespace) -> int:
+    from .aggregation.worker import serve_worker
+
+    serve_worker(_settings(), consumer=args.name)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedhl", description="Federated heterogeneous-rank LoRA fine-tuning.")
     p.add_argument("--version", action="version", version=f"fedhl {__version__}")
@@ -105,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("coordinator", help="run the coordinator: gRPC for agents, REST admin API, scheduler")
     c.add_argument("--migrate", action="store_true", help="run migrations first (embedded deployments)")
     c.set_defaults(func=_coordinator)
+    a = sub.add_parser("aggregator", help="run an aggregation worker (needs FEDHL_REDIS_URL); scale by running more")
+    a.add_argument("--name", default=None, help="consumer name in the stream group (default: host-pid)")
+    a.set_defaults(func=_aggregator)
     return p
 
 

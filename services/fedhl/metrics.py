@@ -56,3 +56,22 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 def exposition() -> bytes:
     """`REGISTRY` in the Prometheus text format."""
     return generate_latest(REGISTRY)
+
+
+AGGREGATION_JOBS = Counter(
+    "fedhl_aggregation_jobs",
+    "Aggregation jobs (round shards) a worker finished, by outcome (committed, partial, failed, skipped, error).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+RECLAIMED_JOBS = Counter(
+    "fedhl_reclaimed_jobs",
+    "Aggregation jobs taken over from a worker that did not ack them in time.",
+    registry=REGISTRY,
+)
+AGGREGATOR_DEVICE = Gauge(
+    "fedhl_aggregator_device",
+    "1 for the device this aggregator merges on.",
+    ["device"],
+    registry=REGISTRY,
+)

@@ -42,6 +42,10 @@ class Settings:
     chunk_bytes: int = 1 << 20
     max_upload_bytes: int = 4 << 30
     inprocess_aggregator: bool = True  # run the aggregation worker loop inside the coordinator
+    aggregation_shards: int = 1  # aggregation jobs per round (module shards), for several workers
+    aggregator_reclaim_idle_s: float = 60.0  # a job pending this long on a silent worker is taken over
+    aggregator_device: str | None = None  # "cuda", "cpu"; unset: CUDA when present
+    aggregator_metrics_port: int = 0  # Prometheus endpoint of an aggregator worker; 0: none
 
     def __post_init__(self) -> None:
         if self.env not in ("production", "development"):
@@ -75,6 +79,8 @@ class Settings:
             if path and not Path(path).is_file():
                 raise SettingsError(f"FEDHL_{name.upper()}: no such file {path}")
         positive = (
+            "aggregation_shards",
+            "aggregator_reclaim_idle_s",
             "grpc_max_workers",
             "heartbeat_ttl_s",
             "pull_wait_max_s",

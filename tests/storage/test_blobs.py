@@ -1,5 +1,6 @@
 """Blob store suite: the shared tests take `blob_store` (every backend); the FileBlobStore
-section checks its on-disk layout and crash safety."""
+section checks its on-disk layout and crash safety, the S3BlobStore section its object
+layout, configuration and recovery from S3 failures."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import threading
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
+from botocore.exceptions import EndpointConnectionError, ResponseStreamingError
 from safetensors import safe_open
 from safetensors.torch import save
 
@@ -24,6 +28,7 @@ from fedhl.storage.blobs import (
     UploadInProgress,
     open_blob_store,
 )
+from fedhl.storage.s3_blobs import BucketNotFound, S3BlobStore
 
 DATA = bytes(range(256)) * 40  # 10 240 bytes
 BAD_KEYS = [
@@ -351,6 +356,122 @@ def test_open_blob_store(tmp_path: Path) -> None:
     assert isinstance(by_url, FileBlobStore) and by_url.root == tmp_path / "a"
     assert isinstance(by_path, FileBlobStore) and by_path.root == tmp_path / "b"
     with pytest.raises(ValueError, match="unsupported blob URL scheme"):
-        open_blob_store("s3://bucket/prefix")
+        open_blob_store("gs://bucket/prefix")
     with pytest.raises(ValueError, match="absolute"):
         open_blob_store("file://host/x")
+
+
+# -- S3BlobStore specifics --------------------------------------------------------------
+
+
+def test_s3_layout(s3_store: S3BlobStore) -> None:
+    key = s3_store.put_bytes(DATA)
+    s3_store.staging_append("up-7", 0, [b"abc"], 10)
+
+    listed = s3_store.client.list_objects_v2(Bucket=s3_store.bucket)["Contents"]
+    assert [o["Key"] for o in listed] == [f"fedhl/blobs/objects/{key}"]
+    assert (s3_store.staging_dir / "staging" / "up-7").read_bytes() == b"abc"  # staging is local
+    with s3_store.local_path(key) as path:
+        assert path.read_bytes() == DATA
+    assert not path.exists()  # the download is deleted after the block
+    assert list((s3_store.staging_dir / "tmp").iterdir()) == []
+
+
+def test_s3_open_blob_store(s3_store: S3BlobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDHL_S3_STAGING_DIR", str(tmp_path / "staging-root"))
+    key = s3_store.put_bytes(DATA)
+
+    store = open_blob_store(f"s3://{s3_store.bucket}/fedhl/blobs/")  # endpoint and credentials from env
+
+    assert isinstance(store, S3BlobStore)
+    assert (store.bucket, store.prefix) == (s3_store.bucket, "fedhl/blobs")
+    assert store.staging_dir.parent == tmp_path / "staging-root"
+    assert store.get_bytes(key) == DATA
+    assert not open_blob_store(f"s3://{s3_store.bucket}/other").exists(key)  # prefixes are separate stores
+
+
+def test_s3_missing_bucket_is_named(s3_store: S3BlobStore, tmp_path: Path) -> None:
+    with pytest.raises(BucketNotFound, match="'fedhl-no-such-bucket'"):
+        open_blob_store("s3://fedhl-no-such-bucket/x")
+    # A bucket deleted under a running store: still named, never a missing blob.
+    unchecked = S3BlobStore("fedhl-no-such-bucket", client=s3_store.client, staging_dir=tmp_path, check_bucket=False)
+    with pytest.raises(BucketNotFound, match="'fedhl-no-such-bucket'"):
+        unchecked.get_bytes(sha(DATA))
+
+
+@pytest.mark.parametrize("url", ["s3://", "s3:///prefix", "s3://Bad_Bucket/x", "s3://bucket/x?versionId=1"])
+def test_s3_bad_urls(s3_endpoint: str, url: str) -> None:
+    with pytest.raises(ValueError, match="S3"):
+        open_blob_store(url)
+
+
+def test_s3_commit_survives_upload_failure(s3_store: S3BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    s3_store.staging_append("up", 0, [DATA], 1 << 20)
+
+    def unreachable(**kwargs: Any) -> None:
+        raise EndpointConnectionError(endpoint_url="http://s3.invalid")
+
+    monkeypatch.setattr(s3_store.client, "upload_file", unreachable)
+    with pytest.raises(EndpointConnectionError):
+        s3_store.staging_commit("up", sha(DATA))
+
+    # Nothing under the key, the staged bytes intact: the commit can simply be retried.
+    assert not s3_store.exists(sha(DATA))
+    assert s3_store.staging_size("up") == len(DATA)
+    monkeypatch.undo()
+    assert s3_store.staging_commit("up", sha(DATA)) == sha(DATA)
+    assert s3_store.get_bytes(sha(DATA)) == DATA
+    assert s3_store.staging_size("up") == 0
+
+
+def break_streams(store: S3BlobStore, monkeypatch: pytest.MonkeyPatch, times: int) -> list[str]:
+    """Make the next `times` GETs' bodies fail after one chunk, like a reset connection.
+    Returns the Range of every GET."""
+    real_get = store.client.get_object
+    ranges: list[str] = []
+
+    def get_object(**kwargs: Any) -> Any:
+        resp = real_get(**kwargs)
+        ranges.append(kwargs["Range"])
+        if len(ranges) <= times:
+            body = resp["Body"]
+
+            def iter_chunks(chunk_size: int) -> Iterator[bytes]:
+                yield body.read(chunk_size)
+                raise ResponseStreamingError(error="connection reset by peer")
+
+            resp["Body"] = SimpleNamespace(iter_chunks=iter_chunks, close=body.close)
+        return resp
+
+    monkeypatch.setattr(store.client, "get_object", get_object)
+    return ranges
+
+
+def test_s3_read_chunks_resumes_dropped_streams(s3_store: S3BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = s3_store.put_bytes(DATA)
+    ranges = break_streams(s3_store, monkeypatch, times=5)  # more than the retry budget, but each makes progress
+
+    chunks = list(s3_store.read_chunks(key, offset=1000, chunk_size=1000))
+
+    assert b"".join(chunks) == DATA[1000:]
+    assert ranges[:3] == ["bytes=1000-10239", "bytes=2000-10239", "bytes=3000-10239"]
+
+
+def test_s3_read_chunks_gives_up_without_progress(s3_store: S3BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = s3_store.put_bytes(DATA)
+    real_get = s3_store.client.get_object
+
+    def dead_stream(**kwargs: Any) -> Any:
+        resp = real_get(**kwargs)
+        resp["Body"].close()
+
+        def iter_chunks(chunk_size: int) -> Iterator[bytes]:
+            raise ResponseStreamingError(error="connection reset by peer")
+            yield b""  # pragma: no cover - makes this a generator
+
+        resp["Body"] = SimpleNamespace(iter_chunks=iter_chunks, close=lambda: None)
+        return resp
+
+    monkeypatch.setattr(s3_store.client, "get_object", dead_stream)
+    with pytest.raises(ResponseStreamingError):
+        list(s3_store.read_chunks(key))

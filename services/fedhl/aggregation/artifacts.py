@@ -1,19 +1,23 @@
-"""Round artifacts in the blob store: global state, the next round's spectra, and one start
-package per rank of the job's rank set (computed once per rank, from one partial SVD per
-module)."""
+"""Round artifacts in the blob store (all safetensors, sha256-addressed): the global state, a
+round's spectra (one partial SVD per module, which every rank's start point comes from), one
+start package per rank of the job's rank set, and the per-shard partial results a round's
+aggregation jobs leave before the round commits."""
 
 from __future__ import annotations
 
+import json
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
+from safetensors.torch import save, save_file
 from torch import Tensor
 
-from ..core import GlobalState, LoRAFactors, RoundPlan, Spectrum, Strategy
+from ..core import ClientStart, GlobalState, LoRAFactors, Spectrum, Strategy
 from ..jobspec import JobSpec
 from ..storage.blobs import BlobStore
 from ..storage.state_file import load_state, save_state
@@ -45,58 +49,159 @@ def initial_state(strategy: Strategy, spec: JobSpec) -> GlobalState:
     return strategy.init_state(spec.module_shapes, extras, max_rank=max(spec.rank_set))
 
 
-def put_spectra(blobs: BlobStore, spectra: Mapping[str, Spectrum]) -> str:
+def subset(state: GlobalState, modules: Sequence[str]) -> GlobalState:
+    """A view of `state` restricted to `modules` (tensors shared, not copied)."""
+    return GlobalState(
+        round=state.round,
+        dense={m: state.dense[m] for m in modules if m in state.dense},
+        factors={m: state.factors[m] for m in modules if m in state.factors},
+        extras=state.extras,
+    )
+
+
+def spectra_tensors(spectra: Mapping[str, Spectrum]) -> tuple[dict[str, Tensor], dict[str, str]]:
     tensors: dict[str, Tensor] = {}
     meta: dict[str, str] = {}
     for m, s in spectra.items():
         tensors[f"U::{m}"] = s.U.contiguous().cpu()
         tensors[f"S::{m}"] = s.S.contiguous().cpu()
         tensors[f"Vh::{m}"] = s.Vh.contiguous().cpu()
-        meta[f"total::{m}"] = repr(s.total_energy)
-        meta[f"method::{m}"] = s.method
-        meta[f"residual::{m}"] = repr(s.residual)
+        meta[f"spectrum::{m}"] = json.dumps([s.total_energy, s.method, s.residual, s.seconds])
+    return tensors, meta
+
+
+def read_spectra(h: Any, meta: Mapping[str, str], prefix: str = "") -> dict[str, Spectrum]:
+    out = {}
+    for name in h.keys():  # noqa: SIM118 (safe_open handles are not mappings)
+        if name.startswith(prefix + "U::"):
+            m = name[len(prefix) + 3 :]
+            total, method, residual, seconds = json.loads(meta[f"spectrum::{m}"])
+            out[m] = Spectrum(
+                h.get_tensor(f"{prefix}U::{m}"),
+                h.get_tensor(f"{prefix}S::{m}"),
+                h.get_tensor(f"{prefix}Vh::{m}"),
+                total,
+                method,
+                residual,
+                seconds,
+            )
+    return out
+
+
+def put_spectra(blobs: BlobStore, spectra: Mapping[str, Spectrum]) -> str:
+    tensors, meta = spectra_tensors(spectra)
     return blobs.put_bytes(save(tensors, metadata=meta))
 
 
 def get_spectra(blobs: BlobStore, key: str) -> dict[str, Spectrum]:
-    out = {}
     with blobs.local_path(key) as path, safe_open(str(path), framework="pt") as h:
-        meta = h.metadata() or {}
-        for name in h.keys():  # noqa: SIM118 (safe_open handles are not mappings)
-            if name.startswith("U::"):
-                m = name[3:]
-                out[m] = Spectrum(
-                    h.get_tensor(f"U::{m}"),
-                    h.get_tensor(f"S::{m}"),
-                    h.get_tensor(f"Vh::{m}"),
-                    float(meta[f"total::{m}"]),
-                    meta[f"method::{m}"],
-                    float(meta[f"residual::{m}"]),
-                )
-    return out
+        return read_spectra(h, h.metadata() or {})
+
+
+def next_round_artifacts(
+    strategy: Strategy, state: GlobalState, rank_set: Sequence[int]
+) -> tuple[dict[str, Spectrum], dict[int, ClientStart]]:
+    """For the modules in `state`: the spectra of the round `state` starts (one partial SVD per
+    module at the largest rank) and each rank's start factors/residuals, computed once per rank."""
+    modules = state.modules
+    plan = strategy.plan_round(state, {pseudo_client(r): dict.fromkeys(modules, r) for r in rank_set})
+    starts = {r: strategy.client_start(state, plan, pseudo_client(r)) for r in rank_set}
+    return plan.spectra, starts
+
+
+def put_start_packages(
+    blobs: BlobStore, starts: Mapping[int, ClientStart], extras: Mapping[str, Tensor], meta: Mapping[str, str]
+) -> dict[str, str]:
+    """rank (str) -> key of that rank's start package (factors, residuals, global extras)."""
+    keys = {}
+    for r, start in sorted(starts.items()):
+        package = ClientStart(start.factors, start.base_residual, dict(extras))
+        keys[str(r)] = blobs.put_bytes(encode_start(package, {**meta, "rank": str(r)}))
+    return keys
 
 
 def publish_round_artifacts(
     blobs: BlobStore, strategy: Strategy, state: GlobalState, spec: JobSpec, job_id: str
-) -> tuple[str | None, dict[str, str], RoundPlan]:
-    """(spectra key or None, rank -> start package key, the plan) for the round `state` starts."""
-    modules = list(spec.module_shapes)
-    ranks = {pseudo_client(r): dict.fromkeys(modules, r) for r in spec.rank_set}
-    plan = strategy.plan_round(state, ranks)
-    plan_key = put_spectra(blobs, plan.spectra) if plan.spectra else None
-    start_keys = {}
-    for r in spec.rank_set:
-        start = strategy.client_start(state, plan, pseudo_client(r))
-        meta = {
-            "job_id": job_id,
-            "round": str(state.round),
-            "rank": str(r),
-            "strategy": strategy.name,
-            "lora_alpha": repr(spec.lora_alpha),
-            "scale_rule": spec.scale_rule,
-        }
-        start_keys[str(r)] = blobs.put_bytes(encode_start(start, meta))
-    return plan_key, start_keys, plan
+) -> tuple[str | None, dict[str, str]]:
+    """(spectra key or None, rank -> start package key) for the round `state` starts."""
+    spectra, starts = next_round_artifacts(strategy, state, spec.rank_set)
+    plan_key = put_spectra(blobs, spectra) if spectra else None
+    return plan_key, put_start_packages(blobs, starts, state.extras, start_meta(job_id, state.round, strategy, spec))
+
+
+def start_meta(job_id: str, round_: int, strategy: Strategy, spec: JobSpec) -> dict[str, str]:
+    return {
+        "job_id": job_id,
+        "round": str(round_),
+        "strategy": strategy.name,
+        "lora_alpha": repr(spec.lora_alpha),
+        "scale_rule": spec.scale_rule,
+    }
+
+
+# ---------------------------------------------------------------------------------- shards
+@dataclass
+class ShardResult:
+    """What one aggregation job computed for its modules."""
+
+    state: GlobalState  # new state of the shard's modules (+ extras on shard 0)
+    spectra: dict[str, Spectrum]  # next round's spectra of those modules
+    starts: dict[int, ClientStart]  # next round's start factors of those modules, per rank
+    report: dict[str, Any] = field(default_factory=dict)  # partial report (JSON-safe)
+
+
+def put_shard(blobs: BlobStore, res: ShardResult) -> str:
+    tensors = {f"state::{k}": v.detach().contiguous().cpu() for k, v in res.state.tensors().items()}
+    spec_t, meta = spectra_tensors(res.spectra)
+    tensors.update({f"next::{k}": v for k, v in spec_t.items()})
+    for r, start in res.starts.items():
+        for m, f in start.factors.items():
+            tensors[f"start::{r}::B::{m}"] = f.B.contiguous().cpu()
+            tensors[f"start::{r}::A::{m}"] = f.A.contiguous().cpu()
+        for m, res_ in start.base_residual.items():
+            if isinstance(res_, Tensor):
+                tensors[f"start::{r}::R::{m}"] = res_.contiguous().cpu()
+            else:
+                tensors[f"start::{r}::RB::{m}"] = res_.B.contiguous().cpu()
+                tensors[f"start::{r}::RA::{m}"] = res_.A.contiguous().cpu()
+    meta["report"] = json.dumps(res.report)
+    meta["round"] = str(res.state.round)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "shard.safetensors"
+        save_file(tensors, str(path), metadata=meta)
+        return blobs.put_file(path)
+
+
+def get_shard(blobs: BlobStore, key: str) -> ShardResult:
+    with blobs.local_path(key) as path, safe_open(str(path), framework="pt") as h:
+        meta = h.metadata() or {}
+        state = GlobalState(round=int(meta["round"]))
+        starts: dict[int, ClientStart] = {}
+        B: dict[str, Tensor] = {}
+        for name in h.keys():  # noqa: SIM118
+            kind, _, rest = name.partition("::")
+            if kind == "state":
+                sub, _, m = rest.partition("::")
+                t = h.get_tensor(name)
+                if sub == "dense":
+                    state.dense[m] = t
+                elif sub == "lora_B":
+                    B[m] = t
+                elif sub == "extra":
+                    state.extras[m] = t
+            elif kind == "start":
+                r_s, part, m = rest.split("::", 2)
+                st = starts.setdefault(int(r_s), ClientStart({}, {}, {}))
+                if part == "B":
+                    st.factors[m] = LoRAFactors(h.get_tensor(name), h.get_tensor(f"start::{r_s}::A::{m}"))
+                elif part == "R":
+                    st.base_residual[m] = h.get_tensor(name)
+                elif part == "RB":
+                    st.base_residual[m] = LoRAFactors(h.get_tensor(name), h.get_tensor(f"start::{r_s}::RA::{m}"))
+        for m, b in B.items():
+            state.factors[m] = LoRAFactors(b, h.get_tensor(f"state::lora_A::{m}"))
+        spectra = read_spectra(h, meta, prefix="next::")
+        return ShardResult(state, spectra, starts, json.loads(meta["report"]))
 
 
 class BlobFactors(Mapping[str, LoRAFactors]):

@@ -187,7 +187,7 @@ class AgentService:
             rounds.set_assignment_state(a.id, [AssignmentState.ISSUED], AssignmentState.RUNNING)
             rnd, job = a.round, a.round.job
             spec = JobSpec.model_validate(job.config)
-            key = job.start_keys.get(str(a.rank))
+            key = rnd.start_keys.get(str(a.rank))
             if key is None:
                 raise ServiceError(Code.FAILED_PRECONDITION, f"no start package for rank {a.rank}")
             blob = BlobInfo(key, self.deps.blobs.size(key), "start")
@@ -213,7 +213,7 @@ class AgentService:
         """(size, sha256, chunks from offset) for a blob this agent's open task references."""
         with transaction(self.deps.sessions) as s:
             a = RoundRepo(s).pending_for_agent(agent_id)
-            allowed = a is not None and key in a.round.job.start_keys.values()
+            allowed = a is not None and key in a.round.start_keys.values()
             if not allowed:
                 raise ServiceError(Code.PERMISSION_DENIED, "blob is not part of an open task of this agent")
         try:

@@ -7,11 +7,11 @@ import logging
 import socket
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 
 from ..aggregation.runner import Deps, run_worker
+from ..aggregation.worker import resolve_blob_url
 from ..settings import Settings
 from ..storage.blobs import open_blob_store
 from ..storage.coordination import open_coordination
@@ -22,14 +22,6 @@ from .jobs import JobService
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
-
-
-def resolve_blob_url(url: str) -> str:
-    """`file://./x` → an absolute file URL, so every process agrees on the directory."""
-    if url.startswith("file://"):
-        path = url[len("file://") :]
-        return "file://" + str(Path(path).resolve())
-    return url
 
 
 @dataclass
@@ -55,13 +47,14 @@ class Coordinator:
             session_factory(engine),
             open_blob_store(resolve_blob_url(settings.blob_url)),
             open_coordination(settings.redis_url),
+            settings.aggregator_device,
         )
         return cls(
             settings,
             deps,
             AgentService(deps, settings),
             JobService(deps),
-            Scheduler(deps, settings.scheduler_interval_s),
+            Scheduler(deps, settings.scheduler_interval_s, settings.aggregation_shards),
         )
 
     def start(self) -> None:
@@ -71,7 +64,10 @@ class Coordinator:
         self._thread("scheduler", lambda: self.scheduler.run(self.stop))
         if self.settings.inprocess_aggregator:
             consumer = f"{socket.gethostname()}-inproc-{id(self):x}"
-            self._thread("aggregator", lambda: run_worker(self.deps, consumer, self.stop))
+            self._thread(
+                "aggregator",
+                lambda: run_worker(self.deps, consumer, self.stop, self.settings.aggregator_reclaim_idle_s),
+            )
         log.info("coordinator: gRPC on port %d", self.grpc_port)
 
     def _thread(self, name: str, target: object) -> None:

@@ -34,7 +34,7 @@ class JobService:
         state = initial_state(strategy, spec)
         # W_0 = 0 is implicit for dense strategies; factor strategies store their random A.
         state_key = None if strategy.dense_state else put_state(self.deps.blobs, state)
-        plan_key, start_keys, _ = publish_round_artifacts(self.deps.blobs, strategy, state, spec, job_id)
+        plan_key, start_keys = publish_round_artifacts(self.deps.blobs, strategy, state, spec, job_id)
         with transaction(self.deps.sessions) as s:
             job = JobRepo(s).add(
                 Job(

@@ -70,9 +70,10 @@ class Leader:
 
 
 class Scheduler:
-    def __init__(self, deps: Deps, interval_s: float = 0.2) -> None:
+    def __init__(self, deps: Deps, interval_s: float = 0.2, shards: int = 1) -> None:
         self.deps = deps
         self.interval_s = interval_s
+        self.shards = shards  # aggregation jobs per round (module shards), capped by the module count
         self._enqueued: dict[int, float] = {}
 
     def run(self, stop: threading.Event) -> None:
@@ -104,7 +105,7 @@ class Scheduler:
             self.advance(job_id)
 
     def advance(self, job_id: str) -> None:
-        enqueue: int | None = None
+        enqueue: tuple[int, int] | None = None  # (round id, shards)
         opened = False
         with transaction(self.deps.sessions) as s:
             job = JobRepo(s).get(job_id, lock=True)  # serialises transitions of this job
@@ -123,11 +124,16 @@ class Scheduler:
                 everyone = bool(expected) and n >= len(expected)
                 if n >= rnd.target or everyone or (now >= rnd.deadline and n >= rnd.quorum):
                     rounds.expire_open_assignments(rnd.id)
+                    shards = max(1, min(self.shards, len(spec.module_shapes)))
                     rounds.transition(
-                        rnd.id, [RoundState.OPEN, RoundState.COLLECTING], RoundState.AGGREGATING, closed_at=now
+                        rnd.id,
+                        [RoundState.OPEN, RoundState.COLLECTING],
+                        RoundState.AGGREGATING,
+                        closed_at=now,
+                        shards=shards,
                     )
                     AuditRepo(s).record("scheduler", "round_closed", job_id, round=rnd.number, uploads=n)
-                    enqueue = rnd.id
+                    enqueue = (rnd.id, shards)
                 elif now >= rnd.deadline or not expected:
                     rounds.expire_open_assignments(rnd.id)
                     rounds.transition(
@@ -141,10 +147,12 @@ class Scheduler:
             elif rnd.state is RoundState.AGGREGATING:
                 last = self._enqueued.get(rnd.id)
                 if last is None or time.monotonic() - last > REENQUEUE_AFTER_S:
-                    enqueue = rnd.id  # after a leader change or a lost queue: duplicates are harmless
+                    enqueue = (rnd.id, rnd.shards)  # after a leader change or a lost queue: duplicates are harmless
         if enqueue is not None:
-            self.deps.coord.queue.publish({AGGREGATION_STREAM_FIELD: str(enqueue)})
-            self._enqueued[enqueue] = time.monotonic()
+            round_id, shards = enqueue
+            for shard in range(shards):
+                self.deps.coord.queue.publish({AGGREGATION_STREAM_FIELD: str(round_id), "shard": str(shard)})
+            self._enqueued[round_id] = time.monotonic()
         if opened or enqueue is not None:
             self.deps.coord.events.publish(ROUND_EVENTS, {"type": "round_changed", "job_id": job_id})
 
@@ -162,7 +170,10 @@ class Scheduler:
         values_per_rank = sum(o + i for o, i in spec.module_shapes.values())
         ranks = assign_ranks(infos, spec.rank_set, spec.rank_policy, values_per_rank, number)
         deadline = utcnow() + timedelta(seconds=spec.selection.deadline_s)
-        rnd: Round = rounds.open(job_id, number, attempt, deadline, target, quorum(spec.selection, target), ranks)
+        job = JobRepo(s).get(job_id)
+        rnd: Round = rounds.open(
+            job_id, number, attempt, deadline, target, quorum(spec.selection, target), ranks, inputs=job
+        )
         AuditRepo(s).record(
             "scheduler",
             "round_opened",

@@ -216,6 +216,19 @@ class FileBlobStore:
     def staging_commit(
         self, upload_id: str, expected_sha256: str, validate: Callable[[Path], None] | None = None
     ) -> str:
+        return self.commit_staged(upload_id, expected_sha256, validate, self._store_staged)
+
+    def commit_staged(
+        self,
+        upload_id: str,
+        expected_sha256: str,
+        validate: Callable[[Path], None] | None,
+        store: Callable[[Path, str], None],
+    ) -> str:
+        """`staging_commit` with a pluggable last step, so other backends reuse this staging area:
+        after the hash check and `validate`, still under the upload's lock, `store(path, key)` must
+        take the staged file away (rename it, or upload and unlink it). If `store` raises, the
+        staged bytes stay as they were and the commit can be retried."""
         check_upload_id(upload_id)
         key = check_key(expected_sha256)
         path = self._staging_path(upload_id)
@@ -238,10 +251,7 @@ class FileBlobStore:
                 except Exception:
                     os.unlink(path)
                     raise
-            if self.exists(key):
-                os.unlink(path)  # already stored (identical bytes): nothing to move
-            else:
-                self._install(path, key)
+            store(path, key)
             _fsync_dir(self._staging)
         return key
 
@@ -259,6 +269,12 @@ class FileBlobStore:
 
     def _staging_path(self, upload_id: str) -> Path:
         return self._staging / check_upload_id(upload_id)
+
+    def _store_staged(self, path: Path, key: str) -> None:
+        if self.exists(key):
+            os.unlink(path)  # already stored (identical bytes): nothing to move
+        else:
+            self._install(path, key)
 
     def _install(self, src: Path, key: str) -> None:
         """Atomically rename `src` (same filesystem) to the object path of `key`."""
@@ -314,12 +330,18 @@ class FileBlobStore:
 
 
 def open_blob_store(url: str) -> BlobStore:
-    """A blob store from `file:///abs/path` or a plain filesystem path."""
+    """A blob store from `file:///abs/path`, a plain filesystem path, or `s3://bucket/prefix`
+    (configured from the environment, see `S3BlobStore.from_url`)."""
     if _URL_RE.match(url) is None:
         return FileBlobStore(Path(url))
     parts = urlsplit(url)
+    if parts.scheme == "s3":
+        # Imported here so boto3 is only needed by deployments that use S3.
+        from .s3_blobs import S3BlobStore
+
+        return S3BlobStore.from_url(url)
     if parts.scheme != "file":
-        raise ValueError(f"unsupported blob URL scheme {parts.scheme!r} in {url!r} (use file://)")
+        raise ValueError(f"unsupported blob URL scheme {parts.scheme!r} in {url!r} (use file:// or s3://)")
     if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
         raise ValueError(f"file blob URL must be file:///absolute/path, got {url!r}")
     return FileBlobStore(Path(unquote(parts.path)))

@@ -162,6 +162,11 @@ class Round(Base):
     report: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error: Mapped[str | None] = mapped_column(Text)
+    # what the round started from: agents train on these, the aggregation merges against them
+    input_state_key: Mapped[str | None] = mapped_column(String(64))
+    input_plan_key: Mapped[str | None] = mapped_column(String(64))
+    start_keys: Mapped[dict[str, Any]] = mapped_column(default=dict)  # rank (str) -> blob key
+    shards: Mapped[int] = mapped_column(Integer, default=1)  # aggregation jobs the merge is split into
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     closed_at: Mapped[datetime | None]
     committed_at: Mapped[datetime | None]
@@ -199,6 +204,22 @@ class Update(Base):
     n_examples: Mapped[int] = mapped_column(BigInteger)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     weight: Mapped[float | None] = mapped_column(Float)  # filled in by the aggregation
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RoundShard(Base):
+    """One aggregation job's result for a shard of a round's modules; the round commits once
+    every shard is in (the insert is idempotent: one row per (round, shard))."""
+
+    __tablename__ = "round_shards"
+    __table_args__ = (UniqueConstraint("round_id", "shard"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
+    shard: Mapped[int] = mapped_column(Integer)
+    blob_key: Mapped[str] = mapped_column(String(64))
+    worker: Mapped[str] = mapped_column(String(200), default="")
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -195,7 +195,10 @@ class RoundRepo:
         target: int,
         quorum: int,
         ranks: dict[str, int],
+        inputs: Job | None = None,
     ) -> Round:
+        """A round OPEN with one assignment per agent; it records the job's current state,
+        spectra and start packages as its inputs."""
         r = Round(
             job_id=job_id,
             number=number,
@@ -204,6 +207,9 @@ class RoundRepo:
             target=target,
             quorum=quorum,
             state=RoundState.OPEN,
+            input_state_key=inputs.state_key if inputs else None,
+            input_plan_key=inputs.plan_key if inputs else None,
+            start_keys=dict(inputs.start_keys) if inputs else {},
         )
         self.s.add(r)
         self.s.flush()

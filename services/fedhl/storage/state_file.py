@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Collection
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -18,25 +20,36 @@ class StateFileError(ValueError):
 
 
 def save_state(state: GlobalState, path: str | Path) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.tensors().items()}
-    save_file(tensors, str(path), metadata={"format": FORMAT, "round": str(state.round)})
+    # sorted: the same state is the same bytes, hence the same content address
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sorted(state.tensors().items())}
+    # one metadata entry: safetensors keeps metadata in a hash map whose order varies per process
+    save_file(tensors, str(path), metadata={"fedhl": json.dumps({"format": FORMAT, "round": state.round})})
 
 
-def load_state(path: str | Path) -> GlobalState:
+def load_state(path: str | Path, modules: Collection[str] | None = None) -> GlobalState:
+    """The state in `path`; with `modules`, only those modules (and every extra) are read."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
+            if modules is None:
+                tensors = load_file(str(path))
+            else:
+                keep = set(modules)
+                names = list(f.keys())  # a safe_open handle is not a mapping
+                tensors = {k: f.get_tensor(k) for k in names if k.partition("::")[2] in keep or k.startswith("extra::")}
     except (SafetensorError, OSError) as e:
         raise StateFileError(f"{path}: not a readable safetensors file ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise StateFileError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     try:
-        state = GlobalState(round=int(meta["round"]))
-    except (KeyError, ValueError):
-        raise StateFileError(f"{path}: metadata has no valid round") from None
+        info = json.loads(meta.get("fedhl", "{}"))
+    except json.JSONDecodeError:
+        info = {}
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise StateFileError(f"{path}: not a {FORMAT!r} file")
+    if not isinstance(info.get("round"), int) or info["round"] < 0:
+        raise StateFileError(f"{path}: metadata has no valid round")
+    state = GlobalState(round=info["round"])
     B: dict[str, object] = {}
     A: dict[str, object] = {}
     for key, t in tensors.items():

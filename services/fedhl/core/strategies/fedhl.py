@@ -103,13 +103,15 @@ class FedHL(Strategy):
     def _round_weights(
         self, state: GlobalState, plan: RoundPlan, updates: Sequence[ClientUpdate], n: Tensor
     ) -> dict[ModuleName, Tensor]:
+        # e_i sums over every module of the plan, not only those in `state`: a worker merging a
+        # shard of the modules uses the same weights as one merging them all.
         clients = [u.client_id for u in updates]
         per_module = {
             m: torch.tensor([plan.spectra[m].tail_energy(plan.rank(c, m)) for c in clients], dtype=torch.float64)
-            for m in state.modules
+            for m in plan.spectra
         }
         if self.weights.per_module:
-            return {m: self.weights.compute(e, n) for m, e in per_module.items()}
+            return {m: self.weights.compute(per_module[m], n) for m in state.modules}
         p = self.weights.compute(torch.stack(list(per_module.values())).sum(0), n)
         return dict.fromkeys(state.modules, p)
 

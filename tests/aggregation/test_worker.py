@@ -1,0 +1,224 @@
+"""The aggregation worker: shards merge exactly what one job merges, a worker killed mid-merge
+is replaced without double-applying anything, a poisoned upload fails the round cleanly, and
+the merge runs on CUDA when present (CPU here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from sqlalchemy import select
+
+from fedhl.agent.scripted import ScriptedAgent
+from fedhl.aggregation.artifacts import put_state
+from fedhl.aggregation.runner import assemble, compute_shard, load_inputs
+from fedhl.coordinator.app import Coordinator
+from fedhl.core import LoRAFactors
+from fedhl.jobspec import JobSpec
+from fedhl.storage.db import transaction
+from fedhl.storage.models import Checkpoint, Job, Round, RoundState
+from fedhl.storage.repos import AgentRepo
+from fedhl.wire.payloads import decode_start, encode_update
+from stack import env_for, free_port, job_spec, running, settings_for
+
+
+def token(c: Coordinator, uses: int = 10) -> str:
+    with transaction(c.deps.sessions) as s:
+        tok, _ = AgentRepo(s).create_token("test", uses, None)
+    return tok
+
+
+@dataclasses.dataclass
+class Crew:
+    agents: list[ScriptedAgent]
+    stop: threading.Event
+    threads: list[threading.Thread]
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(10)
+        for a in self.agents:
+            a.close()
+
+
+def crew(address: str, tok: str, n: int, cls: type[ScriptedAgent] = ScriptedAgent) -> Crew:
+    agents = [cls(address, tok, f"agent-{i}", n_examples=40 + 7 * i, noise=0.05, seed=i) for i in range(n)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=a.run, args=(stop, 1), daemon=True) for a in agents]
+    for t in threads:
+        t.start()
+    return Crew(agents, stop, threads)
+
+
+def wait_round(c: Coordinator, job_id: str, states: set[RoundState], timeout: float = 60) -> Round:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with transaction(c.deps.sessions) as s:
+            rounds = s.scalars(select(Round).where(Round.job_id == job_id).order_by(Round.id)).all()
+            hit = [r for r in rounds if r.state in states]
+            if hit:
+                return hit[-1]
+        time.sleep(0.05)
+    raise AssertionError(f"no round of job {job_id} reached {states}")
+
+
+SPEC = job_spec(
+    n_layers=3,
+    dim=24,
+    ranks=[2, 4, 8],
+    rounds=3,
+    rank_policy={"kind": "fixed", "fixed": {"agent-0": 2, "agent-1": 4, "agent-2": 8, "agent-3": 4}},
+    selection={"count": 4, "min_clients": 4, "deadline_s": 120},
+)
+
+
+@pytest.mark.parametrize("strategy", ["fedhl", "hetlora", "flora"])
+def test_module_shards_merge_exactly_what_one_job_merges(strategy: str, tmp_path: Path) -> None:
+    settings = settings_for("sqlite+inprocess", tmp_path, inprocess_aggregator=False, aggregation_shards=3)
+    with running(settings) as c:
+        job = c.jobs.create(JobSpec.model_validate({**SPEC, "strategy": strategy}))
+        team = crew(f"127.0.0.1:{c.grpc_port}", token(c), 4)
+        try:
+            rnd = wait_round(c, job.id, {RoundState.AGGREGATING})
+        finally:
+            team.close()
+        inp = load_inputs(c.deps, rnd.id)
+        assert inp is not None and inp.shards == 3
+
+        sharded, _, _ = assemble([compute_shard(c.deps, inp, k) for k in range(3)])
+        whole, _, _ = assemble([compute_shard(c.deps, dataclasses.replace(inp, shards=1), 0)])
+
+        assert sharded.tensors().keys() == whole.tensors().keys()
+        for k, v in whole.tensors().items():
+            other = sharded.tensors()[k]
+            assert (other.dtype, other.shape) == (v.dtype, v.shape), k
+            assert other.contiguous().numpy().tobytes() == v.contiguous().numpy().tobytes(), k
+        assert put_state(c.deps.blobs, sharded) == put_state(c.deps.blobs, whole)
+
+
+class PoisonAgent(ScriptedAgent):
+    """Passes every upload check (finite, right shapes) but overflows the merge in float32."""
+
+    def train(self, task, start_bytes):  # type: ignore[no-untyped-def]
+        if self.name != "agent-0":
+            return super().train(task, start_bytes)
+        start = decode_start(start_bytes)
+        huge = {
+            m: LoRAFactors(torch.full_like(f.B, 1e30), torch.full_like(f.A, 1e30)) for m, f in start.factors.items()
+        }
+        return encode_update(huge, start.extras)
+
+
+def test_a_poisoned_upload_fails_the_round_and_keeps_the_published_state(tmp_path: Path) -> None:
+    settings = settings_for("sqlite+inprocess", tmp_path)
+    with running(settings) as c:
+        job = c.jobs.create(JobSpec.model_validate(SPEC))
+        with transaction(c.deps.sessions) as s:
+            before = s.get(Job, job.id)
+            assert before is not None
+            published = (before.state_key, before.plan_key, dict(before.start_keys), before.current_round)
+        team = crew(f"127.0.0.1:{c.grpc_port}", token(c), 4, PoisonAgent)
+        try:
+            failed = wait_round(c, job.id, {RoundState.FAILED})
+        finally:
+            team.close()
+        with transaction(c.deps.sessions) as s:
+            after = s.get(Job, job.id)
+            assert after is not None
+            assert (after.state_key, after.plan_key, dict(after.start_keys), after.current_round) == published
+            assert s.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)).first() is None
+        assert failed.error is not None and "not finite" in failed.error
+
+
+@pytest.mark.gpu
+def test_worker_merge_on_cuda_matches_cpu(tmp_path: Path) -> None:
+    """Runs on CUDA when a GPU is present, on CPU otherwise; fp32 either way."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = settings_for("sqlite+inprocess", tmp_path, inprocess_aggregator=False)
+    with running(settings) as c:
+        job = c.jobs.create(JobSpec.model_validate(SPEC))
+        team = crew(f"127.0.0.1:{c.grpc_port}", token(c), 4)
+        try:
+            rnd = wait_round(c, job.id, {RoundState.AGGREGATING})
+        finally:
+            team.close()
+        inp = load_inputs(c.deps, rnd.id)
+        assert inp is not None
+        on_device = compute_shard(dataclasses.replace(c.deps, device=device), inp, 0)
+        on_cpu = compute_shard(dataclasses.replace(c.deps, device="cpu"), inp, 0)
+        assert on_device.report["device"] == device
+        for k, v in on_cpu.state.tensors().items():
+            torch.testing.assert_close(on_device.state.tensors()[k].cpu(), v, rtol=1e-4, atol=1e-6)
+
+
+def _worker(settings_env: dict[str, str], name: str, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedhl.cli", "aggregator", "--name", name],
+            env=settings_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+@pytest.fixture
+def redis_world(tmp_path: Path) -> Iterator[tuple[Coordinator, dict[str, str]]]:
+    settings = settings_for(
+        "postgres+redis", tmp_path, inprocess_aggregator=False, aggregator_reclaim_idle_s=1.0, grpc_port=free_port()
+    )
+    with running(settings) as c:
+        yield c, env_for(settings)
+
+
+def test_a_worker_killed_mid_merge_is_replaced_and_the_state_is_bit_identical(
+    redis_world: tuple[Coordinator, dict[str, str]], tmp_path: Path
+) -> None:
+    c, env = redis_world
+    big = job_spec(
+        n_layers=4,
+        dim=256,
+        ranks=[8, 16, 32],
+        rounds=2,
+        rank_policy={"kind": "fixed", "fixed": {"agent-0": 8, "agent-1": 16, "agent-2": 32}},
+        selection={"count": 3, "min_clients": 3, "deadline_s": 120},
+    )
+    job = c.jobs.create(JobSpec.model_validate(big))
+    team = crew(f"127.0.0.1:{c.grpc_port}", token(c), 3)
+    first = _worker(env, "doomed", tmp_path / "w1.log")
+    try:
+        rnd = wait_round(c, job.id, {RoundState.AGGREGATING}, timeout=90)
+        end = time.monotonic() + 30
+        while c.deps.coord.queue.pending_count() == 0 and time.monotonic() < end:
+            time.sleep(0.01)  # the doomed worker has taken the job (delivered, not acked)
+        assert c.deps.coord.queue.pending_count() > 0
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        second = _worker(env, "rescuer", tmp_path / "w2.log")
+        try:
+            done = wait_round(c, job.id, {RoundState.COMMITTED}, timeout=90)
+            assert done.id == rnd.id
+        finally:
+            second.terminate()
+            second.wait(15)
+    finally:
+        team.close()
+        if first.poll() is None:
+            first.kill()
+    inp = load_inputs(c.deps, rnd.id, aggregating_only=False)
+    assert inp is not None
+    reference, _, _ = assemble([compute_shard(c.deps, dataclasses.replace(inp, shards=1), 0)])
+    with transaction(c.deps.sessions) as s:
+        cp = s.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.round_number == 1)).one()
+        assert cp.state_key == put_state(c.deps.blobs, reference)  # content address: bit-identical
+    assert "reclaimed" in (tmp_path / "w2.log").read_text()
+    assert os.path.exists(tmp_path / "w1.log")
