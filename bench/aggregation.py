@@ -139,7 +139,21 @@ def main() -> None:
     ap.add_argument("--spectrum", choices=["stepped", "power"], default="stepped")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--worker",
+        action="store_true",
+        help="time a full aggregation job through `fedhl aggregator` (1 vs 2 workers; Postgres + Redis)",
+    )
+    ap.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
+    ap.add_argument("--redis", default="redis://127.0.0.1:6379/9")
     args = ap.parse_args()
+    if args.worker:
+        if args.quick:
+            args.layers, args.dim, args.clients = 2, 1024, 20
+        from worker_mode import main as worker_main
+
+        worker_main(args)
+        return
     if args.quick:
         args.layers, args.dim, args.naive_modules = 2, 2048, 1
     device = torch.device(args.device)

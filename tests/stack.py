@@ -6,12 +6,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import redis
 from sqlalchemy import create_engine, select, text
@@ -141,3 +147,71 @@ def snapshot(c: Coordinator, job_id: str) -> Snapshot:
             "updates": [[u.id, u.blob_key, u.n_examples] for u in ups],
         }
     return Snapshot(hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest(), len(ups))
+
+
+class Proc:
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.settings, self.log = settings, log
+        self.env = env_for(settings)
+        self.p: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.p = subprocess.Popen(
+                [sys.executable, "-m", "fedhl.cli", "coordinator"], env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
+        url = f"http://127.0.0.1:{self.settings.http_port}/healthz"
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            assert self.p.poll() is None, f"coordinator exited:\n{self.log.read_text()[-3000:]}"
+            try:
+                if httpx.get(url, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"coordinator did not come up:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        assert self.p is not None
+        self.p.send_signal(signal.SIGKILL)
+        self.p.wait(10)
+
+    def stop(self) -> None:
+        if self.p is not None and self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(15)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+
+
+@contextmanager
+def coordinator(backend: str, tmp: Path) -> Iterator[tuple[Proc, httpx.Client]]:
+    settings = settings_for(backend, tmp, grpc_port=free_port())
+    subprocess.run(
+        [sys.executable, "-m", "fedhl.cli", "migrate"], env=env_for(settings), check=True, capture_output=True
+    )
+    proc = Proc(settings, tmp / "coordinator.log")
+    proc.start()
+    http = httpx.Client(
+        base_url=f"http://127.0.0.1:{settings.http_port}/api/v1",
+        headers={"Authorization": f"Bearer {settings.admin_token}"},
+        timeout=30,
+    )
+    try:
+        yield proc, http
+    finally:
+        http.close()
+        proc.stop()
+
+
+def wait_job(http: httpx.Client, job_id: str, status: str, timeout: float) -> dict[str, Any]:
+    end = time.monotonic() + timeout
+    job: dict[str, Any] = {}
+    while time.monotonic() < end:
+        job = http.get(f"/jobs/{job_id}").raise_for_status().json()
+        if job["status"] == status:
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job did not reach {status}: {job}")

@@ -89,6 +89,20 @@ def _aggregator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent(args: argparse.Namespace) -> int:
+    from .agent.runtime import AgentConfig, serve_agent
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    serve_agent(AgentConfig.from_env(**flags))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo.run import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedhl", description="Federated heterogeneous-rank LoRA fine-tuning.")
     p.add_argument("--version", action="version", version=f"fedhl {__version__}")
@@ -115,6 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("aggregator", help="run an aggregation worker (needs FEDHL_REDIS_URL); scale by running more")
     a.add_argument("--name", default=None, help="consumer name in the stream group (default: host-pid)")
     a.set_defaults(func=_aggregator)
+    g = sub.add_parser("agent", help="run a client agent: train LoRA on local data for a coordinator")
+    g.add_argument("--coordinator", help="host:port of the coordinator's gRPC endpoint [FEDHL_AGENT_COORDINATOR]")
+    g.add_argument("--token", help="enrolment token, used once [FEDHL_AGENT_TOKEN]")
+    g.add_argument("--data", help="local training data, JSONL or CSV [FEDHL_AGENT_DATA]")
+    g.add_argument("--name", help="a name for this agent (default: host name) [FEDHL_AGENT_NAME]")
+    g.add_argument("--state-dir", help="where the credential is kept (default ~/.fedhl-agent) [FEDHL_AGENT_STATE_DIR]")
+    g.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present) [FEDHL_AGENT_DEVICE]")
+    g.add_argument("--memory-budget-bytes", type=int, help="memory the agent may use [FEDHL_AGENT_MEMORY_BUDGET_BYTES]")
+    g.add_argument("--base-model", help="local path of the job's base model, if not where the job says")
+    g.add_argument("--tls-ca", help="CA bundle to verify the coordinator (enables TLS)")
+    g.add_argument("--tls-cert", help="client certificate (mTLS)")
+    g.add_argument("--tls-key", help="client key (mTLS)")
+    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.set_defaults(func=_agent)
+    d = sub.add_parser("demo", help="coordinator + N agents on this machine: MiniLM-L6 on review snippets")
+    from .demo.run import add_arguments
+
+    add_arguments(d)
+    d.set_defaults(func=_demo)
     return p
 
 
@@ -123,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=os.environ.get("FEDHL_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request is noise
     try:
         code: int = args.func(args)
     except (ValueError, SettingsError) as err:  # bad input or configuration: a message, not a traceback

@@ -4,9 +4,6 @@ Redis and against SQLite + in-process."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,73 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import create_engine, func, select
-from stack import BACKENDS, env_for, free_port, job_spec, settings_for
 
 from fedhl.agent.client import Resources
 from fedhl.agent.scripted import ScriptedAgent
-from fedhl.settings import Settings
 from fedhl.storage.db import normalise_url
 from fedhl.storage.models import Update
-
-
-class Proc:
-    def __init__(self, settings: Settings, log: Path) -> None:
-        self.settings, self.log = settings, log
-        self.env = env_for(settings)
-        self.p: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.p = subprocess.Popen(
-                [sys.executable, "-m", "fedhl.cli", "coordinator"], env=self.env, stdout=out, stderr=subprocess.STDOUT
-            )
-        url = f"http://127.0.0.1:{self.settings.http_port}/healthz"
-        end = time.monotonic() + 60
-        while time.monotonic() < end:
-            assert self.p.poll() is None, f"coordinator exited:\n{self.log.read_text()[-3000:]}"
-            try:
-                if httpx.get(url, timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"coordinator did not come up:\n{self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        assert self.p is not None
-        self.p.send_signal(signal.SIGKILL)
-        self.p.wait(10)
-
-    def stop(self) -> None:
-        if self.p is not None and self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(15)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-
-
-@contextmanager
-def coordinator(backend: str, tmp: Path) -> Iterator[tuple[Proc, httpx.Client]]:
-    settings = settings_for(backend, tmp, grpc_port=free_port())
-    subprocess.run(
-        [sys.executable, "-m", "fedhl.cli", "migrate"], env=env_for(settings), check=True, capture_output=True
-    )
-    proc = Proc(settings, tmp / "coordinator.log")
-    proc.start()
-    http = httpx.Client(
-        base_url=f"http://127.0.0.1:{settings.http_port}/api/v1",
-        headers={"Authorization": f"Bearer {settings.admin_token}"},
-        timeout=30,
-    )
-    try:
-        yield proc, http
-    finally:
-        http.close()
-        proc.stop()
+from stack import BACKENDS, coordinator, job_spec, wait_job
 
 
 @contextmanager
@@ -110,17 +48,6 @@ def agents(n: int, address: str, token: str, **kw: Any) -> Iterator[list[Scripte
             t.join(10)
         for a in crew:
             a.close()
-
-
-def wait_job(http: httpx.Client, job_id: str, status: str, timeout: float) -> dict[str, Any]:
-    end = time.monotonic() + timeout
-    job: dict[str, Any] = {}
-    while time.monotonic() < end:
-        job = http.get(f"/jobs/{job_id}").raise_for_status().json()
-        if job["status"] == status:
-            return job
-        time.sleep(0.3)
-    raise AssertionError(f"job did not reach {status}: {job}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -263,6 +263,9 @@ def finish(deps: Deps, inp: RoundInputs, shard_keys: list[tuple[str, float]], wo
     )
     report = combine_reports([p.report for p in parts], [sec for _, sec in shard_keys])
     report["timings"]["publish_s"] = time.perf_counter() - t0
+    evaluation = evaluate_state(strategy, state, inp.spec)
+    if evaluation is not None:
+        report["evaluation"] = evaluation
     report["timings"]["total_s"] = sum(sec for _, sec in shard_keys) + report["timings"]["publish_s"]
     with transaction(deps.sessions) as s:
         rounds = RoundRepo(s)
@@ -296,6 +299,43 @@ def finish(deps: Deps, inp: RoundInputs, shard_keys: list[tuple[str, float]], wo
     return "committed"
 
 
+_EVAL_CACHE: dict[tuple[str, str, int], tuple[Any, Any, list[Any]]] = {}
+
+
+def evaluate_state(strategy: Any, state: GlobalState, spec: JobSpec) -> dict[str, Any] | None:
+    """Accuracy/loss (classification) or loss/perplexity (causal LM) of W0 + W_t on the job's
+    held-out split, every `evaluation.every` rounds; never fails the round."""
+    ev = spec.evaluation
+    if ev.path is None or state.round % ev.every != 0:
+        return None
+    t0 = time.perf_counter()
+    try:
+        from ..data import load_examples
+        from ..evaluation import evaluate
+        from ..modeling import load_base
+
+        key = (spec.base_model, ev.path, spec.num_labels)
+        if key not in _EVAL_CACHE:
+            _EVAL_CACHE.clear()  # one base model in memory at a time
+            model, tok = load_base(spec.base_model, spec.task_type, spec.num_labels, init_seed=spec.seed)
+            _EVAL_CACHE[key] = (model, tok, load_examples(ev.path, spec.task_type, spec.num_labels))
+        model, tok, examples = _EVAL_CACHE[key]
+        updates = {m: strategy.effective_update(state, m) for m in state.modules}
+        out: dict[str, Any] = evaluate(
+            (model, tok),
+            spec.task_type,
+            spec.num_labels,
+            updates,
+            state.extras,
+            examples,
+            max_seq_len=spec.train.max_seq_len,
+        )
+    except Exception as e:  # evaluation is a measurement: report the error, keep the round
+        log.exception("evaluation of round %d failed", state.round)
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {**out, "examples": len(examples), "seconds": time.perf_counter() - t0}
+
+
 def fail_round(deps: Deps, round_id: int, job_id: str, reason: str, actor: str) -> None:
     """The round fails with its reason; the previous global state stays published."""
     with transaction(deps.sessions) as s:
@@ -322,7 +362,10 @@ def run_worker(
         for entry_id, fields in reclaimed or queue.consume(consumer, block_s):
             try:
                 outcome = process(
-                    deps, int(fields[AGGREGATION_STREAM_FIELD]), int(fields.get("shard", "0")), worker=consumer
+                    deps,
+                    int(fields[AGGREGATION_STREAM_FIELD]),
+                    int(fields.get("shard", "0")),
+                    worker=f"aggregator:{consumer}",
                 )
             except Exception:  # leave it pending: a later reclaim retries it
                 log.exception("aggregation job %s failed unexpectedly", fields)

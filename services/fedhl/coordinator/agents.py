@@ -204,7 +204,12 @@ class AgentService:
                 base_model=spec.base_model,
                 base_model_sha256=spec.base_model_sha256 or "",
                 task_type=spec.task_type,
-                train_config={**spec.train.model_dump(), "extra_shapes": spec.extra_shapes, "seed": spec.seed},
+                train_config={
+                    **spec.train.model_dump(),
+                    "extra_shapes": spec.extra_shapes,
+                    "num_labels": spec.num_labels,
+                    "seed": spec.seed,
+                },
                 deadline=rnd.deadline,
             )
 

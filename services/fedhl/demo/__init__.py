@@ -1,0 +1,1 @@
+"""`fedhl demo`: the whole platform on one machine, on a real model and real data."""
