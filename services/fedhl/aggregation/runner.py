@@ -51,7 +51,8 @@ from .artifacts import (
 
 log = logging.getLogger(__name__)
 
-ROUND_EVENTS = "rounds"
+ROUND_EVENTS = "rounds"  # a round opened or changed: wakes long-polling agents
+SCHEDULER_EVENTS = "scheduler"  # uploads, commits, job changes: wake the scheduler
 AGGREGATION_STREAM_FIELD = "round_id"
 
 Outcome = Literal["committed", "failed", "skipped", "partial"]
@@ -274,6 +275,10 @@ def finish(deps: Deps, inp: RoundInputs, shard_keys: list[tuple[str, float]], wo
         ):
             return "skipped"  # another worker committed it first: nothing applied twice
         job = JobRepo(s).get(inp.job_id, lock=True)
+        if job.current_round != inp.number:  # never advance a job twice from one version
+            raise RuntimeError(
+                f"job {inp.job_id} is at version {job.current_round}, round {inp.round_id} started from {inp.number}"
+            )
         job.current_round = inp.number + 1
         job.state_key, job.plan_key, job.start_keys = new_key, plan_key, start_keys
         if job.current_round >= inp.spec.rounds and job.status in (JobStatus.RUNNING, JobStatus.PAUSED):
@@ -292,7 +297,9 @@ def finish(deps: Deps, inp: RoundInputs, shard_keys: list[tuple[str, float]], wo
         )
     metrics.ROUNDS.labels("committed").inc()
     metrics.AGGREGATION_SECONDS.observe(report["timings"]["total_s"])
-    deps.coord.events.publish(ROUND_EVENTS, {"type": "round_committed", "job_id": inp.job_id, "round_id": inp.round_id})
+    deps.coord.events.publish(
+        SCHEDULER_EVENTS, {"type": "round_committed", "job_id": inp.job_id, "round_id": inp.round_id}
+    )
     log.info(
         "round %s of job %s committed: %d uploads in %d shard(s)", inp.number, inp.job_id, len(inp.uploads), len(parts)
     )
@@ -344,7 +351,7 @@ def fail_round(deps: Deps, round_id: int, job_id: str, reason: str, actor: str) 
         ):
             AuditRepo(s).record(actor, "round_failed", job_id, round_id=round_id, reason=reason)
     metrics.ROUNDS.labels("failed").inc()
-    deps.coord.events.publish(ROUND_EVENTS, {"type": "round_failed", "job_id": job_id, "round_id": round_id})
+    deps.coord.events.publish(SCHEDULER_EVENTS, {"type": "round_failed", "job_id": job_id, "round_id": round_id})
     log.warning("round %s failed: %s", round_id, reason)
 
 

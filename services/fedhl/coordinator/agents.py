@@ -16,7 +16,7 @@ from prometheus_client import Counter
 from sqlalchemy.exc import IntegrityError
 
 from .. import metrics
-from ..aggregation.runner import ROUND_EVENTS, Deps
+from ..aggregation.runner import ROUND_EVENTS, SCHEDULER_EVENTS, Deps
 from ..jobspec import JobSpec
 from ..settings import Settings
 from ..storage.blobs import BlobIntegrityError, BlobNotFound, BlobTooLarge, UploadInProgress
@@ -365,7 +365,7 @@ class AgentService:
                 update_id, job_id, round_id = upd.id, rnd.job_id, rnd.id
         except IntegrityError:
             raise ServiceError(Code.ALREADY_EXISTS, f"task {h.task_id} already has an accepted upload") from None
-        self.deps.coord.events.publish(ROUND_EVENTS, {"type": "upload", "job_id": job_id, "round_id": round_id})
+        self.deps.coord.events.publish(SCHEDULER_EVENTS, {"type": "upload", "job_id": job_id, "round_id": round_id})
         return UploadResult(update_id, size, True)
 
     # ---------------------------------------------------------------- metrics

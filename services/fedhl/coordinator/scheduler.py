@@ -19,7 +19,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy import select as sql_select
 from sqlalchemy.orm import Session
 
-from ..aggregation.runner import AGGREGATION_STREAM_FIELD, ROUND_EVENTS, Deps
+from ..aggregation.runner import AGGREGATION_STREAM_FIELD, ROUND_EVENTS, SCHEDULER_EVENTS, Deps
 from ..jobspec import JobSpec
 from ..storage.db import transaction
 from ..storage.models import Agent, AgentStatus, AssignmentState, JobStatus, Round, RoundState, utcnow
@@ -88,7 +88,7 @@ class Scheduler:
                 return
             log.info("scheduler is the leader")
             self._enqueued.clear()  # a new leader re-enqueues every AGGREGATING round once
-            with self.deps.coord.events.subscribe(ROUND_EVENTS) as sub:
+            with self.deps.coord.events.subscribe(SCHEDULER_EVENTS) as sub:
                 while not stop.is_set():
                     try:
                         self.tick()

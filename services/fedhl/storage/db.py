@@ -32,11 +32,20 @@ def make_engine(url: str, **kw: Any) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _: Any) -> None:
+            # pysqlite would run SELECTs outside any transaction (it only BEGINs before DML), so
+            # two reads in one unit of work could see different commits; take control of BEGIN.
+            dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")  # readers don't block the single writer
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Any) -> None:
+            # IMMEDIATE takes the write lock up front: every unit of work is serialised, which is
+            # what Postgres's row locks (SELECT ... FOR UPDATE) give the same code there.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     if "poolclass" not in kw:
