@@ -56,6 +56,7 @@ def run_job(args: argparse.Namespace, workers: int, shards: int, tmp: Path) -> d
     redis.Redis.from_url(args.redis).flushdb()
     settings = Settings(
         env="development",
+        admin_token="dev-admin-token",
         database_url=args.postgres,
         redis_url=args.redis,
         blob_url=f"file://{tmp}/blobs",
@@ -121,6 +122,8 @@ def run_job(args: argparse.Namespace, workers: int, shards: int, tmp: Path) -> d
     )
     if args.device:
         env["FEDHL_AGGREGATOR_DEVICE"] = args.device
+    # one BLAS pool per core: two workers with two threads each would oversubscribe 2 cores
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
     procs = [
         subprocess.Popen([sys.executable, "-m", "fedhl.cli", "aggregator", "--name", f"w{i}"], env=env)
         for i in range(workers)

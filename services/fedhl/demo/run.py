@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-steps", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=4e-3)
-    p.add_argument("--head-lr", type=float, default=1e-2)
+    p.add_argument("--head-lr", type=float, default=2e-3)
     p.add_argument("--max-seq-len", type=int, default=64)
     p.add_argument("--test-size", type=int, default=400)
     p.add_argument("--model", default=None, help="local base model (default: the MiniLM-L6 shipped as a package)")
