@@ -14,13 +14,6 @@ import grpc
 import pytest
 import torch
 from safetensors.torch import save
-from stack import (
-    BACKENDS,
-    job_spec,
-    running,
-    settings_for,
-    snapshot,
-)
 
 from fedhl.agent.client import AgentClient, Task
 from fedhl.coordinator.app import Coordinator
@@ -30,6 +23,13 @@ from fedhl.storage.db import transaction
 from fedhl.storage.repos import AgentRepo
 from fedhl.v1 import agent_pb2, agent_pb2_grpc
 from fedhl.wire.payloads import decode_start, encode_update
+from stack import (
+    BACKENDS,
+    job_spec,
+    running,
+    settings_for,
+    snapshot,
+)
 
 
 def token(c: Coordinator, uses: int = 10) -> str:
