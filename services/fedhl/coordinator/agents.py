@@ -14,6 +14,7 @@ from typing import Any
 
 from prometheus_client import Counter
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from .. import metrics
 from ..aggregation.runner import ROUND_EVENTS, SCHEDULER_EVENTS, Deps
@@ -21,7 +22,7 @@ from ..jobspec import JobSpec
 from ..settings import Settings
 from ..storage.blobs import BlobIntegrityError, BlobNotFound, BlobTooLarge, UploadInProgress
 from ..storage.db import transaction
-from ..storage.models import Agent, AssignmentState, JobStatus, RoundState, Update, utcnow
+from ..storage.models import Agent, Assignment, AssignmentState, JobStatus, RoundState, Update, utcnow
 from ..storage.repos import AgentRepo, AuditRepo, NotFound, RevokedError, RoundRepo
 from ..wire.payloads import Expected, PayloadError, decode_file, validate_update
 from .errors import Code, ServiceError
@@ -93,6 +94,17 @@ def clean_resources(raw: dict[str, Any]) -> dict[str, Any]:
             raise ServiceError(Code.INVALID_ARGUMENT, f"resources.{k}: must be finite and non-negative")
         out[k] = val
     return out
+
+
+def owned_assignment(s: Session, agent_id: str, task_id: str) -> Assignment:
+    """The task, which must exist (NOT_FOUND) and belong to this agent (PERMISSION_DENIED)."""
+    try:
+        a = RoundRepo(s).assignment(task_id)
+    except NotFound:
+        raise ServiceError(Code.NOT_FOUND, f"task {task_id} not found") from None
+    if a.agent_id != agent_id:
+        raise ServiceError(Code.PERMISSION_DENIED, f"task {task_id} is not this agent's")
+    return a
 
 
 def _counted(chunks: Iterable[bytes], counter: Counter) -> Iterator[bytes]:
@@ -240,22 +252,12 @@ class AgentService:
 
     def _own_task(self, agent_id: str, task_id: str) -> None:
         with transaction(self.deps.sessions) as s:
-            try:
-                a = RoundRepo(s).assignment(task_id)
-            except NotFound:
-                raise ServiceError(Code.NOT_FOUND, f"task {task_id} not found") from None
-            if a.agent_id != agent_id:
-                raise ServiceError(Code.PERMISSION_DENIED, f"task {task_id} is not this agent's")
+            owned_assignment(s, agent_id, task_id)
 
     def _check_open(self, agent_id: str, h: UploadHeader) -> Expected:
         """The assignment this header names must be this agent's, current, and not yet uploaded."""
         with transaction(self.deps.sessions) as s:
-            try:
-                a = RoundRepo(s).assignment(h.task_id)
-            except NotFound:
-                raise ServiceError(Code.NOT_FOUND, f"task {h.task_id} not found") from None
-            if a.agent_id != agent_id:
-                raise ServiceError(Code.PERMISSION_DENIED, f"task {h.task_id} is not this agent's")
+            a = owned_assignment(s, agent_id, h.task_id)
             rnd, job = a.round, a.round.job
             if h.job_id != job.id or h.round != rnd.number:
                 raise ServiceError(
@@ -374,13 +376,7 @@ class AgentService:
         if bad or len(metrics) > 100:
             raise ServiceError(Code.INVALID_ARGUMENT, f"metrics must be ≤ 100 finite values, bad: {bad[:5]}")
         with transaction(self.deps.sessions) as s:
-            try:
-                a = RoundRepo(s).assignment(task_id)
-            except NotFound:
-                raise ServiceError(Code.NOT_FOUND, f"task {task_id} not found") from None
-            if a.agent_id != agent_id:
-                raise ServiceError(Code.PERMISSION_DENIED, f"task {task_id} is not this agent's")
-            rnd = a.round
+            rnd = owned_assignment(s, agent_id, task_id).round
             progress = dict(rnd.metrics)
             progress[agent_id] = {"step": step, **metrics}
             rnd.metrics = json.loads(json.dumps(progress))
