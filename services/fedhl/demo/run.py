@@ -49,7 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--strategy", default="fedhl")
     p.add_argument("--ranks", default="2,4,8,16", help="ranks assigned to agents in turn (heterogeneous)")
-    p.add_argument("--alpha-dirichlet", type=float, default=1.0, help="label skew across agents (smaller: more skew)")
+    p.add_argument(
+        "--alpha-dirichlet",
+        type=float,
+        default=5.0,
+        help="label skew across agents (smaller: more skew; 1.0 is severe)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="./fedhl-demo")
     p.add_argument("--local-steps", type=int, default=12)
