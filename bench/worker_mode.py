@@ -38,7 +38,6 @@ def run_job(args: argparse.Namespace, workers: int, shards: int, tmp: Path) -> d
     import redis
     from sqlalchemy import create_engine, select, text
 
-    from fedhl.agent.scripted import ScriptedAgent  # noqa: F401  (documents the equivalent agent)
     from fedhl.coordinator.agents import UploadHeader
     from fedhl.coordinator.app import Coordinator
     from fedhl.core import LoRAFactors

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import threading
+from pathlib import Path
 
 from prometheus_client import start_http_server
 
@@ -25,8 +26,6 @@ log = logging.getLogger(__name__)
 def resolve_blob_url(url: str) -> str:
     """`file://./x` → an absolute file URL, so every process agrees on the directory."""
     if url.startswith("file://"):
-        from pathlib import Path
-
         return "file://" + str(Path(url[len("file://") :]).resolve())
     return url
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -70,8 +71,8 @@ class Coordinator:
             )
         log.info("coordinator: gRPC on port %d", self.grpc_port)
 
-    def _thread(self, name: str, target: object) -> None:
-        t = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
+    def _thread(self, name: str, target: Callable[[], None]) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
         t.start()
         self.threads.append(t)
 

@@ -91,6 +91,16 @@ class BlobStore(Protocol):
     def staging_discard(self, upload_id: str) -> None: ...
 
 
+def check_range(store: BlobStore, key: str, offset: int, chunk_size: int) -> int:
+    """The blob's size, after checking a read from `offset` in `chunk_size` pieces makes sense."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    size = store.size(key)
+    if not 0 <= offset <= size:
+        raise ValueError(f"offset {offset} outside blob {key} of {size} bytes")
+    return size
+
+
 def check_key(key: str) -> str:
     """`key` if it is a sha256 hex digest (64 lowercase hex), else `ValueError`. Keys become
     file names, so nothing else may pass (no path traversal)."""
@@ -153,11 +163,7 @@ class FileBlobStore:
             raise BlobNotFound(key) from None
 
     def read_chunks(self, key: str, offset: int = 0, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        size = self.size(key)
-        if not 0 <= offset <= size:
-            raise ValueError(f"offset {offset} outside blob {key} of {size} bytes")
+        check_range(self, key, offset, chunk_size)
         # Checked eagerly above; the file is opened lazily so an unconsumed iterator holds no fd.
         return _iter_file(self._object_path(key), offset, chunk_size)
 

@@ -35,7 +35,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError("s3:// blob stores need boto3 (pip install boto3)") from e
 
-from .blobs import BlobNotFound, FileBlobStore, check_key
+from .blobs import BlobNotFound, FileBlobStore, check_key, check_range
 
 ENV_ENDPOINT = "FEDHL_S3_ENDPOINT_URL"
 ENV_STAGING_DIR = "FEDHL_S3_STAGING_DIR"
@@ -152,11 +152,7 @@ class S3BlobStore:
             return bytes(body.read())
 
     def read_chunks(self, key: str, offset: int = 0, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        size = self.size(key)
-        if not 0 <= offset <= size:
-            raise ValueError(f"offset {offset} outside blob {key} of {size} bytes")
+        size = check_range(self, key, offset, chunk_size)
         # Checked eagerly above; the GET starts on first iteration, so an unconsumed iterator
         # holds no connection.
         return self._iter_range(key, offset, size, chunk_size)

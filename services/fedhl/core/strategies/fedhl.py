@@ -4,18 +4,17 @@ drift-minimising weights. ALGORITHMS.md, steps 1–5."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..merge import stack_factors, start_factors, truncation_factors
+from ..merge import stack_factors, truncation_factors
 from ..scaling import LoRAScaling
 from ..types import ClientUpdate, GlobalState, LoRAFactors, ModuleName
 from ..weights import WeightConfig
-from .base import RoundPlan, Strategy
-
-StartBalance = Literal["all_in_B", "balanced"]
+from .base import RoundPlan
+from .spectral import SpectralStart, StartBalance
 
 
 def parse_client_view(view: str) -> tuple[str, int | None]:
@@ -33,12 +32,10 @@ def parse_client_view(view: str) -> tuple[str, int | None]:
     raise ValueError(f"unknown client_view {view!r}; expected 'truncated', 'full' or 'residual:R'")
 
 
-class FedHL(Strategy):
+class FedHL(SpectralStart):
     """`W_{t+1} = W_t + Σ_i p_i (s_i B_i' A_i' − trunc(W_t, r_i))`, p from `WeightConfig`."""
 
     name = "fedhl"
-    dense_state = True
-    uses_spectrum = True
 
     def __init__(
         self,
@@ -49,19 +46,15 @@ class FedHL(Strategy):
         client_view: str = "truncated",
         **kw: Any,
     ) -> None:
-        super().__init__(scaling, **kw)
-        if start_balance not in ("all_in_B", "balanced"):
-            raise ValueError(f"unknown start_balance {start_balance!r}")
+        super().__init__(scaling, start_balance=start_balance, **kw)
         self.view, self.view_rank = parse_client_view(client_view)
         self.client_view = client_view
         self.weights = weights or WeightConfig()
-        self.start_balance: StartBalance = start_balance
 
     def options(self) -> dict[str, Any]:
         w = self.weights
         return {
             **super().options(),
-            "start_balance": self.start_balance,
             "client_view": self.client_view,
             "weights": {
                 "rule": w.rule,
@@ -78,13 +71,7 @@ class FedHL(Strategy):
         r = plan.r_max(module)
         return max(r, self.view_rank) if self.view == "residual" and self.view_rank else r
 
-    # step 1: start point -------------------------------------------------------------------
-    def _start_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int) -> LoRAFactors:
-        spec = plan.spectra[module]
-        if spec.is_zero():  # W_t = 0 (round 0): standard LoRA init, trunc(W_t, r) = 0
-            return self._fresh_lora(state, plan, module, rank)
-        return start_factors(spec, rank, self.scaling.scale(rank), self.start_balance)
-
+    # step 1: start point (SpectralStart) and, for the `full`/`residual:R` views, the base residual
     def _residual_module(
         self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int
     ) -> Tensor | LoRAFactors | None:
