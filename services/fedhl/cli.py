@@ -103,6 +103,12 @@ def _demo(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from .demo.simulate import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedhl", description="Federated heterogeneous-rank LoRA fine-tuning.")
     p.add_argument("--version", action="version", version=f"fedhl {__version__}")
@@ -148,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(d)
     d.set_defaults(func=_demo)
+    m = sub.add_parser("simulate", help="the demo's federated job in one process (no gRPC, no database): sweeps")
+    from .demo.simulate import add_arguments as simulate_arguments
+
+    simulate_arguments(m)
+    m.set_defaults(func=_simulate)
     return p
 
 

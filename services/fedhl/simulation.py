@@ -1,0 +1,165 @@
+"""A federated job in one process, for research sweeps: no gRPC, no database, no blob store.
+
+Each round does what the distributed path does, with the same functions:
+
+    spectra, starts = next_round_artifacts(strategy, state, rank_set)   # as the aggregator
+    for each selected client:                                            # as `fedhl agent`
+        model = prepare(copy of W0, starts[rank] + global head, ...)
+        result = train(model, tok, its examples, spec.train, ..., seed=seed·100003 + round)
+    state, report = strategy.aggregate(state, plan, updates)             # as the aggregator
+    metrics = evaluate(W0 + W_t, head)                                   # as the server
+
+so a simulated job reaches the state the coordinator and agents reach for the same spec, data
+and seed, up to float32 rounding from thread counts (~1e-6 relative; pinned by
+tests/agent/test_agent_e2e.py). What differs: client selection (here a
+seeded sample of `participation × clients` per round, there the scheduler's), and nothing is
+serialised (safetensors round trips of float32 tensors are exact, so this changes no value).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .agent.trainer import prepare, train
+from .aggregation.artifacts import initial_state, next_round_artifacts
+from .core import ClientStart, ClientUpdate, GlobalState, RoundPlan
+from .core.scaling import LoRAScaling
+from .data import Example
+from .evaluation import evaluate
+from .jobspec import JobSpec
+from .modeling import load_base, resolve_shapes
+from .wire.payloads import encode_update
+
+__all__ = ["SimClient", "client_seed", "select_clients", "simulate"]
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class SimClient:
+    """One simulated agent: its name (the rank policy's key), rank and local data."""
+
+    name: str
+    rank: int
+    examples: Sequence[Example]
+
+
+def client_seed(job_seed: int, round_: int) -> int:
+    """The training seed `fedhl agent` uses for a task of this job and round."""
+    return job_seed * 100_003 + round_
+
+
+def select_clients(clients: Sequence[SimClient], participation: float, seed: int, round_: int) -> list[SimClient]:
+    """`ceil(participation × n)` clients (at least one), a seeded sample per round, in input order."""
+    if not 0 < participation <= 1:
+        raise ValueError(f"participation must be in (0, 1], got {participation}")
+    k = max(1, math.ceil(participation * len(clients)))
+    if k >= len(clients):
+        return list(clients)
+    chosen = set(random.Random(f"{seed}:{round_}").sample(range(len(clients)), k))
+    return [c for i, c in enumerate(clients) if i in chosen]
+
+
+def _check(spec: JobSpec, clients: Sequence[SimClient]) -> None:
+    if not clients:
+        raise ValueError("no clients")
+    names = [c.name for c in clients]
+    if len(set(names)) != len(names):
+        raise ValueError(f"client names must be unique: {names}")
+    for c in clients:
+        if c.rank not in spec.rank_set:
+            raise ValueError(f"client {c.name!r} has rank {c.rank}, not in the job's rank_set {spec.rank_set}")
+        if not c.examples:
+            raise ValueError(f"client {c.name!r} has no examples")
+
+
+def simulate(
+    spec: JobSpec,
+    clients: Sequence[SimClient],
+    test: Sequence[Example],
+    *,
+    participation: float = 1.0,
+    device: str = "cpu",
+    on_round: RoundCallback | None = None,
+) -> tuple[GlobalState, list[dict[str, Any]]]:
+    """Run `spec.rounds` rounds; return the final global state and one row per round (the
+    demo's `results.json` row shape, plus `bytes_uploaded`: the agents' upload payloads).
+
+    `spec.module_shapes`/`extra_shapes` are resolved from the base model when empty, as the
+    coordinator does at job creation. Evaluation on `test` runs every
+    `spec.evaluation.every` rounds (accuracy/loss, or loss/perplexity for causal LM)."""
+    _check(spec, clients)
+    if not spec.module_shapes:
+        shapes, extras = resolve_shapes(spec.base_model, spec.target_modules, spec.task_type, spec.num_labels)
+        spec = spec.model_copy(update={"module_shapes": shapes, "extra_shapes": extras})
+    strategy = spec.build_strategy()
+    strategy.device = torch.device(device)
+    scaling = LoRAScaling(spec.lora_alpha, spec.scale_rule)
+    base, tok = load_base(spec.base_model, spec.task_type, spec.num_labels, device, init_seed=spec.seed)
+    state = initial_state(strategy, spec)
+    modules = list(spec.module_shapes)
+    rows: list[dict[str, Any]] = []
+    for t in range(spec.rounds):
+        t0 = time.perf_counter()
+        chosen = select_clients(clients, participation, spec.seed, t)
+        spectra, starts = next_round_artifacts(strategy, state, spec.rank_set)
+        updates, train_s, sent = [], [], 0
+        for c in chosen:
+            s = starts[c.rank]
+            start = ClientStart(s.factors, s.base_residual, dict(state.extras))
+            t_c = time.perf_counter()
+            model = prepare(copy.deepcopy(base), start, modules, c.rank, scaling, head_params=list(start.extras))
+            result = train(model, tok, c.examples, spec.train, spec.task_type, device, seed=client_seed(spec.seed, t))
+            train_s.append(time.perf_counter() - t_c)
+            sent += len(encode_update(result.factors, result.extras))
+            updates.append(ClientUpdate(c.name, result.factors, result.n_examples, result.extras, result.metrics))
+            del model
+        t_agg = time.perf_counter()
+        plan = RoundPlan(round=t, ranks={c.name: dict.fromkeys(modules, c.rank) for c in chosen}, spectra=spectra)
+        state, report = strategy.aggregate(state, plan, updates, inplace=True)
+        aggregate_s = time.perf_counter() - t_agg
+        ev: dict[str, float] = {}
+        t_ev = time.perf_counter()
+        if test and (t + 1) % spec.evaluation.every == 0:
+            dense = {m: strategy.effective_update(state, m) for m in state.modules}
+            ev = evaluate(
+                (base, tok),
+                spec.task_type,
+                spec.num_labels,
+                dense,
+                state.extras,
+                test,
+                max_seq_len=spec.train.max_seq_len,
+                device=device,
+            )
+        row = {
+            "round": t,
+            "accuracy": float(ev.get("accuracy", float("nan"))),
+            "loss": float(ev.get("loss", float("nan"))),
+            "participants": len(chosen),
+            "ranks": sorted(c.rank for c in chosen),
+            "weights": report.weights,
+            "truncation_errors": report.truncation_errors,
+            "energy_kept": {str(r): e for r, e in report.energy_kept.items()},
+            "train_loss_last": {u.client_id: float(u.metrics.get("loss_last", math.nan)) for u in updates},
+            "bytes_uploaded": sent,
+            "seconds": time.perf_counter() - t0,
+            "time": {
+                "train_max_s": max(train_s),
+                "train_sum_s": sum(train_s),
+                "aggregate_s": aggregate_s,
+                "evaluate_s": time.perf_counter() - t_ev,
+            },
+        }
+        rows.append(row)
+        if on_round is not None:
+            on_round(row)
+    return state, rows
