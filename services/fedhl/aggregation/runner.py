@@ -92,7 +92,7 @@ class RoundInputs:
 
 def load_inputs(deps: Deps, round_id: int, *, aggregating_only: bool = True) -> RoundInputs | None:
     """The round's inputs, or None unless it is AGGREGATING (when `aggregating_only`)."""
-    with transaction(deps.sessions) as s:
+    with transaction(deps.sessions, read_only=True) as s:
         rnd = RoundRepo(s).get(round_id)
         if aggregating_only and rnd.state is not RoundState.AGGREGATING:
             return None
@@ -225,7 +225,7 @@ def process(deps: Deps, round_id: int, shard: int = 0, worker: str = "aggregator
     if not 0 <= shard < inp.shards:
         log.warning("round %s has %d shards; ignoring shard %d", round_id, inp.shards, shard)
         return "skipped"
-    with transaction(deps.sessions) as s:
+    with transaction(deps.sessions, read_only=True) as s:
         done = s.scalars(select(RoundShard).where(RoundShard.round_id == round_id, RoundShard.shard == shard)).first()
     if done is None:
         t0 = time.perf_counter()
@@ -244,7 +244,7 @@ def process(deps: Deps, round_id: int, shard: int = 0, worker: str = "aggregator
                 )
         except IntegrityError:
             pass  # another worker recorded the same shard (same bytes): nothing to do
-    with transaction(deps.sessions) as s:
+    with transaction(deps.sessions, read_only=True) as s:
         rows = s.scalars(select(RoundShard).where(RoundShard.round_id == round_id).order_by(RoundShard.shard)).all()
         shard_keys = [(r.blob_key, r.seconds) for r in rows]
     if len(shard_keys) < inp.shards:

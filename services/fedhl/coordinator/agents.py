@@ -27,6 +27,7 @@ from ..storage.repos import AgentRepo, AuditRepo, NotFound, RevokedError, RoundR
 from ..wire.payloads import Expected, PayloadError, decode_file, validate_update
 from .errors import Code, ServiceError
 
+LAST_SEEN_EVERY_S = 30.0  # agents.last_seen_at is informational (REST); liveness has its own TTL keys
 RESOURCE_KEYS = {
     "device_type": str,
     "device_name": str,
@@ -144,7 +145,7 @@ class AgentService:
         if not credential:
             raise ServiceError(Code.UNAUTHENTICATED, "missing credential (authorization: Bearer <credential>)")
         try:
-            with transaction(self.deps.sessions) as s:
+            with transaction(self.deps.sessions, read_only=True) as s:
                 return AgentRepo(s).authenticate(credential).id
         except RevokedError as e:
             raise ServiceError(Code.PERMISSION_DENIED, str(e)) from None
@@ -156,23 +157,36 @@ class AgentService:
         """→ "CONTINUE" or "CANCEL_TASK" (the task's round closed or its job stopped)."""
         res = clean_resources(resources)
         self.deps.coord.liveness.beat(agent_id, self.settings.heartbeat_ttl_s)
-        with transaction(self.deps.sessions) as s:
+        with transaction(self.deps.sessions, read_only=True) as s:
             agent = s.get(Agent, agent_id)
-            if agent is not None:
-                agent.last_seen_at = utcnow()
-                if res:
+            # liveness lives in the coordination store; the row is written only when something
+            # changed or last_seen_at is stale, so idle heartbeats never queue for the write lock
+            stale = agent is not None and (
+                {**agent.resources, **res} != agent.resources
+                or agent.last_seen_at is None
+                or (utcnow() - agent.last_seen_at).total_seconds() > LAST_SEEN_EVERY_S
+            )
+            answer = self._task_answer(s, agent_id, task_id) if task_id else "CONTINUE"
+        if stale:
+            with transaction(self.deps.sessions) as s:
+                agent = s.get(Agent, agent_id)
+                if agent is not None:
+                    agent.last_seen_at = utcnow()
                     agent.resources = {**agent.resources, **res}
-            if task_id:
-                try:
-                    a = RoundRepo(s).assignment(task_id)
-                except NotFound:
-                    return "CANCEL_TASK"
-                if a.agent_id != agent_id:
-                    raise ServiceError(Code.PERMISSION_DENIED, f"task {task_id} is not this agent's")
-                alive = a.state in (AssignmentState.ISSUED, AssignmentState.RUNNING, AssignmentState.UPLOADED)
-                round_open = a.round.state in (RoundState.OPEN, RoundState.COLLECTING)
-                if not (alive and round_open and a.round.job.status is JobStatus.RUNNING):
-                    return "CANCEL_TASK" if a.state is not AssignmentState.UPLOADED else "CONTINUE"
+        return answer
+
+    @staticmethod
+    def _task_answer(s: Session, agent_id: str, task_id: str) -> str:
+        try:
+            a = RoundRepo(s).assignment(task_id)
+        except NotFound:
+            return "CANCEL_TASK"
+        if a.agent_id != agent_id:
+            raise ServiceError(Code.PERMISSION_DENIED, f"task {task_id} is not this agent's")
+        alive = a.state in (AssignmentState.ISSUED, AssignmentState.RUNNING, AssignmentState.UPLOADED)
+        round_open = a.round.state in (RoundState.OPEN, RoundState.COLLECTING)
+        if not (alive and round_open and a.round.job.status is JobStatus.RUNNING):
+            return "CANCEL_TASK" if a.state is not AssignmentState.UPLOADED else "CONTINUE"
         return "CONTINUE"
 
     # ---------------------------------------------------------------- tasks
@@ -191,44 +205,55 @@ class AgentService:
                 sub.get(timeout_s=min(left, 1.0))  # woken by round events; re-check at least every 1 s
 
     def _claim(self, agent_id: str) -> TaskInfo | None:
+        """The agent's pending task; the first claim moves it ISSUED → RUNNING. Looking costs a
+        read-only unit of work, so the many pulls that find nothing take no write lock."""
+        with transaction(self.deps.sessions, read_only=True) as s:
+            a = RoundRepo(s).pending_for_agent(agent_id)
+            if a is None:
+                return None
+            if a.state is AssignmentState.RUNNING:  # claimed before (a reconnecting agent)
+                return self._task_info(a)
         with transaction(self.deps.sessions) as s:
             rounds = RoundRepo(s)
             a = rounds.pending_for_agent(agent_id)
             if a is None:
                 return None
             rounds.set_assignment_state(a.id, [AssignmentState.ISSUED], AssignmentState.RUNNING)
-            rnd, job = a.round, a.round.job
-            spec = JobSpec.model_validate(job.config)
-            key = rnd.start_keys.get(str(a.rank))
-            if key is None:
-                raise ServiceError(Code.FAILED_PRECONDITION, f"no start package for rank {a.rank}")
-            blob = BlobInfo(key, self.deps.blobs.size(key), "start")
-            return TaskInfo(
-                task_id=a.id,
-                job_id=job.id,
-                round=rnd.number,
-                rank=a.rank,
-                ranks=dict.fromkeys(spec.module_shapes, a.rank),
-                strategy=spec.strategy,
-                lora_alpha=spec.lora_alpha,
-                scale_rule=spec.scale_rule,
-                blobs=[blob],
-                base_model=spec.base_model,
-                base_model_sha256=spec.base_model_sha256 or "",
-                task_type=spec.task_type,
-                train_config={
-                    **spec.train.model_dump(),
-                    "extra_shapes": spec.extra_shapes,
-                    "num_labels": spec.num_labels,
-                    "seed": spec.seed,
-                },
-                deadline=rnd.deadline,
-            )
+            return self._task_info(a)
+
+    def _task_info(self, a: Assignment) -> TaskInfo:
+        rnd, job = a.round, a.round.job
+        spec = JobSpec.model_validate(job.config)
+        key = rnd.start_keys.get(str(a.rank))
+        if key is None:
+            raise ServiceError(Code.FAILED_PRECONDITION, f"no start package for rank {a.rank}")
+        blob = BlobInfo(key, self.deps.blobs.size(key), "start")
+        return TaskInfo(
+            task_id=a.id,
+            job_id=job.id,
+            round=rnd.number,
+            rank=a.rank,
+            ranks=dict.fromkeys(spec.module_shapes, a.rank),
+            strategy=spec.strategy,
+            lora_alpha=spec.lora_alpha,
+            scale_rule=spec.scale_rule,
+            blobs=[blob],
+            base_model=spec.base_model,
+            base_model_sha256=spec.base_model_sha256 or "",
+            task_type=spec.task_type,
+            train_config={
+                **spec.train.model_dump(),
+                "extra_shapes": spec.extra_shapes,
+                "num_labels": spec.num_labels,
+                "seed": spec.seed,
+            },
+            deadline=rnd.deadline,
+        )
 
     # ---------------------------------------------------------------- blobs
     def open_blob(self, agent_id: str, key: str, offset: int) -> tuple[int, str, Iterator[bytes]]:
         """(size, sha256, chunks from offset) for a blob this agent's open task references."""
-        with transaction(self.deps.sessions) as s:
+        with transaction(self.deps.sessions, read_only=True) as s:
             a = RoundRepo(s).pending_for_agent(agent_id)
             allowed = a is not None and key in a.round.start_keys.values()
             if not allowed:
@@ -251,12 +276,13 @@ class AgentService:
         return self.deps.blobs.staging_size(task_id)
 
     def _own_task(self, agent_id: str, task_id: str) -> None:
-        with transaction(self.deps.sessions) as s:
+        with transaction(self.deps.sessions, read_only=True) as s:
             owned_assignment(s, agent_id, task_id)
 
     def _check_open(self, agent_id: str, h: UploadHeader) -> Expected:
-        """The assignment this header names must be this agent's, current, and not yet uploaded."""
-        with transaction(self.deps.sessions) as s:
+        """The assignment this header names must be this agent's, current, and not yet uploaded
+        (checked again, under the write lock, when the upload is accepted)."""
+        with transaction(self.deps.sessions, read_only=True) as s:
             a = owned_assignment(s, agent_id, h.task_id)
             rnd, job = a.round, a.round.job
             if h.job_id != job.id or h.round != rnd.number:

@@ -99,7 +99,7 @@ class Scheduler:
             leader.release()
 
     def tick(self) -> None:
-        with transaction(self.deps.sessions) as s:
+        with transaction(self.deps.sessions, read_only=True) as s:
             job_ids = [j.id for j in JobRepo(s).list() if j.status in (JobStatus.RUNNING, JobStatus.PAUSED)]
         for job_id in job_ids:
             self.advance(job_id)

@@ -16,6 +16,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+READ_ONLY = "fedhl_read_only"  # execution option: this unit of work only reads
 
 
 def normalise_url(url: str) -> str:
@@ -43,9 +44,12 @@ def make_engine(url: str, **kw: Any) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:
-            # IMMEDIATE takes the write lock up front: every unit of work is serialised, which is
-            # what Postgres's row locks (SELECT ... FOR UPDATE) give the same code there.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # IMMEDIATE takes the write lock up front: every unit of work that may write is
+            # serialised, which is what Postgres's row locks (SELECT ... FOR UPDATE) give the same
+            # code there. A read-only unit of work takes a deferred BEGIN: in WAL mode it reads one
+            # snapshot without waiting for (or blocking) the writer.
+            read_only = conn.get_execution_options().get(READ_ONLY, False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     if "poolclass" not in kw:
@@ -60,9 +64,16 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 @contextmanager
-def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """One unit of work: commit on success, roll back on any error."""
+def transaction(factory: sessionmaker[Session], *, read_only: bool = False) -> Iterator[Session]:
+    """One unit of work: commit on success, roll back on any error.
+
+    `read_only=True` (the unit of work does not write): on SQLite a deferred BEGIN, so the many
+    authentication and lookup reads of agent RPCs do not queue behind the write lock. Postgres
+    needs nothing (readers never wait for writers there; `SET TRANSACTION READ ONLY` would
+    cost a round trip per unit of work: measured slower in bench/control_plane.py)."""
     with factory() as session, session.begin():
+        if read_only:
+            session.connection(execution_options={READ_ONLY: True})
         yield session
 
 

@@ -64,7 +64,7 @@ def get_session(coordinator: CoordinatorDep) -> Iterator[Session]:
     """One transaction for the request's reads: committed after the handler, rolled back on
     error. Routes change state only through the services, each in a transaction of its own,
     so a response is never sent for a write that has not committed."""
-    with transaction(coordinator.deps.sessions) as session:
+    with transaction(coordinator.deps.sessions, read_only=True) as session:
         yield session
 
 

@@ -29,7 +29,7 @@ def healthz(coordinator: CoordinatorDep) -> JSONResponse:
     """200 when the database answers `SELECT 1` and the coordination backend (Redis, or the
     in-process twin) answers a ping; 503 otherwise."""
     try:
-        with transaction(coordinator.deps.sessions) as s:
+        with transaction(coordinator.deps.sessions, read_only=True) as s:
             database = s.execute(text("SELECT 1")).scalar() == 1
     except SQLAlchemyError as e:
         log.warning("healthz: database check failed: %s", e)
@@ -51,7 +51,7 @@ def healthz(coordinator: CoordinatorDep) -> JSONResponse:
 )
 def prometheus_metrics(coordinator: CoordinatorDep) -> Response:
     """Prometheus text format; the cluster gauges are refreshed on each scrape."""
-    with transaction(coordinator.deps.sessions) as s:
+    with transaction(coordinator.deps.sessions, read_only=True) as s:
         agent_ids = s.scalars(select(Agent.id).where(Agent.status == AgentStatus.ACTIVE)).all()
         active_rounds = s.scalar(select(func.count()).select_from(Round).where(Round.state.in_(ACTIVE_ROUND_STATES)))
     metrics.AGENTS_ALIVE.set(len(coordinator.deps.coord.liveness.alive(agent_ids)))
