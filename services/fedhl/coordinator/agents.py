@@ -205,14 +205,7 @@ class AgentService:
                 sub.get(timeout_s=min(left, 1.0))  # woken by round events; re-check at least every 1 s
 
     def _claim(self, agent_id: str) -> TaskInfo | None:
-        """The agent's pending task; the first claim moves it ISSUED → RUNNING. Looking costs a
-        read-only unit of work, so the many pulls that find nothing take no write lock."""
-        with transaction(self.deps.sessions, read_only=True) as s:
-            a = RoundRepo(s).pending_for_agent(agent_id)
-            if a is None:
-                return None
-            if a.state is AssignmentState.RUNNING:  # claimed before (a reconnecting agent)
-                return self._task_info(a)
+        """The agent's pending task; the first claim moves it ISSUED → RUNNING."""
         with transaction(self.deps.sessions) as s:
             rounds = RoundRepo(s)
             a = rounds.pending_for_agent(agent_id)
