@@ -76,6 +76,8 @@ def plan(args: argparse.Namespace) -> list[Run]:
             if alpha != args.alphas[0] and seed not in args.seeds[: args.other_seeds]:
                 continue
             for key in args.strategies:
+                if seed != args.seeds[0] and args.seed_strategies and key not in args.seed_strategies:
+                    continue
                 arm = BY_KEY[key]
                 agents = 1 if arm.centralized else args.agents
                 steps = args.local_steps * (args.agents if arm.centralized else 1)  # same gradient steps in all
@@ -127,6 +129,8 @@ def summarise(out: Path, target: float, last: int) -> list[dict[str, Any]]:
             lastk = [statistics.fmean(c[-last:]) for c in curves]
             reach = [next((i + 1 for i, a in enumerate(c) if a >= target), None) for c in curves]
             up = [statistics.fmean(r.get("bytes_uploaded", 0) for r in res["rounds"]) for res in results]
+            # how concentrated the aggregation was: the largest client weight, mean over rounds
+            top = [statistics.fmean(max(r["weights"].values(), default=1.0) for r in res["rounds"]) for res in results]
             rows.append(
                 {
                     "alpha": float(alpha_dir.name[5:]),
@@ -138,6 +142,7 @@ def summarise(out: Path, target: float, last: int) -> list[dict[str, Any]]:
                     "best": _mean_std([max(c) for c in curves]),
                     "rounds_to_target": reach,
                     "bytes_uploaded_per_round": statistics.fmean(up),
+                    "max_weight_mean": statistics.fmean(top),
                     "curve_mean": [statistics.fmean(x) for x in zip(*curves, strict=True)],
                     "wall_s": statistics.fmean(res["wall_s"] for res in results),
                     "config": results[0]["config"],
@@ -149,21 +154,22 @@ def summarise(out: Path, target: float, last: int) -> list[dict[str, Any]]:
 def table(rows: list[dict[str, Any]], target: float, last: int) -> str:
     lines = [
         f"| α | strategy | seeds | mean acc. last {last} rounds | final | best | rounds to {target:.2f} "
-        "| uploaded / round |",
-        "|---|---|---|---|---|---|---|---|",
+        "| uploaded / round | largest client weight |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         reach = r["rounds_to_target"]
         hit = [x for x in reach if x is not None]
         reach_s = f"{statistics.fmean(hit):.1f} ({len(hit)}/{len(reach)})" if hit else f"— (0/{len(reach)})"
         lines.append(
-            "| {:g} | {} | {} | {} | {} | {} | {} | {:.2f} MB |".format(
+            "| {:g} | {} | {} | {} | {} | {} | {} | {:.2f} MB | {:.2f} |".format(
                 r["alpha"],
                 r["label"],
                 r["seeds"],
                 *(f"{m:.3f} ± {s:.3f}" for m, s in (r[f"last{last}_mean"], r["final"], r["best"])),
                 reach_s,
                 r["bytes_uploaded_per_round"] / 1e6,
+                r["max_weight_mean"],
             )
         )
     return "\n".join(lines) + "\n"
@@ -211,6 +217,12 @@ def main() -> None:
     ap.add_argument("--alphas", default="0.3,1.0", type=lambda s: [float(x) for x in s.split(",")])
     ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--other-seeds", type=int, default=1, help="seeds for every α after the first (the main one)")
+    ap.add_argument(
+        "--seed-strategies",
+        default=None,
+        type=lambda s: s.split(","),
+        help="strategies run at the seeds after the first (default: all)",
+    )
     ap.add_argument("--agents", type=int, default=4)
     ap.add_argument("--ranks", default="2,4,8,16")
     ap.add_argument("--rounds", type=int, default=10)
@@ -226,7 +238,7 @@ def main() -> None:
     ap.add_argument("--last", type=int, default=5, help="rounds averaged for the headline figure")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
-    unknown = [k for k in args.strategies if k not in BY_KEY]
+    unknown = [k for k in args.strategies + (args.seed_strategies or []) if k not in BY_KEY]
     if unknown:
         raise SystemExit(f"unknown strategies {unknown}; choose from {list(BY_KEY)}")
     out = Path(args.out)
