@@ -19,7 +19,7 @@ import torch
 from sqlalchemy import select
 
 from fedhl.agent.scripted import ScriptedAgent
-from fedhl.aggregation.artifacts import put_state
+from fedhl.aggregation.artifacts import ShardResult, as_stored, get_shard, put_shard, put_state
 from fedhl.aggregation.runner import assemble, compute_shard, load_inputs
 from fedhl.coordinator.app import Coordinator
 from fedhl.core import LoRAFactors
@@ -96,7 +96,9 @@ def test_module_shards_merge_exactly_what_one_job_merges(strategy: str, tmp_path
         assert inp is not None and inp.shards == 3
 
         sharded, _, _ = assemble([compute_shard(c.deps, inp, k) for k in range(3)])
-        whole, _, _ = assemble([compute_shard(c.deps, dataclasses.replace(inp, shards=1), 0)])
+        one = compute_shard(c.deps, dataclasses.replace(inp, shards=1), 0)
+        _same_as_read_back(as_stored(one), get_shard(c.deps.blobs, put_shard(c.deps.blobs, one)))
+        whole, _, _ = assemble([one])
 
         assert sharded.tensors().keys() == whole.tensors().keys()
         for k, v in whole.tensors().items():
@@ -104,6 +106,33 @@ def test_module_shards_merge_exactly_what_one_job_merges(strategy: str, tmp_path
             assert (other.dtype, other.shape) == (v.dtype, v.shape), k
             assert other.contiguous().numpy().tobytes() == v.contiguous().numpy().tobytes(), k
         assert put_state(c.deps.blobs, sharded) == put_state(c.deps.blobs, whole)
+
+
+def _same_as_read_back(kept: ShardResult, read: ShardResult) -> None:
+    """The worker commits a one-shard round from the result it holds instead of reading it back:
+    every tensor, spectrum and report field must be what the blob store would return."""
+
+    def same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+        assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device), what
+        assert a.contiguous().numpy().tobytes() == b.contiguous().numpy().tobytes(), what
+
+    assert kept.state.round == read.state.round and kept.report == read.report
+    assert kept.state.tensors().keys() == read.state.tensors().keys()
+    for k, v in read.state.tensors().items():
+        same(kept.state.tensors()[k], v, k)
+    assert kept.spectra.keys() == read.spectra.keys()
+    for m, sp in read.spectra.items():
+        ks = kept.spectra[m]
+        for part in ("U", "S", "Vh"):
+            same(getattr(ks, part), getattr(sp, part), f"{m}.{part}")
+        assert (ks.total_energy, ks.method, ks.residual) == (sp.total_energy, sp.method, sp.residual)
+    assert kept.starts.keys() == read.starts.keys()
+    for r, st in read.starts.items():
+        assert kept.starts[r].factors.keys() == st.factors.keys()
+        for m, f in st.factors.items():
+            same(kept.starts[r].factors[m].B, f.B, f"start {r} {m} B")
+            same(kept.starts[r].factors[m].A, f.A, f"start {r} {m} A")
+        assert kept.starts[r].base_residual.keys() == st.base_residual.keys()
 
 
 class PoisonAgent(ScriptedAgent):

@@ -164,6 +164,8 @@ def put_shard(blobs: BlobStore, res: ShardResult) -> str:
             else:
                 tensors[f"start::{r}::RB::{m}"] = res_.B.contiguous().cpu()
                 tensors[f"start::{r}::RA::{m}"] = res_.A.contiguous().cpu()
+    tensors, aliases = _store_shared_once(tensors)
+    meta["aliases"] = json.dumps(aliases)
     meta["report"] = json.dumps(res.report)
     meta["round"] = str(res.state.round)
     with tempfile.TemporaryDirectory() as d:
@@ -172,17 +174,73 @@ def put_shard(blobs: BlobStore, res: ShardResult) -> str:
         return blobs.put_file(path)
 
 
+def _store_shared_once(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors to write, name -> name it is stored under). A tensor that is a view of the same
+    memory as one already kept (FLoRA hands every rank the global state itself as its base
+    residual) is recorded as an alias: safetensors refuses shared memory, and a copy per rank
+    would multiply the shard's size."""
+    kept: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
+    for name in sorted(tensors):
+        t = tensors[name]
+        view = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and view in seen:
+            aliases[name] = seen[view]
+        else:
+            seen[view] = name
+            kept[name] = t
+    return kept, aliases
+
+
+def as_stored(res: ShardResult) -> ShardResult:
+    """`res` as `get_shard` would read it back: tensors on the CPU, the report through JSON.
+    CPU tensors are not copied."""
+
+    def cpu(t: Tensor) -> Tensor:
+        return t.detach().contiguous().cpu()
+
+    def start(st: ClientStart) -> ClientStart:
+        residual = {
+            m: cpu(r) if isinstance(r, Tensor) else LoRAFactors(cpu(r.B), cpu(r.A)) for m, r in st.base_residual.items()
+        }
+        return ClientStart({m: LoRAFactors(cpu(f.B), cpu(f.A)) for m, f in st.factors.items()}, residual, {})
+
+    state = GlobalState(
+        round=res.state.round,
+        dense={m: cpu(t) for m, t in res.state.dense.items()},
+        factors={m: LoRAFactors(cpu(f.B), cpu(f.A)) for m, f in res.state.factors.items()},
+        extras={k: cpu(t) for k, t in res.state.extras.items()},
+    )
+    spectra = {
+        m: Spectrum(cpu(sp.U), cpu(sp.S), cpu(sp.Vh), sp.total_energy, sp.method, sp.residual, sp.seconds)
+        for m, sp in res.spectra.items()
+    }
+    return ShardResult(
+        state, spectra, {r: start(st) for r, st in res.starts.items()}, json.loads(json.dumps(res.report))
+    )
+
+
 def get_shard(blobs: BlobStore, key: str) -> ShardResult:
     with blobs.local_path(key) as path, safe_open(str(path), framework="pt") as h:
         meta = h.metadata() or {}
+        aliases: dict[str, str] = json.loads(meta.get("aliases", "{}"))
+        loaded: dict[str, Tensor] = {}
+
+        def get(name: str) -> Tensor:  # an alias is the same tensor, as it was before storing
+            stored = aliases.get(name, name)
+            if stored not in loaded:
+                loaded[stored] = h.get_tensor(stored)
+            return loaded[stored]
+
         state = GlobalState(round=int(meta["round"]))
         starts: dict[int, ClientStart] = {}
         B: dict[str, Tensor] = {}
-        for name in h.keys():  # noqa: SIM118
+        for name in [*h.keys(), *aliases]:
             kind, _, rest = name.partition("::")
             if kind == "state":
                 sub, _, m = rest.partition("::")
-                t = h.get_tensor(name)
+                t = get(name)
                 if sub == "dense":
                     state.dense[m] = t
                 elif sub == "lora_B":
@@ -193,13 +251,13 @@ def get_shard(blobs: BlobStore, key: str) -> ShardResult:
                 r_s, part, m = rest.split("::", 2)
                 st = starts.setdefault(int(r_s), ClientStart({}, {}, {}))
                 if part == "B":
-                    st.factors[m] = LoRAFactors(h.get_tensor(name), h.get_tensor(f"start::{r_s}::A::{m}"))
+                    st.factors[m] = LoRAFactors(get(name), get(f"start::{r_s}::A::{m}"))
                 elif part == "R":
-                    st.base_residual[m] = h.get_tensor(name)
+                    st.base_residual[m] = get(name)
                 elif part == "RB":
-                    st.base_residual[m] = LoRAFactors(h.get_tensor(name), h.get_tensor(f"start::{r_s}::RA::{m}"))
+                    st.base_residual[m] = LoRAFactors(get(name), get(f"start::{r_s}::RA::{m}"))
         for m, b in B.items():
-            state.factors[m] = LoRAFactors(b, h.get_tensor(f"state::lora_A::{m}"))
+            state.factors[m] = LoRAFactors(b, get(f"state::lora_A::{m}"))
         spectra = read_spectra(h, meta, prefix="next::")
         return ShardResult(state, spectra, starts, json.loads(meta["report"]))
 
