@@ -193,34 +193,6 @@ def _store_shared_once(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], d
     return kept, aliases
 
 
-def as_stored(res: ShardResult) -> ShardResult:
-    """`res` as `get_shard` would read it back: tensors on the CPU, the report through JSON.
-    CPU tensors are not copied."""
-
-    def cpu(t: Tensor) -> Tensor:
-        return t.detach().contiguous().cpu()
-
-    def start(st: ClientStart) -> ClientStart:
-        residual = {
-            m: cpu(r) if isinstance(r, Tensor) else LoRAFactors(cpu(r.B), cpu(r.A)) for m, r in st.base_residual.items()
-        }
-        return ClientStart({m: LoRAFactors(cpu(f.B), cpu(f.A)) for m, f in st.factors.items()}, residual, {})
-
-    state = GlobalState(
-        round=res.state.round,
-        dense={m: cpu(t) for m, t in res.state.dense.items()},
-        factors={m: LoRAFactors(cpu(f.B), cpu(f.A)) for m, f in res.state.factors.items()},
-        extras={k: cpu(t) for k, t in res.state.extras.items()},
-    )
-    spectra = {
-        m: Spectrum(cpu(sp.U), cpu(sp.S), cpu(sp.Vh), sp.total_energy, sp.method, sp.residual, sp.seconds)
-        for m, sp in res.spectra.items()
-    }
-    return ShardResult(
-        state, spectra, {r: start(st) for r, st in res.starts.items()}, json.loads(json.dumps(res.report))
-    )
-
-
 def get_shard(blobs: BlobStore, key: str) -> ShardResult:
     with blobs.local_path(key) as path, safe_open(str(path), framework="pt") as h:
         meta = h.metadata() or {}

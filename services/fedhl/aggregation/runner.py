@@ -36,7 +36,6 @@ from ..storage.state_file import load_state
 from .artifacts import (
     BlobFactors,
     ShardResult,
-    as_stored,
     get_shard,
     get_spectra,
     initial_state,
@@ -228,7 +227,6 @@ def process(deps: Deps, round_id: int, shard: int = 0, worker: str = "aggregator
         return "skipped"
     with transaction(deps.sessions, read_only=True) as s:
         done = s.scalars(select(RoundShard).where(RoundShard.round_id == round_id, RoundShard.shard == shard)).first()
-    mine: tuple[str, ShardResult] | None = None
     if done is None:
         t0 = time.perf_counter()
         try:
@@ -237,8 +235,6 @@ def process(deps: Deps, round_id: int, shard: int = 0, worker: str = "aggregator
             fail_round(deps, round_id, inp.job_id, f"aggregation failed: {e}", worker)
             return "failed"
         key = put_shard(deps.blobs, result)
-        mine = (key, as_stored(result))
-        del result
         try:
             with transaction(deps.sessions) as s:
                 s.add(
@@ -253,22 +249,12 @@ def process(deps: Deps, round_id: int, shard: int = 0, worker: str = "aggregator
         shard_keys = [(r.blob_key, r.seconds) for r in rows]
     if len(shard_keys) < inp.shards:
         return "partial"
-    return finish(deps, inp, shard_keys, worker, mine)
+    return finish(deps, inp, shard_keys, worker)
 
 
-def finish(
-    deps: Deps,
-    inp: RoundInputs,
-    shard_keys: list[tuple[str, float]],
-    worker: str,
-    mine: tuple[str, ShardResult] | None = None,
-) -> Outcome:
-    """Assemble the shards' results and commit the round. `mine` is the (key, result) this
-    worker just stored: used as is rather than read back, so a one-shard round holds the state
-    once, not twice (the stored bytes are these tensors: float32 round-trips exactly)."""
+def finish(deps: Deps, inp: RoundInputs, shard_keys: list[tuple[str, float]], worker: str) -> Outcome:
     t0 = time.perf_counter()
-    parts = [mine[1] if mine is not None and k == mine[0] else get_shard(deps.blobs, k) for k, _ in shard_keys]
-    del mine
+    parts = [get_shard(deps.blobs, k) for k, _ in shard_keys]
     state, spectra, starts = assemble(parts)
     strategy = inp.spec.build_strategy()
     new_key = put_state(deps.blobs, state)
