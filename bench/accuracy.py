@@ -54,7 +54,7 @@ ARMS = [
     Arm("zeropad", "zero-padding (FedIT, het. ranks)", "zeropad"),
     Arm("flora", "FLoRA (stacking)", "flora"),
     Arm("fedit-min", "FedIT, all at the smallest rank", "fedit", ranks="min"),
-    Arm("centralized", "centralized LoRA, r=16 (upper bound)", "fedit", ranks="max", centralized=True),
+    Arm("centralized", "centralized LoRA, r=16 (reference)", "fedit", ranks="max", centralized=True),
 ]
 BY_KEY = {a.key: a for a in ARMS}
 
@@ -175,6 +175,26 @@ def table(rows: list[dict[str, Any]], target: float, last: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_seed(out: Path, last: int) -> str:
+    """Mean accuracy over the last rounds, one column per seed: the spread between seeds (each
+    seed is a different split and label skew) is larger than between strategies."""
+    cells: dict[tuple[str, str], dict[str, float]] = {}
+    seeds: set[str] = set()
+    for f in sorted(out.glob("alpha*/*/seed*/results.json")):
+        acc = [r["accuracy"] for r in json.loads(f.read_text())["rounds"]]
+        seeds.add(f.parent.name)
+        cells.setdefault((f.parents[2].name[5:], f.parents[1].name), {})[f.parent.name] = statistics.fmean(acc[-last:])
+    cols = sorted(seeds)
+    lines = [f"| α | strategy | {' | '.join(cols)} |", "|---|---|" + "---|" * len(cols)]
+    for alpha in sorted({a for a, _ in cells}):
+        for arm in ARMS:
+            row = cells.get((alpha, arm.key))
+            if row:
+                vals = " | ".join(f"{row[c]:.3f}" if c in row else "—" for c in cols)
+                lines.append(f"| {alpha} | {arm.label} | {vals} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -184,11 +204,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     alphas = sorted({r["alpha"] for r in rows})
     fig, axes = plt.subplots(1, len(alphas), figsize=(6.5 * len(alphas), 4.5), dpi=120, squeeze=False)
     for ax, alpha in zip(axes[0], alphas, strict=True):
+        n = max(r["seeds"] for r in rows if r["alpha"] == alpha)
         for r in (r for r in rows if r["alpha"] == alpha):
             style = "-" if r["key"].startswith("fedhl") else "--"
-            ax.plot(range(1, len(r["curve_mean"]) + 1), r["curve_mean"], style, marker=".", label=r["label"])
+            label = r["label"] + (" [seed 0 only]" if r["seeds"] < n else "")  # not comparable to the means
+            ax.plot(range(1, len(r["curve_mean"]) + 1), r["curve_mean"], style, marker=".", label=label)
         ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-        n = max(r["seeds"] for r in rows if r["alpha"] == alpha)
         ax.set_title(f"Dirichlet α = {alpha:g} (mean over {n} seed{'s' if n > 1 else ''})")
         ax.set_xlabel("round")
         ax.set_ylabel("held-out accuracy")
@@ -204,9 +225,12 @@ def report(out: Path, target: float, last: int) -> None:
     if not rows:
         raise SystemExit(f"no results under {out}")
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
-    (out / "table.md").write_text(table(rows, target, last))
+    (out / "table.md").write_text(
+        table(rows, target, last) + f"\nMean accuracy over the last {last} rounds, per seed:\n\n" + per_seed(out, last)
+    )
     plot(rows, out / "accuracy.png")
     print(table(rows, target, last))
+    print(per_seed(out, last))
     print(f"wrote {out / 'summary.json'}, {out / 'table.md'}, {out / 'accuracy.png'}")
 
 
