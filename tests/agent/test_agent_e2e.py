@@ -214,25 +214,25 @@ def test_a_killed_agent_is_dropped_at_the_deadline_and_agents_survive_a_coordina
         job = http.post("/jobs", json=job_spec).raise_for_status().json()
         with agents(proc, data, token, tmp_path) as procs:
             end = time.monotonic() + 120
-            victim_running = False
-            while time.monotonic() < end and not victim_running:
-                rounds = http.get(f"/jobs/{job['id']}/rounds").json()
-                if rounds:
-                    detail = http.get(f"/jobs/{job['id']}/rounds/{rounds[0]['id']}").json()
-                    agents_by_id = {a["id"]: a["name"] for a in http.get("/agents").json()}
-                    victim_running = any(
+            victim_round = None  # a round opens once min_clients (2) agents are up: agent-2 may join in round 1
+            while time.monotonic() < end and victim_round is None:
+                agents_by_id = {a["id"]: a["name"] for a in http.get("/agents").json()}
+                for r in http.get(f"/jobs/{job['id']}/rounds").json():
+                    detail = http.get(f"/jobs/{job['id']}/rounds/{r['id']}").json()
+                    if any(
                         agents_by_id.get(a["agent_id"]) == "agent-2" and a["state"] == "RUNNING"
                         for a in detail["assignments"]
-                    )
+                    ):
+                        victim_round = r["id"]
                 time.sleep(0.05)
-            assert victim_running
+            assert victim_round is not None
             procs[2].send_signal(signal.SIGKILL)  # mid-task: pulled, training or uploading
-            first = None
-            while time.monotonic() < end and first is None:
-                done = [r for r in http.get(f"/jobs/{job['id']}/rounds").json() if r["state"] == "COMMITTED"]
-                first = done[0] if done else None
+            closed = None
+            while time.monotonic() < end and closed is None:
+                rounds = {r["id"]: r for r in http.get(f"/jobs/{job['id']}/rounds").json()}
+                closed = rounds[victim_round] if rounds[victim_round]["state"] == "COMMITTED" else None
                 time.sleep(0.2)
-            assert first is not None and len(first["report"]["clients"]) == 2  # closed at the deadline with quorum
+            assert closed is not None and len(closed["report"]["clients"]) == 2  # closed at the deadline with quorum
             proc.kill()  # the coordinator dies; the two live agents must reconnect on their own
             time.sleep(1.0)
             proc.start()
