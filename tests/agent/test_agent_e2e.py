@@ -211,10 +211,14 @@ def test_a_killed_agent_is_dropped_at_the_deadline_and_agents_survive_a_coordina
     )
     with coordinator("sqlite+inprocess", tmp_path) as (proc, http):
         token = enrol(http)
-        job = http.post("/jobs", json=job_spec).raise_for_status().json()
         with agents(proc, data, token, tmp_path) as procs:
             end = time.monotonic() + 120
-            victim_round = None  # a round opens once min_clients (2) agents are up: agent-2 may join in round 1
+            # all three enrolled before the job exists: a round opens as soon as min_clients (2) agents are
+            # live, and a first round of two, one of them killed, fails instead of closing with quorum
+            while time.monotonic() < end and len(http.get("/agents").json()) < 3:
+                time.sleep(0.1)
+            job = http.post("/jobs", json=job_spec).raise_for_status().json()
+            victim_round = None
             while time.monotonic() < end and victim_round is None:
                 agents_by_id = {a["id"]: a["name"] for a in http.get("/agents").json()}
                 for r in http.get(f"/jobs/{job['id']}/rounds").json():
