@@ -6,12 +6,13 @@ from __future__ import annotations
 import threading
 import time
 
-from sqlalchemy import text
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
 
 from fedhl.storage.db import make_engine, session_factory, transaction
 
 
-def _setup(database_url: str):  # type: ignore[no-untyped-def]
+def _setup(database_url: str) -> tuple[Engine, sessionmaker[Session]]:
     engine = make_engine(database_url)
     with engine.begin() as c:
         c.execute(text("CREATE TABLE t (x INTEGER)"))

@@ -212,36 +212,33 @@ class AgentService:
             if a is None:
                 return None
             rounds.set_assignment_state(a.id, [AssignmentState.ISSUED], AssignmentState.RUNNING)
-            return self._task_info(a)
-
-    def _task_info(self, a: Assignment) -> TaskInfo:
-        rnd, job = a.round, a.round.job
-        spec = JobSpec.model_validate(job.config)
-        key = rnd.start_keys.get(str(a.rank))
-        if key is None:
-            raise ServiceError(Code.FAILED_PRECONDITION, f"no start package for rank {a.rank}")
-        blob = BlobInfo(key, self.deps.blobs.size(key), "start")
-        return TaskInfo(
-            task_id=a.id,
-            job_id=job.id,
-            round=rnd.number,
-            rank=a.rank,
-            ranks=dict.fromkeys(spec.module_shapes, a.rank),
-            strategy=spec.strategy,
-            lora_alpha=spec.lora_alpha,
-            scale_rule=spec.scale_rule,
-            blobs=[blob],
-            base_model=spec.base_model,
-            base_model_sha256=spec.base_model_sha256 or "",
-            task_type=spec.task_type,
-            train_config={
-                **spec.train.model_dump(),
-                "extra_shapes": spec.extra_shapes,
-                "num_labels": spec.num_labels,
-                "seed": spec.seed,
-            },
-            deadline=rnd.deadline,
-        )
+            rnd, job = a.round, a.round.job
+            spec = JobSpec.model_validate(job.config)
+            key = rnd.start_keys.get(str(a.rank))
+            if key is None:
+                raise ServiceError(Code.FAILED_PRECONDITION, f"no start package for rank {a.rank}")
+            blob = BlobInfo(key, self.deps.blobs.size(key), "start")
+            return TaskInfo(
+                task_id=a.id,
+                job_id=job.id,
+                round=rnd.number,
+                rank=a.rank,
+                ranks=dict.fromkeys(spec.module_shapes, a.rank),
+                strategy=spec.strategy,
+                lora_alpha=spec.lora_alpha,
+                scale_rule=spec.scale_rule,
+                blobs=[blob],
+                base_model=spec.base_model,
+                base_model_sha256=spec.base_model_sha256 or "",
+                task_type=spec.task_type,
+                train_config={
+                    **spec.train.model_dump(),
+                    "extra_shapes": spec.extra_shapes,
+                    "num_labels": spec.num_labels,
+                    "seed": spec.seed,
+                },
+                deadline=rnd.deadline,
+            )
 
     # ---------------------------------------------------------------- blobs
     def open_blob(self, agent_id: str, key: str, offset: int) -> tuple[int, str, Iterator[bytes]]:

@@ -9,12 +9,13 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..jobspec import JobSpec
 from ..simulation import SimClient, simulate
-from .run import job_spec, model_path, plot_accuracy, run_config, split_corpus, write_report
+from .run import job_spec, model_path, run_config, split_corpus, write_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,10 +48,10 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    def progress(row: dict[str, object]) -> None:
+    def progress(row: dict[str, Any]) -> None:
         if not args.quiet:
             print(
-                f"  round {int(row['round']) + 1:>3}/{args.rounds}  accuracy {row['accuracy']:.3f}"  # type: ignore[call-overload]
+                f"  round {row['round'] + 1:>3}/{args.rounds}  accuracy {row['accuracy']:.3f}"
                 f"  loss {row['loss']:.3f}  {row['seconds']:.1f}s",
                 flush=True,
             )
@@ -60,6 +61,3 @@ def run(args: argparse.Namespace) -> int:
     write_report(out, args, config, rows, time.monotonic() - t0)
     (out / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
     return 0
-
-
-__all__ = ["add_arguments", "plot_accuracy", "run"]
