@@ -22,13 +22,11 @@ from typing import Any, Literal
 import torch
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
 
 from .. import metrics
+from ..backends import SCHEDULER_EVENTS, AggregationTask, Deps
 from ..core import AggregationError, ClientStart, ClientUpdate, GlobalState, RoundPlan, Spectrum
 from ..jobspec import JobSpec
-from ..storage.blobs import BlobStore
-from ..storage.coordination import Coordination
 from ..storage.db import transaction
 from ..storage.models import JobStatus, RoundShard, RoundState, utcnow
 from ..storage.repos import AuditRepo, CheckpointRepo, JobRepo, RoundRepo
@@ -51,19 +49,7 @@ from .artifacts import (
 
 log = logging.getLogger(__name__)
 
-ROUND_EVENTS = "rounds"  # a round opened or changed: wakes long-polling agents
-SCHEDULER_EVENTS = "scheduler"  # uploads, commits, job changes: wake the scheduler
-AGGREGATION_STREAM_FIELD = "round_id"
-
 Outcome = Literal["committed", "failed", "skipped", "partial"]
-
-
-@dataclass
-class Deps:
-    sessions: sessionmaker[Session]
-    blobs: BlobStore
-    coord: Coordination
-    device: str | None = None  # None: CUDA when present, else CPU
 
 
 def pick_device(requested: str | None) -> str:
@@ -368,12 +354,8 @@ def run_worker(
             log.info("reclaimed %d aggregation job(s) left pending by another worker", len(reclaimed))
         for entry_id, fields in reclaimed or queue.consume(consumer, block_s):
             try:
-                outcome = process(
-                    deps,
-                    int(fields[AGGREGATION_STREAM_FIELD]),
-                    int(fields.get("shard", "0")),
-                    worker=f"aggregator:{consumer}",
-                )
+                task = AggregationTask.from_fields(fields)
+                outcome = process(deps, task.round_id, task.shard, worker=f"aggregator:{consumer}")
             except Exception:  # leave it pending: a later reclaim retries it
                 log.exception("aggregation job %s failed unexpectedly", fields)
                 metrics.AGGREGATION_JOBS.labels("error").inc()

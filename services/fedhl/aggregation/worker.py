@@ -14,11 +14,12 @@ from pathlib import Path
 from prometheus_client import start_http_server
 
 from .. import metrics
+from ..backends import Deps
 from ..settings import Settings
 from ..storage.blobs import open_blob_store
 from ..storage.coordination import open_coordination
 from ..storage.db import make_engine, schema_is_current, session_factory
-from .runner import Deps, pick_device, run_worker
+from .runner import pick_device, run_worker
 
 log = logging.getLogger(__name__)
 

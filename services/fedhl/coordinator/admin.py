@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from datetime import timedelta
 
-from ..aggregation.runner import Deps
+from ..backends import Deps
 from ..storage.db import transaction
 from ..storage.models import Agent, AgentStatus, EnrolmentToken, utcnow
 from ..storage.repos import AgentRepo, AuditRepo, RoundRepo

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .. import metrics
-from ..aggregation.runner import ROUND_EVENTS, SCHEDULER_EVENTS, Deps
+from ..backends import ROUND_EVENTS, SCHEDULER_EVENTS, Deps
 from ..jobspec import JobSpec
 from ..settings import Settings
 from ..storage.blobs import BlobIntegrityError, BlobNotFound, BlobTooLarge, UploadInProgress

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from ..aggregation.runner import Deps, run_worker
+from ..aggregation.runner import run_worker
 from ..aggregation.worker import resolve_blob_url
+from ..backends import Deps
 from ..settings import Settings
 from ..storage.blobs import open_blob_store
 from ..storage.coordination import open_coordination

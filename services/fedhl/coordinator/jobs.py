@@ -4,7 +4,7 @@ resume, cancel. One transaction per transition."""
 from __future__ import annotations
 
 from ..aggregation.artifacts import initial_state, publish_round_artifacts, put_state
-from ..aggregation.runner import SCHEDULER_EVENTS, Deps
+from ..backends import SCHEDULER_EVENTS, Deps
 from ..jobspec import JobSpec
 from ..modeling import resolve_shapes
 from ..storage.db import transaction

@@ -19,7 +19,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy import select as sql_select
 from sqlalchemy.orm import Session
 
-from ..aggregation.runner import AGGREGATION_STREAM_FIELD, ROUND_EVENTS, SCHEDULER_EVENTS, Deps
+from ..backends import ROUND_EVENTS, SCHEDULER_EVENTS, AggregationTask, Deps
 from ..jobspec import JobSpec
 from ..storage.db import transaction
 from ..storage.models import Agent, AgentStatus, AssignmentState, JobStatus, Round, RoundState, utcnow
@@ -151,7 +151,7 @@ class Scheduler:
         if enqueue is not None:
             round_id, shards = enqueue
             for shard in range(shards):
-                self.deps.coord.queue.publish({AGGREGATION_STREAM_FIELD: str(round_id), "shard": str(shard)})
+                self.deps.coord.queue.publish(AggregationTask(round_id, shard).to_fields())
             self._enqueued[round_id] = time.monotonic()
         if opened or enqueue is not None:
             self.deps.coord.events.publish(ROUND_EVENTS, {"type": "round_changed", "job_id": job_id})

@@ -1,0 +1,43 @@
+"""What the coordinator and the aggregator share at run time, so neither imports the other:
+the backends a process is wired to, the event channels, and the aggregation-task message."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from .storage.blobs import BlobStore
+from .storage.coordination import Coordination
+
+ROUND_EVENTS = "rounds"  # a round opened or changed: wakes long-polling agents
+SCHEDULER_EVENTS = "scheduler"  # uploads, commits, job changes: wake the scheduler
+
+
+@dataclass
+class Deps:
+    """The backends one process is wired to (built once at start, passed down)."""
+
+    sessions: sessionmaker[Session]
+    blobs: BlobStore
+    coord: Coordination
+    device: str | None = None  # aggregation device; None: CUDA when present, else CPU
+
+
+@dataclass(frozen=True)
+class AggregationTask:
+    """One entry of the aggregation stream: merge shard `shard` of round `round_id`."""
+
+    round_id: int
+    shard: int = 0
+
+    def to_fields(self) -> dict[str, str]:
+        return {"round_id": str(self.round_id), "shard": str(self.shard)}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> AggregationTask:
+        """Raises ValueError on a malformed entry (missing or non-integer fields)."""
+        try:
+            return cls(int(fields["round_id"]), int(fields.get("shard", "0")))
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"malformed aggregation task {fields!r}") from e
