@@ -38,6 +38,7 @@ def run_job(args: argparse.Namespace, workers: int, shards: int, tmp: Path) -> d
     import redis
     from sqlalchemy import create_engine, select, text
 
+    from fedhl.codec import decode_start, encode_update
     from fedhl.coordinator.agents import UploadHeader
     from fedhl.coordinator.app import Coordinator
     from fedhl.core import LoRAFactors
@@ -46,7 +47,6 @@ def run_job(args: argparse.Namespace, workers: int, shards: int, tmp: Path) -> d
     from fedhl.storage.db import transaction
     from fedhl.storage.models import Round, RoundState
     from fedhl.storage.repos import AgentRepo
-    from fedhl.wire.payloads import decode_start, encode_update
 
     eng = create_engine(args.postgres.replace("postgresql://", "postgresql+psycopg://"))
     with eng.begin() as c:

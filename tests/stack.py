@@ -22,6 +22,7 @@ import pytest
 import redis
 from sqlalchemy import create_engine, select, text
 
+from fedhl.aggregation.worker import run_worker
 from fedhl.coordinator.app import Coordinator
 from fedhl.settings import Settings
 from fedhl.storage.db import transaction
@@ -97,7 +98,7 @@ def env_for(settings: Settings) -> dict[str, str]:
 @contextmanager
 def running(settings: Settings) -> Iterator[Coordinator]:
     """An in-process coordinator with real gRPC on a loopback port, scheduler and worker."""
-    c = Coordinator.from_settings(settings, auto_migrate=True)
+    c = Coordinator.from_settings(settings, auto_migrate=True, aggregator=run_worker)
     c.start()
     try:
         yield c

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from fedhl.cli import main
+from fedhl.codec import StateFileError, load_state, save_state
 from fedhl.core import GlobalState, LoRAFactors
-from fedhl.storage.state_file import StateFileError, load_state, save_state
 
 
 def test_dense_state_round_trips_bit_exactly(tmp_path: Path) -> None:

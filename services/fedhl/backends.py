@@ -1,8 +1,11 @@
 """What the coordinator and the aggregator share at run time, so neither imports the other:
-the backends a process is wired to, the event channels, and the aggregation-task message."""
+the backends a process is wired to, the event channels, the aggregation-task message, and the
+shape of the worker loop a coordinator may run in-process (handed to it by the process wiring)."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -41,3 +44,7 @@ class AggregationTask:
             return cls(int(fields["round_id"]), int(fields.get("shard", "0")))
         except (KeyError, ValueError) as e:
             raise ValueError(f"malformed aggregation task {fields!r}") from e
+
+
+# (deps, consumer name, stop event, reclaim_idle_s): consume aggregation tasks until stopped.
+WorkerLoop = Callable[[Deps, str, threading.Event, float], None]

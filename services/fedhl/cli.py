@@ -31,9 +31,9 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from .codec import load_state
     from .core import LoRAScaling
     from .export import export_peft_adapter
-    from .storage.state_file import load_state
 
     state = load_state(args.state)
     if not state.dense:
@@ -76,9 +76,12 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _coordinator(args: argparse.Namespace) -> int:
+    # The process wiring: the coordinator gets the aggregation worker loop from here, so the
+    # two services never import each other.
+    from .aggregation.worker import run_worker
     from .coordinator.main import serve
 
-    serve(_settings(), auto_migrate=args.migrate)
+    serve(_settings(), auto_migrate=args.migrate, aggregator=run_worker)
     return 0
 
 

@@ -29,14 +29,14 @@ from typing import Any
 import torch
 
 from .agent.trainer import prepare, train
-from .aggregation.artifacts import initial_state, next_round_artifacts
+from .artifacts import initial_state, next_round_artifacts
+from .codec import encode_update
 from .core import ClientStart, ClientUpdate, GlobalState, RoundPlan
 from .core.scaling import LoRAScaling
 from .data import Example
 from .evaluation import evaluate
 from .jobspec import JobSpec
 from .modeling import load_base, resolve_shapes
-from .wire.payloads import encode_update
 
 __all__ = ["SimClient", "client_seed", "select_clients", "simulate"]
 

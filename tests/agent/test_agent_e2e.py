@@ -182,10 +182,10 @@ def _simulate_matches(
     the aggregator and three agent processes reached. Not bit for bit: the coordinator merges
     with torch's default thread count, this process with one, so float32 sums round differently
     (measured: max |Δ| ≈ 3e-7 on entries up to 0.23, i.e. ~1e-6 relative)."""
+    from fedhl.codec import load_state
     from fedhl.data import load_examples
     from fedhl.jobspec import JobSpec
     from fedhl.simulation import SimClient, simulate
-    from fedhl.storage.state_file import load_state
 
     ranks = job["rank_policy"]["fixed"]
     clients = [SimClient(f"agent-{i}", ranks[f"agent-{i}"], load_examples(p, "seq_cls", 2)) for i, p in enumerate(data)]

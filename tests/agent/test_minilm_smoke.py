@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fedhl.agent.trainer import load_base, prepare, train
+from fedhl.codec import Expected, decode_start, decode_tensors, encode_start, encode_update, validate_update
 from fedhl.core import LoRAScaling
 from fedhl.core.merge import lora_init
 from fedhl.core.types import ClientStart
@@ -16,7 +17,6 @@ from fedhl.data import Example, encode_batch
 from fedhl.evaluation import apply_global_update
 from fedhl.jobspec import TrainConfig
 from fedhl.modeling import resolve_shapes
-from fedhl.wire.payloads import Expected, decode_start, decode_tensors, encode_start, encode_update, validate_update
 
 
 def test_minilm_round_is_consistent_with_the_server(monkeypatch: pytest.MonkeyPatch) -> None:

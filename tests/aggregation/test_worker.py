@@ -20,15 +20,17 @@ import torch
 from sqlalchemy import select
 
 from fedhl.agent.scripted import ScriptedAgent
-from fedhl.aggregation.artifacts import ShardResult, get_shard, put_shard, put_state
-from fedhl.aggregation.runner import assemble, compute_shard, load_inputs
+from fedhl.aggregation.compute import compute_shard
+from fedhl.aggregation.inputs import load_inputs
+from fedhl.aggregation.shards import assemble, get_shard, put_shard
+from fedhl.artifacts import put_state
+from fedhl.codec import ShardResult, decode_start, encode_update
 from fedhl.coordinator.app import Coordinator
 from fedhl.core import LoRAFactors
 from fedhl.jobspec import JobSpec
 from fedhl.storage.db import transaction
 from fedhl.storage.models import Checkpoint, Job, Round, RoundState
 from fedhl.storage.repos import AgentRepo
-from fedhl.wire.payloads import decode_start, encode_update
 from stack import env_for, free_port, job_spec, running, settings_for
 
 

@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import save
 
 from fedhl.agent.client import AgentClient, Task
+from fedhl.codec import decode_start, encode_update
 from fedhl.coordinator.app import Coordinator
 from fedhl.core import LoRAFactors
 from fedhl.jobspec import JobSpec
 from fedhl.storage.db import transaction
 from fedhl.storage.repos import AgentRepo
 from fedhl.v1 import agent_pb2, agent_pb2_grpc
-from fedhl.wire.payloads import decode_start, encode_update
 from stack import (
     BACKENDS,
     job_spec,

@@ -24,11 +24,11 @@ from typing import Any
 import grpc
 import torch
 
+from ..codec import decode_start, encode_update
 from ..core.scaling import LoRAScaling
 from ..data import Example, load_examples
 from ..jobspec import TrainConfig
 from ..modeling import load_base, verify_base
-from ..wire.payloads import decode_start, encode_update
 from .client import TLS, AgentClient, Resources, Task
 from .trainer import Cancelled, measure_throughput, prepare, train
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from ..codec import decode_start, encode_update
 from ..core import LoRAFactors
-from ..wire.payloads import decode_start, encode_update
 from .client import AgentClient, Resources, Task
 
 

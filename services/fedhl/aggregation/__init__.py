@@ -1,5 +1,18 @@
-"""Aggregation jobs: load a round's uploads, run the job's strategy (fedhl.core), publish the
-new global state and the next round's start packages, commit the round exactly once.
+"""The aggregation service: a round that closes becomes `shards` aggregation tasks on the queue;
+task i merges every `shards`-th module (FedHL's weights come from the round's spectra of *all*
+modules, so a shard merges exactly what an unsharded task would) and leaves a partial result
+in the blob store plus one `round_shards` row. Whoever records the last shard assembles the new
+state and the next round's start packages and commits the round with a conditional transition
+(AGGREGATING → COMMITTED): a redelivered, reclaimed or duplicated task never applies an update
+twice.
 
-The coordinator's in-process runner and the `fedhl aggregator` worker call the same code.
+- `inputs`: what a round's aggregation reads (uploads, ranks, stored state and spectra);
+- `compute`: one shard's merge and its part of the next round, a pure function of the inputs;
+- `shards`: shard results in the blob store, and their assembly into one state;
+- `commit`: run one task, commit (or fail) the round exactly once;
+- `evaluate`: the held-out evaluation a commit records (a measurement, never fails a round);
+- `worker`: the queue-consuming loop and the `fedhl aggregator` process.
+
+The coordinator's in-process worker and `fedhl aggregator` run the same loop; the coordinator
+receives it from the process wiring (`fedhl.cli`), never by importing this package.
 """

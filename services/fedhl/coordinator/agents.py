@@ -18,13 +18,13 @@ from sqlalchemy.orm import Session
 
 from .. import metrics
 from ..backends import ROUND_EVENTS, SCHEDULER_EVENTS, Deps
+from ..codec import Expected, PayloadError, decode_file, validate_update
 from ..jobspec import JobSpec
 from ..settings import Settings
 from ..storage.blobs import BlobIntegrityError, BlobNotFound, BlobTooLarge, UploadInProgress
 from ..storage.db import transaction
 from ..storage.models import Agent, Assignment, AssignmentState, JobStatus, RoundState, Update, utcnow
 from ..storage.repos import AgentRepo, AuditRepo, NotFound, RevokedError, RoundRepo
-from ..wire.payloads import Expected, PayloadError, decode_file, validate_update
 from .errors import Code, ServiceError
 
 LAST_SEEN_EVERY_S = 30.0  # agents.last_seen_at is informational (REST); liveness has its own TTL keys

@@ -1,5 +1,7 @@
 """Wiring: one `Coordinator` owns the dependencies, the services and the threads of one
-coordinator process (gRPC server, scheduler, in-process aggregation worker)."""
+coordinator process (gRPC server, scheduler, in-process aggregation worker). The worker loop
+is passed in (`aggregator`) by whoever starts the process: the coordinator never imports the
+aggregation service."""
 
 from __future__ import annotations
 
@@ -11,11 +13,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from ..aggregation.runner import run_worker
-from ..aggregation.worker import resolve_blob_url
-from ..backends import Deps
+from ..backends import Deps, WorkerLoop
 from ..settings import Settings
-from ..storage.blobs import open_blob_store
+from ..storage.blobs import open_blob_store, resolve_blob_url
 from ..storage.coordination import open_coordination
 from ..storage.db import make_engine, migrate, schema_is_current, session_factory
 from .agents import AgentService
@@ -33,13 +33,16 @@ class Coordinator:
     agents: AgentService
     jobs: JobService
     scheduler: Scheduler
+    aggregator: WorkerLoop | None = None  # run in a thread when settings.inprocess_aggregator
     stop: threading.Event = field(default_factory=threading.Event)
     grpc_server: grpc.Server | None = None
     grpc_port: int = 0
     threads: list[threading.Thread] = field(default_factory=list)
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, auto_migrate: bool = False) -> Coordinator:
+    def from_settings(
+        cls, settings: Settings, *, auto_migrate: bool = False, aggregator: WorkerLoop | None = None
+    ) -> Coordinator:
         engine = make_engine(settings.database_url)
         if auto_migrate:
             migrate(settings.database_url)
@@ -57,18 +60,20 @@ class Coordinator:
             AgentService(deps, settings),
             JobService(deps),
             Scheduler(deps, settings.scheduler_interval_s, settings.aggregation_shards),
+            aggregator,
         )
 
     def start(self) -> None:
         """Start gRPC, the scheduler and (if configured) the in-process aggregation worker."""
+        if self.settings.inprocess_aggregator and self.aggregator is None:
+            raise RuntimeError("inprocess_aggregator is set but no worker loop was given (Coordinator aggregator=)")
         self.grpc_server, self.grpc_port = build_server(self.agents, self.settings)
         self.grpc_server.start()
         self._thread("scheduler", lambda: self.scheduler.run(self.stop))
-        if self.settings.inprocess_aggregator:
-            consumer = f"{socket.gethostname()}-inproc-{id(self):x}"
+        if self.settings.inprocess_aggregator and self.aggregator is not None:
+            loop, consumer = self.aggregator, f"{socket.gethostname()}-inproc-{id(self):x}"
             self._thread(
-                "aggregator",
-                lambda: run_worker(self.deps, consumer, self.stop, self.settings.aggregator_reclaim_idle_s),
+                "aggregator", lambda: loop(self.deps, consumer, self.stop, self.settings.aggregator_reclaim_idle_s)
             )
         log.info("coordinator: gRPC on port %d", self.grpc_port)
 

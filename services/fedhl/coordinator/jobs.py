@@ -3,7 +3,7 @@ resume, cancel. One transaction per transition."""
 
 from __future__ import annotations
 
-from ..aggregation.artifacts import initial_state, publish_round_artifacts, put_state
+from ..artifacts import initial_state, publish_round_artifacts, put_state
 from ..backends import SCHEDULER_EVENTS, Deps
 from ..jobspec import JobSpec
 from ..modeling import resolve_shapes

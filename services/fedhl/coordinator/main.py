@@ -6,6 +6,7 @@ import logging
 
 import uvicorn
 
+from ..backends import WorkerLoop
 from ..settings import Settings
 from .api import create_app
 from .app import Coordinator
@@ -13,8 +14,9 @@ from .app import Coordinator
 log = logging.getLogger(__name__)
 
 
-def serve(settings: Settings, *, auto_migrate: bool = False) -> None:
-    coordinator = Coordinator.from_settings(settings, auto_migrate=auto_migrate)
+def serve(settings: Settings, *, auto_migrate: bool = False, aggregator: WorkerLoop | None = None) -> None:
+    """`aggregator`: the in-process aggregation worker loop (wired by `fedhl.cli`)."""
+    coordinator = Coordinator.from_settings(settings, auto_migrate=auto_migrate, aggregator=aggregator)
     coordinator.start()
     config = uvicorn.Config(
         create_app(coordinator),

@@ -8,6 +8,7 @@ See ALGORITHMS.md, step 4.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -80,9 +81,10 @@ def cap_weights(p: Tensor, n_examples: Tensor, max_ratio: float) -> Tensor:
     return p
 
 
-def effective_participants(p: Tensor) -> float:
+def effective_participants(p: Tensor | Sequence[float]) -> float:
     """N_eff = 1 / Σ p_i²: N for uniform weights, 1 when one client takes everything."""
-    return float(1.0 / (p.to(torch.float64) ** 2).sum())
+    t = p.to(torch.float64) if isinstance(p, Tensor) else torch.tensor(list(p), dtype=torch.float64)
+    return float(1.0 / (t**2).sum())
 
 
 @dataclass(frozen=True)

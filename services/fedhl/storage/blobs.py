@@ -335,6 +335,13 @@ class FileBlobStore:
         raise UploadInProgress(f"upload {upload_id} keeps changing under us")
 
 
+def resolve_blob_url(url: str) -> str:
+    """`file://./x` → an absolute file URL, so every process agrees on the directory."""
+    if url.startswith("file://"):
+        return "file://" + str(Path(url[len("file://") :]).resolve())
+    return url
+
+
 def open_blob_store(url: str) -> BlobStore:
     """A blob store from `file:///abs/path`, a plain filesystem path, or `s3://bucket/prefix`
     (configured from the environment, see `S3BlobStore.from_url`)."""

@@ -25,6 +25,7 @@ from .models import (
     Job,
     JobStatus,
     Round,
+    RoundShard,
     RoundState,
     Update,
     utcnow,
@@ -33,10 +34,6 @@ from .models import (
 
 class NotFound(LookupError):
     pass
-
-
-class Conflict(RuntimeError):
-    """A conditional transition did not apply: someone else got there first."""
 
 
 def secret_hash(secret: str) -> str:
@@ -339,3 +336,27 @@ class AuditRepo:
     def list(self, job_id: str | None = None, limit: int = 200) -> Sequence[AuditEvent]:
         q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
         return self.s.scalars(q.where(AuditEvent.job_id == job_id) if job_id else q).all()
+
+
+class ShardRepo:
+    """The aggregation side's shard results: one row per (round, shard), inserted once."""
+
+    def __init__(self, s: Session) -> None:
+        self.s = s
+
+    def get(self, round_id: int, shard: int) -> RoundShard | None:
+        return self.s.scalars(
+            select(RoundShard).where(RoundShard.round_id == round_id, RoundShard.shard == shard)
+        ).first()
+
+    def for_round(self, round_id: int) -> Sequence[RoundShard]:
+        return self.s.scalars(
+            select(RoundShard).where(RoundShard.round_id == round_id).order_by(RoundShard.shard)
+        ).all()
+
+    def add(self, round_id: int, shard: int, blob_key: str, worker: str, seconds: float) -> RoundShard:
+        """Raises sqlalchemy's IntegrityError (at flush) when the shard is already recorded."""
+        row = RoundShard(round_id=round_id, shard=shard, blob_key=blob_key, worker=worker, seconds=seconds)
+        self.s.add(row)
+        self.s.flush()
+        return row

@@ -1,2 +1,2 @@
-"""Wire formats: tensor payloads (safetensors) and, generated beside it, the gRPC modules
-(`fedhl.v1`). Protobuf types stay at the servicer and client edges."""
+"""Wire edges: the gRPC modules are generated into `fedhl.v1` at build time; tensor payloads
+are encoded by `fedhl.codec`. Protobuf types stay at the servicer and client edges."""

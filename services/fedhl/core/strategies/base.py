@@ -147,16 +147,16 @@ class Strategy(ABC):
     def plan_round(self, state: GlobalState, ranks: Mapping[ClientId, RankMap]) -> RoundPlan:
         modules = state.modules
         if not ranks:
-            raise ValueError("a round needs at least one client")
+            raise AggregationError("a round needs at least one client")
         plan_ranks: dict[ClientId, dict[ModuleName, int]] = {}
         for c, rm in ranks.items():
             missing = [m for m in modules if m not in rm]
             unknown = [m for m in rm if m not in modules]
             if missing or unknown:
-                raise ValueError(f"client {c!r}: rank map missing {missing} / unknown modules {unknown}")
+                raise AggregationError(f"client {c!r}: rank map missing {missing} / unknown modules {unknown}")
             bad = {m: r for m, r in rm.items() if not isinstance(r, int) or r <= 0 or r > min(state.shape(m))}
             if bad:
-                raise ValueError(f"client {c!r}: ranks must be integers in [1, min(d_out, d_in)], got {bad}")
+                raise AggregationError(f"client {c!r}: ranks must be integers in [1, min(d_out, d_in)], got {bad}")
             plan_ranks[c] = dict(rm)
         plan = RoundPlan(round=state.round, ranks=plan_ranks)
         self._check_ranks(state, plan)

@@ -26,7 +26,7 @@ class ZeroPadding(Strategy):
         for c, rm in plan.ranks.items():
             for m, r in rm.items():
                 if r > state.factors[m].rank:
-                    raise ValueError(
+                    raise AggregationError(
                         f"client {c!r}: rank {r} on {m!r} exceeds the state's rank {state.factors[m].rank}"
                     )
 
@@ -59,7 +59,7 @@ class FedIT(ZeroPadding):
         for c, rm in plan.ranks.items():
             for m, r in rm.items():
                 if r != state.factors[m].rank:
-                    raise ValueError(
+                    raise AggregationError(
                         f"fedit needs homogeneous ranks: client {c!r} has rank {r} on {m!r}, "
                         f"the state has {state.factors[m].rank} (use 'zeropad' or 'hetlora')"
                     )

@@ -1,0 +1,122 @@
+"""Run one aggregation task (one shard of one round), then commit the round once every shard
+is in, with a conditional transition (AGGREGATING → COMMITTED) so nothing applies twice."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal
+
+from sqlalchemy.exc import IntegrityError
+
+from .. import metrics
+from ..artifacts import put_spectra, put_start_packages, put_state, start_meta
+from ..backends import SCHEDULER_EVENTS, Deps
+from ..codec import CodecError
+from ..core import AggregationError
+from ..round_report import RoundReport
+from ..storage.db import transaction
+from ..storage.models import JobStatus, RoundState, utcnow
+from ..storage.repos import AuditRepo, CheckpointRepo, JobRepo, RoundRepo, ShardRepo
+from .compute import compute_shard
+from .evaluate import evaluate_state
+from .inputs import RoundInputs, load_inputs
+from .shards import assemble, get_shard, put_shard
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["committed", "failed", "skipped", "partial"]
+
+
+def run_task(deps: Deps, round_id: int, shard: int = 0, worker: str = "aggregator") -> Outcome:
+    """Idempotent: safe to run again after a crash or a redelivery."""
+    inp = load_inputs(deps, round_id)
+    if inp is None:
+        return "skipped"
+    if not 0 <= shard < inp.shards:
+        log.warning("round %s has %d shards; ignoring shard %d", round_id, inp.shards, shard)
+        return "skipped"
+    with transaction(deps.sessions, read_only=True) as s:
+        done = ShardRepo(s).get(round_id, shard) is not None
+    if not done:
+        t0 = time.perf_counter()
+        try:
+            result = compute_shard(deps, inp, shard)
+        except (AggregationError, CodecError) as e:  # the round's inputs cannot be merged
+            fail_round(deps, round_id, inp.job_id, f"aggregation failed: {e}", worker)
+            return "failed"
+        key = put_shard(deps.blobs, result)
+        try:
+            with transaction(deps.sessions) as s:
+                ShardRepo(s).add(round_id, shard, key, worker, time.perf_counter() - t0)
+        except IntegrityError:
+            pass  # another worker recorded the same shard (same bytes): nothing to do
+    with transaction(deps.sessions, read_only=True) as s:
+        shard_keys = [(r.blob_key, r.seconds) for r in ShardRepo(s).for_round(round_id)]
+    if len(shard_keys) < inp.shards:
+        return "partial"
+    return commit_round(deps, inp, shard_keys, worker)
+
+
+def commit_round(deps: Deps, inp: RoundInputs, shard_keys: list[tuple[str, float]], worker: str) -> Outcome:
+    t0 = time.perf_counter()
+    parts = [get_shard(deps.blobs, k) for k, _ in shard_keys]
+    state, spectra, starts = assemble(parts)
+    strategy = inp.spec.build_strategy()
+    new_key = put_state(deps.blobs, state)
+    plan_key = put_spectra(deps.blobs, spectra) if spectra else None
+    start_keys = put_start_packages(
+        deps.blobs, starts, state.extras, start_meta(inp.job_id, state.round, strategy, inp.spec)
+    )
+    report = RoundReport.combine([p.report for p in parts], [sec for _, sec in shard_keys])
+    report.timings["publish_s"] = time.perf_counter() - t0
+    report.evaluation = evaluate_state(strategy, state, inp.spec)
+    report.timings["total_s"] = sum(sec for _, sec in shard_keys) + report.timings["publish_s"]
+    with transaction(deps.sessions) as s:
+        rounds = RoundRepo(s)
+        if not rounds.transition(
+            inp.round_id, [RoundState.AGGREGATING], RoundState.COMMITTED, committed_at=utcnow(), report=report.to_dict()
+        ):
+            return "skipped"  # another worker committed it first: nothing applied twice
+        job = JobRepo(s).get(inp.job_id, lock=True)
+        if job.current_round != inp.number:  # never advance a job twice from one version
+            raise RuntimeError(
+                f"job {inp.job_id} is at version {job.current_round}, round {inp.round_id} started from {inp.number}"
+            )
+        job.current_round = inp.number + 1
+        job.state_key, job.plan_key, job.start_keys = new_key, plan_key, start_keys
+        if job.current_round >= inp.spec.rounds and job.status in (JobStatus.RUNNING, JobStatus.PAUSED):
+            job.status = JobStatus.COMPLETED
+        CheckpointRepo(s).add(inp.job_id, inp.number + 1, new_key)
+        for u in rounds.updates(inp.round_id):
+            u.weight = report.weights.get(u.agent_id)
+        AuditRepo(s).record(
+            worker,
+            "round_committed",
+            inp.job_id,
+            round_id=inp.round_id,
+            round=inp.number,
+            participants=len(inp.uploads),
+            shards=len(parts),
+        )
+    metrics.ROUNDS.labels("committed").inc()
+    metrics.AGGREGATION_SECONDS.observe(report.timings["total_s"])
+    deps.coord.events.publish(
+        SCHEDULER_EVENTS, {"type": "round_committed", "job_id": inp.job_id, "round_id": inp.round_id}
+    )
+    log.info(
+        "round %s of job %s committed: %d uploads in %d shard(s)", inp.number, inp.job_id, len(inp.uploads), len(parts)
+    )
+    return "committed"
+
+
+def fail_round(deps: Deps, round_id: int, job_id: str, reason: str, actor: str) -> None:
+    """The round fails with its reason; the previous global state stays published."""
+    with transaction(deps.sessions) as s:
+        if RoundRepo(s).transition(
+            round_id, [RoundState.AGGREGATING], RoundState.FAILED, error=reason, closed_at=utcnow()
+        ):
+            AuditRepo(s).record(actor, "round_failed", job_id, round_id=round_id, reason=reason)
+    metrics.ROUNDS.labels("failed").inc()
+    deps.coord.events.publish(SCHEDULER_EVENTS, {"type": "round_failed", "job_id": job_id, "round_id": round_id})
+    log.warning("round %s failed: %s", round_id, reason)

@@ -1,0 +1,386 @@
+"""Every tensor-file layout FedHL writes, in one place (all safetensors, never pickle).
+
+- state:   `dense::<m>` | `lora_B::<m>` + `lora_A::<m>`, `extra::<name>`; metadata
+           `fedhl = {"format": "fedhl-state/1", "round": t}`.
+- update (agent → server): `lora_B::<m>` (d_out, r), `lora_A::<m>` (r, d_in), `extra::<name>`.
+- start package (server → agent): the update's keys plus `residual::<m>` (dense) or
+  `residual_B::<m>`/`residual_A::<m>` (low rank, scale 1) added to the frozen base weight.
+- spectra: `U::<m>`, `S::<m>`, `Vh::<m>` with `spectrum::<m>` metadata.
+- shard result (one aggregation task's output): the state under `state::`, the next round's
+  spectra under `next::` and each rank's start package under `start::<rank>::`, tensors that
+  share memory stored once (`aliases`), the partial report as JSON metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load, load_file, save, save_file
+from torch import Tensor
+
+from .core.svd import Spectrum
+from .core.types import ClientStart, GlobalState, LoRAFactors
+
+STATE_FORMAT = "fedhl-state/1"
+ALLOWED_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+
+
+class CodecError(ValueError):
+    """A tensor file does not have the layout its reader expects."""
+
+
+class StateFileError(CodecError):
+    """The file is not a FedHL state (wrong format, truncated, inconsistent keys)."""
+
+
+class PayloadError(CodecError):
+    """The payload is not what the assignment expects; the message says exactly why."""
+
+
+def _cpu(t: Tensor) -> Tensor:
+    return t.detach().contiguous().cpu()
+
+
+# ------------------------------------------------------------------------------------ state
+def save_state(state: GlobalState, path: str | Path) -> None:
+    # sorted: the same state is the same bytes, hence the same content address
+    tensors = {k: _cpu(v) for k, v in sorted(state.tensors().items())}
+    # one metadata entry: safetensors keeps metadata in a hash map whose order varies per process
+    save_file(tensors, str(path), metadata={"fedhl": json.dumps({"format": STATE_FORMAT, "round": state.round})})
+
+
+def load_state(path: str | Path, modules: Collection[str] | None = None) -> GlobalState:
+    """The state in `path`; with `modules`, only those modules (and every extra) are read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if modules is None:
+                tensors = load_file(str(path))
+            else:
+                keep = set(modules)
+                names = list(f.keys())  # a safe_open handle is not a mapping
+                tensors = {k: f.get_tensor(k) for k in names if k.partition("::")[2] in keep or k.startswith("extra::")}
+    except (SafetensorError, OSError) as e:
+        raise StateFileError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        info = json.loads(meta.get("fedhl", "{}"))
+    except json.JSONDecodeError:
+        info = {}
+    if not isinstance(info, dict) or info.get("format") != STATE_FORMAT:
+        raise StateFileError(f"{path}: not a {STATE_FORMAT!r} file")
+    if not isinstance(info.get("round"), int) or info["round"] < 0:
+        raise StateFileError(f"{path}: metadata has no valid round")
+    state = GlobalState(round=info["round"])
+    B: dict[str, Tensor] = {}
+    A: dict[str, Tensor] = {}
+    for key, t in tensors.items():
+        kind, _, name = key.partition("::")
+        if kind == "dense":
+            state.dense[name] = t
+        elif kind == "lora_B":
+            B[name] = t
+        elif kind == "lora_A":
+            A[name] = t
+        elif kind == "extra":
+            state.extras[name] = t
+        else:
+            raise StateFileError(f"{path}: unexpected tensor {key!r}")
+    if set(B) != set(A):
+        raise StateFileError(f"{path}: unpaired LoRA factors {sorted(set(B) ^ set(A))}")
+    if state.dense and B:
+        raise StateFileError(f"{path}: both dense and factor modules")
+    for name in B:
+        try:
+            state.factors[name] = LoRAFactors(B[name], A[name])
+        except ValueError as e:
+            raise StateFileError(f"{path}: module {name!r}: {e}") from None
+    return state
+
+
+def _state_from(names: Iterable[str], get: Callable[[str], Tensor], round_: int) -> GlobalState:
+    """A state from `dense::`/`lora_B::`/`lora_A::`/`extra::` names read through `get`."""
+    state = GlobalState(round=round_)
+    for name in names:
+        kind, _, m = name.partition("::")
+        if kind == "dense":
+            state.dense[m] = get(name)
+        elif kind == "lora_B":
+            state.factors[m] = LoRAFactors(get(name), get(f"lora_A::{m}"))
+        elif kind == "extra":
+            state.extras[m] = get(name)
+    return state
+
+
+# ----------------------------------------------------------------------------------- update
+@dataclass(frozen=True)
+class Expected:
+    """What one assignment's upload must contain."""
+
+    shapes: Mapping[str, tuple[int, int]]  # module -> (d_out, d_in)
+    rank: int
+    extras: Mapping[str, tuple[int, ...]]
+
+    def max_bytes(self) -> int:
+        """Upper bound on a valid payload's size (fp32 values plus a generous header)."""
+        values = sum(self.rank * (o + i) for o, i in self.shapes.values())
+        values += sum(int(torch.Size(s).numel()) for s in self.extras.values())
+        return 4 * values + 256 * (len(self.shapes) * 2 + len(self.extras)) + (64 << 10)
+
+
+def encode_update(
+    factors: Mapping[str, LoRAFactors],
+    extras: Mapping[str, Tensor] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> bytes:
+    tensors: dict[str, Tensor] = {}
+    for m, f in factors.items():
+        tensors[f"lora_B::{m}"] = _cpu(f.B)
+        tensors[f"lora_A::{m}"] = _cpu(f.A)
+    for k, v in (extras or {}).items():
+        tensors[f"extra::{k}"] = _cpu(v)
+    return save(tensors, metadata=dict(metadata or {}))
+
+
+def decode_file(path: str | Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+        raise PayloadError(f"not a valid safetensors payload: {e}") from None
+
+
+def decode_tensors(data: bytes) -> dict[str, Tensor]:
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise PayloadError(f"not a valid safetensors payload: {e}") from None
+
+
+def validate_update(tensors: Mapping[str, Tensor], exp: Expected) -> tuple[dict[str, LoRAFactors], dict[str, Tensor]]:
+    """Check every module and extra is present with the assigned shapes, an allowed dtype and
+    finite values; nothing else may be present."""
+    expected_keys = {f"lora_{ab}::{m}" for m in exp.shapes for ab in "AB"} | {f"extra::{k}" for k in exp.extras}
+    missing, unknown = expected_keys - set(tensors), set(tensors) - expected_keys
+    if missing:
+        raise PayloadError(f"missing tensors: {sorted(missing)[:5]}")
+    if unknown:
+        raise PayloadError(f"unexpected tensors: {sorted(unknown)[:5]}")
+    for key, t in tensors.items():
+        if t.dtype not in ALLOWED_DTYPES:
+            raise PayloadError(f"{key}: dtype {t.dtype} not allowed (float32, float16, bfloat16)")
+    factors: dict[str, LoRAFactors] = {}
+    for m, (d_out, d_in) in exp.shapes.items():
+        B, A = tensors[f"lora_B::{m}"], tensors[f"lora_A::{m}"]
+        if tuple(B.shape) != (d_out, exp.rank) or tuple(A.shape) != (exp.rank, d_in):
+            raise PayloadError(
+                f"module {m}: expected B({d_out}, {exp.rank}) A({exp.rank}, {d_in}) for the "
+                f"assigned rank, got B{tuple(B.shape)} A{tuple(A.shape)}"
+            )
+        if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+            raise PayloadError(f"module {m}: factors contain NaN or Inf")
+        factors[m] = LoRAFactors(B, A)
+    extras: dict[str, Tensor] = {}
+    for k, shape in exp.extras.items():
+        t = tensors[f"extra::{k}"]
+        if tuple(t.shape) != tuple(shape):
+            raise PayloadError(f"extra {k}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise PayloadError(f"extra {k}: contains NaN or Inf")
+        extras[k] = t
+    return factors, extras
+
+
+class UploadFactors(Mapping[str, LoRAFactors]):
+    """One stored upload's factors read module by module from its file, so the merge holds one
+    module of every upload at a time rather than whole uploads."""
+
+    def __init__(self, path: Path, modules: list[str]) -> None:
+        self.path, self.modules = path, modules
+
+    def __getitem__(self, module: str) -> LoRAFactors:
+        if module not in self.modules:
+            raise KeyError(module)
+        with safe_open(str(self.path), framework="pt") as f:
+            return LoRAFactors(f.get_tensor(f"lora_B::{module}"), f.get_tensor(f"lora_A::{module}"))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+
+def read_update_extras(path: Path) -> dict[str, Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k[len("extra::") :]: f.get_tensor(k) for k in f.keys() if k.startswith("extra::")}  # noqa: SIM118
+
+
+# ---------------------------------------------------------------------------- start package
+def start_tensors(start: ClientStart, *, as_float32: bool = True) -> dict[str, Tensor]:
+    """The start package's tensors. Published packages are float32 (`as_float32`); a shard
+    result keeps the merge's tensors as they are, so shared memory can be stored once."""
+
+    def f(t: Tensor) -> Tensor:
+        return _cpu(t).float() if as_float32 else _cpu(t)
+
+    tensors: dict[str, Tensor] = {}
+    for m, fa in start.factors.items():
+        tensors[f"lora_B::{m}"] = f(fa.B)
+        tensors[f"lora_A::{m}"] = f(fa.A)
+    for m, r in start.base_residual.items():
+        if isinstance(r, Tensor):
+            tensors[f"residual::{m}"] = f(r)
+        else:
+            tensors[f"residual_B::{m}"] = f(r.B)
+            tensors[f"residual_A::{m}"] = f(r.A)
+    for k, v in start.extras.items():
+        tensors[f"extra::{k}"] = _cpu(v)  # extras keep their dtype
+    return tensors
+
+
+def encode_start(start: ClientStart, metadata: Mapping[str, str] | None = None) -> bytes:
+    return save(start_tensors(start), metadata=dict(metadata or {}))
+
+
+def _start_from(names: Iterable[str], get: Callable[[str], Tensor]) -> ClientStart:
+    factors: dict[str, LoRAFactors] = {}
+    residual: dict[str, Tensor | LoRAFactors] = {}
+    extras: dict[str, Tensor] = {}
+    for key in names:
+        kind, _, name = key.partition("::")
+        if kind == "lora_B":
+            factors[name] = LoRAFactors(get(key), get(f"lora_A::{name}"))
+        elif kind == "residual":
+            residual[name] = get(key)
+        elif kind == "residual_B":
+            residual[name] = LoRAFactors(get(key), get(f"residual_A::{name}"))
+        elif kind == "extra":
+            extras[name] = get(key)
+        elif kind not in ("lora_A", "residual_A"):
+            raise PayloadError(f"unexpected tensor {key!r} in start package")
+    return ClientStart(factors, residual, extras)
+
+
+def decode_start(data: bytes) -> ClientStart:
+    t = decode_tensors(data)
+    return _start_from(t, t.__getitem__)
+
+
+# ---------------------------------------------------------------------------------- spectra
+def spectra_tensors(spectra: Mapping[str, Spectrum]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    tensors: dict[str, Tensor] = {}
+    meta: dict[str, str] = {}
+    for m, s in spectra.items():
+        tensors[f"U::{m}"] = s.U.contiguous().cpu()
+        tensors[f"S::{m}"] = s.S.contiguous().cpu()
+        tensors[f"Vh::{m}"] = s.Vh.contiguous().cpu()
+        meta[f"spectrum::{m}"] = json.dumps([s.total_energy, s.method, s.residual, s.seconds])
+    return tensors, meta
+
+
+def read_spectra(h: Any, meta: Mapping[str, str], prefix: str = "") -> dict[str, Spectrum]:
+    out = {}
+    for name in h.keys():  # noqa: SIM118 (safe_open handles are not mappings)
+        if name.startswith(prefix + "U::"):
+            m = name[len(prefix) + 3 :]
+            total, method, residual, seconds = json.loads(meta[f"spectrum::{m}"])
+            out[m] = Spectrum(
+                h.get_tensor(f"{prefix}U::{m}"),
+                h.get_tensor(f"{prefix}S::{m}"),
+                h.get_tensor(f"{prefix}Vh::{m}"),
+                total,
+                method,
+                residual,
+                seconds,
+            )
+    return out
+
+
+def encode_spectra(spectra: Mapping[str, Spectrum]) -> bytes:
+    tensors, meta = spectra_tensors(spectra)
+    return save(tensors, metadata=meta)
+
+
+def load_spectra(path: str | Path) -> dict[str, Spectrum]:
+    with safe_open(str(path), framework="pt") as h:
+        return read_spectra(h, h.metadata() or {})
+
+
+# ----------------------------------------------------------------------------- shard result
+@dataclass
+class ShardResult:
+    """What one aggregation task computed for its modules."""
+
+    state: GlobalState  # new state of the shard's modules (+ extras on shard 0)
+    spectra: dict[str, Spectrum]  # next round's spectra of those modules
+    starts: dict[int, ClientStart]  # next round's start factors of those modules, per rank
+    report: dict[str, Any] = field(default_factory=dict)  # partial report (JSON-safe)
+
+
+def save_shard(res: ShardResult, path: str | Path) -> None:
+    tensors = {f"state::{k}": _cpu(v) for k, v in res.state.tensors().items()}
+    spec_t, meta = spectra_tensors(res.spectra)
+    tensors.update({f"next::{k}": v for k, v in spec_t.items()})
+    for r, start in res.starts.items():
+        lean = ClientStart(start.factors, start.base_residual)  # extras are the state's, published once
+        tensors.update({f"start::{r}::{k}": v for k, v in start_tensors(lean, as_float32=False).items()})
+    tensors, aliases = _store_shared_once(tensors)
+    meta["aliases"] = json.dumps(aliases)
+    meta["report"] = json.dumps(res.report)
+    meta["round"] = str(res.state.round)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _store_shared_once(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors to write, name -> name it is stored under). A tensor that is a view of the same
+    memory as one already kept (FLoRA hands every rank the global state itself as its base
+    residual) is recorded as an alias: safetensors refuses shared memory, and a copy per rank
+    would multiply the shard's size."""
+    kept: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
+    for name in sorted(tensors):
+        t = tensors[name]
+        view = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and view in seen:
+            aliases[name] = seen[view]
+        else:
+            seen[view] = name
+            kept[name] = t
+    return kept, aliases
+
+
+def load_shard(path: str | Path) -> ShardResult:
+    with safe_open(str(path), framework="pt") as h:
+        meta = h.metadata() or {}
+        aliases: dict[str, str] = json.loads(meta.get("aliases", "{}"))
+        loaded: dict[str, Tensor] = {}
+
+        def get(name: str) -> Tensor:  # an alias is the same tensor, as it was before storing
+            stored = aliases.get(name, name)
+            if stored not in loaded:
+                loaded[stored] = h.get_tensor(stored)
+            return loaded[stored]
+
+        names = [*h.keys(), *aliases]
+        state = _state_from(_under("state::", names), _prefixed(get, "state::"), int(meta["round"]))
+        by_rank: dict[int, list[str]] = {}
+        for name in _under("start::", names):
+            r_s, _, rest = name.partition("::")
+            by_rank.setdefault(int(r_s), []).append(rest)
+        starts = {r: _start_from(rest, _prefixed(get, f"start::{r}::")) for r, rest in by_rank.items()}
+        spectra = read_spectra(h, meta, prefix="next::")
+        return ShardResult(state, spectra, starts, json.loads(meta["report"]))
+
+
+def _under(prefix: str, names: Iterable[str]) -> list[str]:
+    return [n[len(prefix) :] for n in names if n.startswith(prefix)]
+
+
+def _prefixed(get: Callable[[str], Tensor], prefix: str) -> Callable[[str], Tensor]:
+    return lambda name: get(prefix + name)

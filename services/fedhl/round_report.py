@@ -1,0 +1,108 @@
+"""The round report: what one round's merge did, as stored on the round, served by the REST
+API, printed by the demo and written by `fedhl simulate`. One shape, one owner.
+
+A sharded aggregation writes one partial report per shard (`partial`); the commit combines
+them (`RoundReport.combine`) into the report an unsharded merge would give."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .core import AggregationReport, effective_participants
+
+
+class RoundReportError(ValueError):
+    """A stored report does not have the round report's shape."""
+
+
+@dataclass
+class RoundReport:
+    strategy: str
+    round: int
+    clients: list[str]
+    weights: dict[str, float]  # scalar weight per client (mean over modules if per-module)
+    truncation_errors: dict[str, float]
+    energy_kept: dict[str, float]  # rank (str) -> fraction of ‖W_t‖²_F kept at that rank
+    update_norms: dict[str, float]
+    global_update_norm: float | None  # None: not a number
+    n_eff: float  # 1 / Σ p_i²
+    module_weights: dict[str, dict[str, float]] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    svd: dict[str, Any] = field(default_factory=dict)  # methods, worst residual, seconds
+    timings: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None  # held-out metrics, on evaluation rounds only
+
+    @classmethod
+    def of(
+        cls, report: AggregationReport, timings: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None
+    ) -> RoundReport:
+        return cls(**report.to_dict(), timings=dict(timings or {}), evaluation=evaluation)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.evaluation is None:
+            del out["evaluation"]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RoundReport:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise RoundReportError(f"unexpected round report fields: {sorted(unknown)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise RoundReportError(f"not a round report: {e}") from None
+
+    @classmethod
+    def combine(cls, parts: list[dict[str, Any]], shards_s: list[float]) -> RoundReport:
+        """One round report from the shards' partial ones (weights averaged over all modules)."""
+        first = parts[0]
+        n_modules = sum(p["n_modules"] for p in parts)
+        clients = first["clients"]
+        weights = {c: sum(p["weights_sum"][c] for p in parts) / n_modules for c in clients}
+        module_weights: dict[str, Any] | None = None
+        if first["module_weights"] is not None:
+            module_weights = {}
+            for p in parts:
+                module_weights.update(p["module_weights"])
+        timings = {k: sum(p["timings"][k] for p in parts) for k in first["timings"]}
+        return cls(
+            strategy=first["strategy"],
+            round=first["round"],
+            clients=clients,
+            weights=weights,
+            truncation_errors=first["truncation_errors"],
+            energy_kept=first["energy_kept"],
+            update_norms={c: math.sqrt(sum(p["update_sq"][c] for p in parts)) for c in clients},
+            global_update_norm=math.sqrt(sum(p["change_sq"] for p in parts)),
+            n_eff=effective_participants(list(weights.values())),
+            module_weights=module_weights,
+            options=first["options"],
+            svd=first["svd"],
+            timings={**timings, "shards": len(parts), "max_shard_s": max(shards_s), "device": first["device"]},
+        )
+
+
+def partial(report: AggregationReport, n_modules: int, timings: dict[str, float], device: str) -> dict[str, Any]:
+    """One shard's part of the round report (JSON-safe): sums that `RoundReport.combine` adds up.
+    Truncation errors, energy and SVD figures come from the spectra of *all* modules, so every
+    shard carries the whole-round values."""
+    return {
+        "strategy": report.strategy,
+        "round": report.round,
+        "clients": report.clients,
+        "n_modules": n_modules,
+        "weights_sum": {c: w * n_modules for c, w in report.weights.items()},
+        "update_sq": {c: v * v for c, v in report.update_norms.items()},
+        "change_sq": report.global_update_norm**2,
+        "truncation_errors": report.truncation_errors,
+        "energy_kept": {str(k): v for k, v in report.energy_kept.items()},
+        "module_weights": report.module_weights,
+        "options": report.options,
+        "svd": report.svd,
+        "timings": timings,
+        "device": device,
+    }
