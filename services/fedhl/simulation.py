@@ -37,6 +37,7 @@ from .data import Example
 from .evaluation import evaluate
 from .jobspec import JobSpec
 from .modeling import load_base, resolve_shapes
+from .round_report import RoundReport
 
 __all__ = ["SimClient", "client_seed", "select_clients", "simulate"]
 
@@ -91,7 +92,8 @@ def simulate(
     on_round: RoundCallback | None = None,
 ) -> tuple[GlobalState, list[dict[str, Any]]]:
     """Run `spec.rounds` rounds; return the final global state and one row per round (the
-    demo's `results.json` row shape, plus `bytes_uploaded`: the agents' upload payloads).
+    demo's `results.json` row shape, plus `bytes_uploaded`: the agents' upload payloads, and
+    `report`: the round report, as the REST API serves it).
 
     `spec.module_shapes`/`extra_shapes` are resolved from the base model when empty, as the
     coordinator does at job creation. Evaluation on `test` runs every
@@ -140,15 +142,19 @@ def simulate(
                 max_seq_len=spec.train.max_seq_len,
                 device=device,
             )
+        evaluate_s = time.perf_counter() - t_ev
+        round_report = RoundReport.of(
+            report, timings={"aggregate_s": aggregate_s, "evaluate_s": evaluate_s}, evaluation=ev or None
+        )
         row = {
             "round": t,
             "accuracy": float(ev.get("accuracy", float("nan"))),
             "loss": float(ev.get("loss", float("nan"))),
             "participants": len(chosen),
             "ranks": sorted(c.rank for c in chosen),
-            "weights": report.weights,
-            "truncation_errors": report.truncation_errors,
-            "energy_kept": {str(r): e for r, e in report.energy_kept.items()},
+            "weights": round_report.weights,
+            "truncation_errors": round_report.truncation_errors,
+            "energy_kept": round_report.energy_kept,
             "train_loss_last": {u.client_id: float(u.metrics.get("loss_last", math.nan)) for u in updates},
             "bytes_uploaded": sent,
             "seconds": time.perf_counter() - t0,
@@ -156,8 +162,9 @@ def simulate(
                 "train_max_s": max(train_s),
                 "train_sum_s": sum(train_s),
                 "aggregate_s": aggregate_s,
-                "evaluate_s": time.perf_counter() - t_ev,
+                "evaluate_s": evaluate_s,
             },
+            "report": round_report.to_dict(),
         }
         rows.append(row)
         if on_round is not None:

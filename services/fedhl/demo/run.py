@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from ..data import Example, dirichlet_split
+from ..round_report import RoundReport
 from .corpus import load_reviews, train_test_split
 
 
@@ -292,21 +293,21 @@ def _follow(http: httpx.Client, stack: Stack, job_id: str, rounds: int, t0: floa
 
 def _row(http: httpx.Client, job_id: str, r: dict[str, Any]) -> dict[str, Any]:
     detail = http.get(f"/api/v1/jobs/{job_id}/rounds/{r['id']}").raise_for_status().json()
-    report = r["report"] or {}
-    ev = report.get("evaluation") or {}
+    report = RoundReport.from_dict(r["report"])
+    ev = report.evaluation or {}
     opened = datetime.fromisoformat(r["created_at"])
     committed = datetime.fromisoformat(r["committed_at"])
     ranks = {a["agent_id"]: a["rank"] for a in detail["assignments"]}
     train_s = [u["metrics"].get("train_s", 0.0) for u in detail["updates"]]
-    timings = report.get("timings", {})
+    timings = report.timings
     return {
         "round": r["number"],
         "accuracy": float(ev.get("accuracy", float("nan"))),
         "loss": float(ev.get("loss", float("nan"))),
         "participants": len(detail["updates"]),
         "ranks": sorted(ranks[u["agent_id"]] for u in detail["updates"]),
-        "weights": report.get("weights", {}),
-        "truncation_errors": report.get("truncation_errors", {}),
+        "weights": report.weights,
+        "truncation_errors": report.truncation_errors,
         "seconds": (committed - opened).total_seconds(),
         "time": {
             "train_max_s": max(train_s, default=0.0),

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ...round_report import RoundReport
 from ...storage.models import (
     Agent,
     AgentStatus,
@@ -81,7 +82,7 @@ class RoundPublic(_Public):
     deadline: datetime
     target: int
     quorum: int
-    report: dict[str, Any] | None
+    report: RoundReport | None = Field(description="what the round's merge did; set once the round commits")
     metrics: dict[str, Any]
     error: str | None
     created_at: datetime
