@@ -35,6 +35,7 @@ from .core import ClientStart, ClientUpdate, GlobalState, RoundPlan
 from .core.scaling import LoRAScaling
 from .data import Example
 from .evaluation import evaluate
+from .export import effective_updates
 from .jobspec import JobSpec
 from .modeling import load_base, resolve_shapes
 from .round_report import RoundReport
@@ -131,7 +132,7 @@ def simulate(
         ev: dict[str, float] = {}
         t_ev = time.perf_counter()
         if test and (t + 1) % spec.evaluation.every == 0:
-            dense = {m: strategy.effective_update(state, m) for m in state.modules}
+            dense = effective_updates(strategy, state)
             ev = evaluate(
                 (base, tok),
                 spec.task_type,

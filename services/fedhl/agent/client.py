@@ -7,7 +7,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,6 +16,8 @@ import grpc
 from ..v1 import agent_pb2, agent_pb2_grpc
 
 T = TypeVar("T")
+
+DEFAULT_HEARTBEAT_INTERVAL_S = 3.0  # until the first heartbeat response says otherwise
 CHUNK = 1 << 20
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -40,7 +42,11 @@ class Task:
     base_model_sha256: str
     task_type: str
     train_config: dict[str, Any]
-    deadline_unix_ms: int
+    deadline_unix_ms: int  # the round's deadline: an upload after it is refused
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline_unix_ms > 0 and time.time() * 1000 >= self.deadline_unix_ms
 
     @property
     def rank(self) -> int:
@@ -68,10 +74,11 @@ class Resources:
 
 @dataclass
 class TransferStats:
+    """What this client moved and retried (read by bench/control_plane.py)."""
+
     bytes_down: int = 0
     bytes_up: int = 0
     retries: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def open_channel(address: str, tls: TLS | None = None) -> grpc.Channel:
@@ -105,6 +112,9 @@ class AgentClient:
         self.retries = retries
         self.backoff_s = backoff_s
         self.stats = TransferStats()
+        # What the server last asked for: seconds between heartbeats, and before the next pull.
+        self.heartbeat_interval_s = DEFAULT_HEARTBEAT_INTERVAL_S
+        self.retry_after_s = 0.0
 
     def close(self) -> None:
         self.channel.close()
@@ -145,16 +155,22 @@ class AgentClient:
                 metadata=self._md(),
             )
         )
+        if res.interval_seconds > 0:
+            self.heartbeat_interval_s = float(res.interval_seconds)
         return str(agent_pb2.HeartbeatResponse.Action.Name(res.action))
 
     def pull_task(self, wait_s: int = 10) -> Task | None:
+        """The next task, or None after `wait_s`; then `retry_after_s` says how long the server
+        wants the agent to wait before pulling again."""
         res = self._retry(
             lambda: self.stub.PullTask(
                 agent_pb2.PullTaskRequest(wait_seconds=wait_s), metadata=self._md(), timeout=wait_s + 30
             )
         )
         if res.WhichOneof("result") != "task":
+            self.retry_after_s = float(res.no_task.retry_after_seconds)
             return None
+        self.retry_after_s = 0.0
         t = res.task
         return Task(
             task_id=t.task_id,
@@ -245,10 +261,3 @@ class AgentClient:
             lambda: self.stub.UploadStatus(agent_pb2.UploadStatusRequest(task_id=task_id), metadata=self._md())
         )
         return int(res.received)
-
-    def report_metrics(self, task_id: str, metrics: dict[str, float], step: int) -> None:
-        self._retry(
-            lambda: self.stub.ReportMetrics(
-                agent_pb2.ReportMetricsRequest(task_id=task_id, metrics=metrics, step=step), metadata=self._md()
-            )
-        )

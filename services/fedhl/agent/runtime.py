@@ -162,6 +162,8 @@ class Agent:
                 backoff = 1.0
                 if task is not None:
                     self._run_task(task)
+                elif self.client.retry_after_s > 0:
+                    self.stop.wait(self.client.retry_after_s)  # the server asked for a pause
             except grpc.RpcError as e:
                 if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                     log.error("the coordinator refused this agent: %s", e.details())
@@ -194,7 +196,7 @@ class Agent:
                     self.cancel.set()
             except grpc.RpcError:
                 pass  # the main loop handles reconnection
-            self.stop.wait(3.0)
+            self.stop.wait(self.client.heartbeat_interval_s)  # as often as the server asks
 
     # ---------------------------------------------------------------- one task
     def _base(self, task: Task, num_labels: int, seed: int) -> tuple[Any, Any]:
@@ -221,6 +223,9 @@ class Agent:
         num_labels = int(cfg.get("num_labels", 2))
         train_cfg = TrainConfig.model_validate({k: v for k, v in cfg.items() if k in TrainConfig.model_fields})
         try:
+            if task.expired:  # e.g. pulled just before the deadline: the upload would be refused
+                log.warning("task %s: the round's deadline has passed; skipping it", task.task_id)
+                return
             examples = self._data(task.task_type, num_labels)
             start = decode_start(self.client.download(task.blobs[0][0]))
             base, tok = self._base(task, num_labels, int(cfg.get("seed", 0)))
@@ -260,6 +265,9 @@ class Agent:
                 stop=stop_both,
             )
             t_train = time.monotonic()
+            if task.expired:
+                log.warning("task %s: trained past the round's deadline; not uploading", task.task_id)
+                return
             payload = encode_update(result.factors, result.extras)
             metrics = {**result.metrics, "prepare_s": t_ready - t0, "train_s": t_train - t_ready}
             self.client.upload(task, payload, result.n_examples, metrics)

@@ -24,6 +24,7 @@ def evaluate_state(strategy: Strategy, state: GlobalState, spec: JobSpec) -> dic
     try:
         from ..data import load_examples
         from ..evaluation import evaluate
+        from ..export import effective_updates
         from ..modeling import load_base
 
         key = (spec.base_model, ev.path, spec.num_labels)
@@ -32,7 +33,7 @@ def evaluate_state(strategy: Strategy, state: GlobalState, spec: JobSpec) -> dic
             model, tok = load_base(spec.base_model, spec.task_type, spec.num_labels, init_seed=spec.seed)
             _CACHE[key] = (model, tok, load_examples(ev.path, spec.task_type, spec.num_labels))
         model, tok, examples = _CACHE[key]
-        updates = {m: strategy.effective_update(state, m) for m in state.modules}
+        updates = effective_updates(strategy, state)
         out: dict[str, Any] = evaluate(
             (model, tok),
             spec.task_type,

@@ -86,7 +86,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         agent = self._agent(context)
         task = self._call(context, lambda: self.svc.pull_task(agent, float(request.wait_seconds)))
         if task is None:
-            return agent_pb2.PullTaskResponse(no_task=agent_pb2.NoTask(retry_after_seconds=1))
+            # after a long poll the agent may pull again at once; a zero-wait poller is paced
+            pause = 0 if request.wait_seconds > 0 else 1
+            return agent_pb2.PullTaskResponse(no_task=agent_pb2.NoTask(retry_after_seconds=pause))
         return agent_pb2.PullTaskResponse(
             task=agent_pb2.TrainTask(
                 task_id=task.task_id,
