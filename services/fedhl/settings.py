@@ -1,12 +1,16 @@
-"""Service configuration from `FEDHL_*` environment variables, validated at start.
+"""Service configuration from `FEDHL_*` environment variables, validated at start: the one
+place that reads them (the agent's `FEDHL_AGENT_*` flags included, see `agent.runtime`).
 
 Read through `get_settings()` (cached), never at import time, so tests and subprocesses can
-set the environment first.
+set the environment first. Each value is checked when set; what only one process needs is
+required by that process (the admin token by the coordinator: `require_admin_token`), so
+`fedhl migrate` and `fedhl aggregator` run without it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -17,6 +21,24 @@ DEV_ADMIN_TOKEN = "dev-admin-token"
 
 class SettingsError(ValueError):
     """A configuration value is missing or invalid; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """How to reach S3 for an `s3://` blob URL; credentials come from boto3's usual chain."""
+
+    endpoint_url: str | None = None  # FEDHL_S3_ENDPOINT_URL: MinIO, moto; unset for AWS
+    staging_dir: str | None = None  # FEDHL_S3_STAGING_DIR: resumable uploads before their hash is checked
+    region: str = "us-east-1"  # AWS_REGION
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> S3Settings:
+        env = os.environ if environ is None else environ
+        return cls(
+            env.get("FEDHL_S3_ENDPOINT_URL") or None,
+            env.get("FEDHL_S3_STAGING_DIR") or None,
+            env.get("AWS_REGION") or "us-east-1",
+        )
 
 
 @dataclass(frozen=True)
@@ -46,13 +68,18 @@ class Settings:
     aggregator_reclaim_idle_s: float = 60.0  # a job pending this long on a silent worker is taken over
     aggregator_device: str | None = None  # "cuda", "cpu"; unset: CUDA when present
     aggregator_metrics_port: int = 0  # Prometheus endpoint of an aggregator worker; 0: none
+    s3_endpoint_url: str | None = None  # see S3Settings
+    s3_staging_dir: str | None = None
+    s3_region: str = "us-east-1"  # from AWS_REGION (the variable boto3 users already set)
 
     def __post_init__(self) -> None:
         if self.env not in ("production", "development"):
             raise SettingsError(f"FEDHL_ENV must be 'production' or 'development', got {self.env!r}")
-        if not self.admin_token:
-            raise SettingsError("FEDHL_ADMIN_TOKEN is required (set FEDHL_ENV=development to use a dev token)")
-        if self.env == "production" and (self.admin_token == DEV_ADMIN_TOKEN or len(self.admin_token) < 16):
+        if (
+            self.admin_token
+            and self.env == "production"
+            and (self.admin_token == DEV_ADMIN_TOKEN or len(self.admin_token) < 16)
+        ):
             raise SettingsError("FEDHL_ADMIN_TOKEN must be at least 16 characters and not the dev token in production")
         if not self.database_url.startswith(("sqlite", "postgresql")):
             raise SettingsError(f"FEDHL_DATABASE_URL must be sqlite:// or postgresql://, got {self.database_url!r}")
@@ -94,6 +121,15 @@ class Settings:
         if self.chunk_bytes > 3 << 20:
             raise SettingsError("FEDHL_CHUNK_BYTES must stay under gRPC's 4 MiB message limit")
 
+    def require_admin_token(self) -> None:
+        """The coordinator's admin API cannot run without a token."""
+        if not self.admin_token:
+            raise SettingsError("FEDHL_ADMIN_TOKEN is required (set FEDHL_ENV=development to use a dev token)")
+
+    @property
+    def s3(self) -> S3Settings:
+        return S3Settings(self.s3_endpoint_url, self.s3_staging_dir, self.s3_region)
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ if environ is None else environ)
@@ -116,6 +152,8 @@ class Settings:
                     values[f.name] = raw
             except ValueError:
                 raise SettingsError(f"FEDHL_{f.name.upper()}: cannot parse {raw!r} as {kind}") from None
+        if env.get("AWS_REGION") and "s3_region" not in values:
+            values["s3_region"] = env["AWS_REGION"]
         if values.get("env") == "development" and "admin_token" not in values:
             values["admin_token"] = DEV_ADMIN_TOKEN
         return cls(**values)  # type: ignore[arg-type]

@@ -67,7 +67,7 @@ def serve_worker(settings: Settings, consumer: str | None = None) -> None:
     device = pick_device(settings.aggregator_device)
     deps = Deps(
         session_factory(engine),
-        open_blob_store(resolve_blob_url(settings.blob_url)),
+        open_blob_store(resolve_blob_url(settings.blob_url), settings.s3),
         open_coordination(settings.redis_url),
         device,
     )

@@ -43,6 +43,7 @@ class Coordinator:
     def from_settings(
         cls, settings: Settings, *, auto_migrate: bool = False, aggregator: WorkerLoop | None = None
     ) -> Coordinator:
+        settings.require_admin_token()  # the admin API refuses every call without one
         engine = make_engine(settings.database_url)
         if auto_migrate:
             migrate(settings.database_url)
@@ -50,7 +51,7 @@ class Coordinator:
             raise RuntimeError("the database schema is not at the latest migration: run `fedhl migrate` first")
         deps = Deps(
             session_factory(engine),
-            open_blob_store(resolve_blob_url(settings.blob_url)),
+            open_blob_store(resolve_blob_url(settings.blob_url), settings.s3),
             open_coordination(settings.redis_url),
             settings.aggregator_device,
         )

@@ -15,8 +15,11 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlsplit
+
+if TYPE_CHECKING:
+    from ..settings import S3Settings
 
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
 _UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -342,9 +345,9 @@ def resolve_blob_url(url: str) -> str:
     return url
 
 
-def open_blob_store(url: str) -> BlobStore:
+def open_blob_store(url: str, s3: S3Settings | None = None) -> BlobStore:
     """A blob store from `file:///abs/path`, a plain filesystem path, or `s3://bucket/prefix`
-    (configured from the environment, see `S3BlobStore.from_url`)."""
+    (reached as `s3` says; unset: `S3Settings.from_env()`)."""
     if _URL_RE.match(url) is None:
         return FileBlobStore(Path(url))
     parts = urlsplit(url)
@@ -352,7 +355,7 @@ def open_blob_store(url: str) -> BlobStore:
         # Imported here so boto3 is only needed by deployments that use S3.
         from .s3_blobs import S3BlobStore
 
-        return S3BlobStore.from_url(url)
+        return S3BlobStore.from_url(url, s3=s3)
     if parts.scheme != "file":
         raise ValueError(f"unsupported blob URL scheme {parts.scheme!r} in {url!r} (use file:// or s3://)")
     if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):

@@ -7,9 +7,10 @@ therefore needs the coordinator host, and staging directory, that received its f
 fine for a single coordinator or sticky sessions; elsewhere the staged size reads 0 and the
 client is told to start again from offset 0.
 
-Configured from the environment by `S3BlobStore.from_url("s3://bucket/prefix")`:
-FEDHL_S3_ENDPOINT_URL (MinIO, moto; unset for AWS), AWS_REGION (default us-east-1), and the
-usual boto3 credential chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or an instance role).
+Configured by `S3BlobStore.from_url("s3://bucket/prefix", s3=settings.s3)` (`fedhl.settings.S3Settings`:
+FEDHL_S3_ENDPOINT_URL for MinIO or moto, unset for AWS; AWS_REGION, default us-east-1; without
+`s3`, the same variables are read through `S3Settings.from_env`), and the usual boto3 credential
+chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or an instance role).
 The credentials need s3:ListBucket as well as Get/PutObject: without it, S3 answers a HEAD on a
 missing key with 403 instead of 404, and a missing blob would read as an access error.
 """
@@ -35,11 +36,8 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError("s3:// blob stores need boto3 (pip install boto3)") from e
 
+from ..settings import S3Settings
 from .blobs import BlobNotFound, FileBlobStore, check_key, check_range
-
-ENV_ENDPOINT = "FEDHL_S3_ENDPOINT_URL"
-ENV_STAGING_DIR = "FEDHL_S3_STAGING_DIR"
-DEFAULT_REGION = "us-east-1"
 
 # S3's bucket naming rules (also MinIO's); checked early so a typo fails with a clear message.
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -70,28 +68,30 @@ class S3BlobStore:
         client: Any | None = None,
         staging_dir: Path | None = None,
         check_bucket: bool = True,
+        s3: S3Settings | None = None,
     ) -> None:
+        s3 = s3 if s3 is not None else S3Settings.from_env()
         if not isinstance(bucket, str) or _BUCKET_RE.fullmatch(bucket) is None:
             raise ValueError(f"invalid S3 bucket name {bucket!r}")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.client: Any = client if client is not None else client_from_env()
+        self.client: Any = client if client is not None else client_for(s3)
         if check_bucket:
             self.check_bucket()  # before creating local directories for a store that cannot work
-        root = Path(staging_dir) if staging_dir is not None else _default_staging_dir(bucket, self.prefix)
+        root = Path(staging_dir) if staging_dir is not None else _default_staging_dir(bucket, self.prefix, s3)
         self._local = FileBlobStore(root)  # only its staging area and tmp/ are used
         self._tmp = root / "tmp"
         # Multipart above 16 MiB; parts stream from the file, so memory stays at a few buffers.
         self._transfer = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20, max_concurrency=4)
 
     @classmethod
-    def from_url(cls, url: str, *, staging_dir: Path | None = None) -> S3BlobStore:
-        """`s3://bucket[/prefix]`; the endpoint, region, credentials and (unless given) the
-        staging directory come from the environment. The bucket must exist."""
+    def from_url(cls, url: str, *, staging_dir: Path | None = None, s3: S3Settings | None = None) -> S3BlobStore:
+        """`s3://bucket[/prefix]`; endpoint, region and (unless given) the staging directory from
+        `s3` (default: the environment), credentials from boto3's chain. The bucket must exist."""
         parts = urlsplit(url)
         if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
             raise ValueError(f"S3 blob URL must be s3://bucket[/prefix], got {url!r}")
-        return cls(parts.netloc, unquote(parts.path), staging_dir=staging_dir)
+        return cls(parts.netloc, unquote(parts.path), staging_dir=staging_dir, s3=s3)
 
     @property
     def staging_dir(self) -> Path:
@@ -264,9 +264,13 @@ def _error_code(e: ClientError) -> str:
 
 
 def client_from_env() -> Any:
-    endpoint = os.environ.get(ENV_ENDPOINT) or None
+    return client_for(S3Settings.from_env())
+
+
+def client_for(s3: S3Settings) -> Any:
+    endpoint = s3.endpoint_url
     options: dict[str, Any] = {
-        "region_name": os.environ.get("AWS_REGION") or DEFAULT_REGION,
+        "region_name": s3.region,
         "retries": {"mode": "standard", "max_attempts": 5},
         # Each streaming download holds a connection while the agent reads it.
         "max_pool_connections": 32,
@@ -277,8 +281,8 @@ def client_from_env() -> Any:
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=Config(**options))
 
 
-def _default_staging_dir(bucket: str, prefix: str) -> Path:
-    base = os.environ.get(ENV_STAGING_DIR) or os.path.join(tempfile.gettempdir(), "fedhl-staging")
+def _default_staging_dir(bucket: str, prefix: str, s3: S3Settings) -> Path:
+    base = s3.staging_dir or os.path.join(tempfile.gettempdir(), "fedhl-staging")
     # One directory per bucket and prefix: upload ids are unique only within one store.
     tag = hashlib.sha256(f"{bucket}/{prefix}".encode()).hexdigest()[:12]
     return Path(base) / f"{bucket}-{tag}"
