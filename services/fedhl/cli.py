@@ -165,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What a command raises for bad input or configuration (anything else is a bug: traceback)."""
+    from pydantic import ValidationError
+
+    from .codec import CodecError
+    from .data import DataError
+    from .export import ExportError
+    from .modeling import ModelError
+
+    return (SettingsError, CodecError, DataError, ExportError, ModelError, ValidationError, json.JSONDecodeError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -173,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request is noise
     try:
         code: int = args.func(args)
-    except (ValueError, SettingsError) as err:  # bad input or configuration: a message, not a traceback
+    except _user_errors() as err:  # bad input or configuration: a message, not a traceback
         print(f"fedhl {args.command}: {err}", file=sys.stderr)
         return 2
     return code

@@ -190,14 +190,14 @@ def dirichlet_split(
     deterministically, from the largest clients. Same inputs and seed ⇒ same split.
     """
     if n_clients < 1:
-        raise ValueError(f"n_clients must be positive, got {n_clients}")
+        raise DataError(f"n_clients must be positive, got {n_clients}")
     if not (alpha > 0 and math.isfinite(alpha)):
-        raise ValueError(f"alpha must be a positive finite number, got {alpha}")
+        raise DataError(f"alpha must be a positive finite number, got {alpha}")
     if min_per_client < 1:
-        raise ValueError(f"min_per_client must be at least 1, got {min_per_client}")
+        raise DataError(f"min_per_client must be at least 1, got {min_per_client}")
     n = len(labels)
     if n < n_clients * min_per_client:
-        raise ValueError(f"{n} examples cannot give {n_clients} clients {min_per_client} each")
+        raise DataError(f"{n} examples cannot give {n_clients} clients {min_per_client} each")
     rng = np.random.default_rng(seed)
     y = np.asarray(labels)
     clients: list[list[int]] = [[] for _ in range(n_clients)]
@@ -224,22 +224,22 @@ def encode_batch(tokenizer: Any, examples: Sequence[Example], task_type: str, ma
     (the model's logits at t predict labels at t + 1; `summed_loss` shifts).
     """
     if not examples:
-        raise ValueError("cannot encode an empty batch")
+        raise DataError("cannot encode an empty batch")
     if task_type == "seq_cls":
         if any(e.label is None for e in examples):
-            raise ValueError("seq_cls examples need labels")
+            raise DataError("seq_cls examples need labels")
         enc = tokenizer(
             [e.text for e in examples], truncation=True, max_length=max_seq_len, padding=True, return_tensors="pt"
         )
         labels = torch.tensor([e.label for e in examples], dtype=torch.long)  # (B,)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
     if task_type != "causal_lm":
-        raise ValueError(f"unknown task_type {task_type!r}")
+        raise DataError(f"unknown task_type {task_type!r}")
     eos = tokenizer.eos_token or ""
     texts = [e.text if e.prompt is None else e.prompt + e.text + eos for e in examples]
     with_prompt = any(e.prompt is not None for e in examples)
     if with_prompt and not tokenizer.is_fast:
-        raise ValueError("prompt/response examples need a fast tokenizer (character offsets locate the prompt)")
+        raise DataError("prompt/response examples need a fast tokenizer (character offsets locate the prompt)")
     enc = tokenizer(
         texts,
         truncation=True,

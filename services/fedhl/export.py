@@ -55,6 +55,10 @@ AUTO_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
 }
 
 
+class ExportError(ValueError):
+    """The state or the options cannot give the requested adapter or merged model."""
+
+
 # --------------------------------------------------------------------------- report types
 @dataclass(frozen=True)
 class ModuleExport:
@@ -135,16 +139,16 @@ class ExportReport:
 # --------------------------------------------------------------------------- validation
 def _check_rank(rank: int) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"export rank must be an integer >= 1, got {rank!r}")
+        raise ExportError(f"export rank must be an integer >= 1, got {rank!r}")
 
 
 def _check_module_name(name: object) -> str:
     if not isinstance(name, str) or not name or name.startswith(".") or name.endswith("."):
-        raise ValueError(f"update keys must be dotted module paths, got {name!r}")
+        raise ExportError(f"update keys must be dotted module paths, got {name!r}")
     if ".." in name:
-        raise ValueError(f"module path {name!r} has an empty component")
+        raise ExportError(f"module path {name!r} has an empty component")
     if name.endswith((".weight", ".bias")):
-        raise ValueError(
+        raise ExportError(
             f"update keys are module paths, not parameter names: got {name!r}; "
             f"drop the trailing '.{name.rsplit('.', 1)[1]}'"
         )
@@ -153,45 +157,45 @@ def _check_module_name(name: object) -> str:
 
 def _check_update(name: str, W: object) -> Tensor:
     if not isinstance(W, Tensor):
-        raise ValueError(f"update for module {name!r} must be a torch.Tensor, got {type(W).__name__}")
+        raise ExportError(f"update for module {name!r} must be a torch.Tensor, got {type(W).__name__}")
     if W.ndim != 2:
-        raise ValueError(
+        raise ExportError(
             f"update for module {name!r} must be a 2-D (d_out, d_in) nn.Linear weight update, "
             f"got shape {tuple(W.shape)}"
         )
     if not W.is_floating_point():
-        raise ValueError(f"update for module {name!r} must be floating point, got {W.dtype}")
+        raise ExportError(f"update for module {name!r} must be floating point, got {W.dtype}")
     if not bool(torch.isfinite(W).all()):
-        raise ValueError(f"update for module {name!r} has non-finite values (NaN or Inf)")
+        raise ExportError(f"update for module {name!r} has non-finite values (NaN or Inf)")
     return W
 
 
 def _check_updates(updates: Mapping[str, Tensor]) -> dict[str, Tensor]:
     if not updates:
-        raise ValueError("no module updates to export")
+        raise ExportError("no module updates to export")
     return {_check_module_name(m): _check_update(m, W) for m, W in updates.items()}
 
 
 def _check_against_base(name: str, shape: Sequence[int], base_state: Mapping[str, Tensor], key: str, what: str) -> None:
     if key not in base_state:
-        raise ValueError(f"unknown {what} {name!r}: the base model has no parameter {key!r}")
+        raise ExportError(f"unknown {what} {name!r}: the base model has no parameter {key!r}")
     ref = tuple(base_state[key].shape)
     if tuple(shape) != ref:
-        raise ValueError(f"shape mismatch for {what} {name!r}: got {tuple(shape)}, base parameter {key!r} is {ref}")
+        raise ExportError(f"shape mismatch for {what} {name!r}: got {tuple(shape)}, base parameter {key!r} is {ref}")
 
 
 def _check_extras(extras: Mapping[str, Tensor], modules: Mapping[str, Tensor]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for key, value in extras.items():
         if not isinstance(key, str) or "." not in key.strip("."):
-            raise ValueError(f"extras keys must be full parameter names such as 'classifier.weight', got {key!r}")
+            raise ExportError(f"extras keys must be full parameter names such as 'classifier.weight', got {key!r}")
         if not isinstance(value, Tensor):
-            raise ValueError(f"extra {key!r} must be a torch.Tensor, got {type(value).__name__}")
+            raise ExportError(f"extra {key!r} must be a torch.Tensor, got {type(value).__name__}")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"extra {key!r} has non-finite values (NaN or Inf)")
+            raise ExportError(f"extra {key!r} has non-finite values (NaN or Inf)")
         owner = key.rsplit(".", 1)[0]
         if owner in modules:
-            raise ValueError(
+            raise ExportError(
                 f"extra {key!r} belongs to LoRA target module {owner!r}; a module cannot be both "
                 "a LoRA target and in modules_to_save"
             )
@@ -214,10 +218,10 @@ def _resolve_modules_to_save(extras: Mapping[str, Tensor], modules_to_save: list
     if modules_to_save is None:
         return owners
     if any(not isinstance(m, str) or not m for m in modules_to_save):
-        raise ValueError(f"modules_to_save entries must be non-empty strings, got {modules_to_save}")
+        raise ExportError(f"modules_to_save entries must be non-empty strings, got {modules_to_save}")
     uncovered = [k for k in extras if not _saved_by_peft(k, modules_to_save)]
     if uncovered:
-        raise ValueError(
+        raise ExportError(
             f"extras {uncovered} are not under any module in modules_to_save={modules_to_save}; "
             "peft would not load them"
         )
@@ -239,7 +243,7 @@ def _complete_heads(
     if base_state is None:
         auto = AUTO_MODULES_TO_SAVE.get(task or "", ())
         if auto and not any(_saved_by_peft(k, auto) for k in ext):
-            raise ValueError(
+            raise ExportError(
                 f"task_type {task!r} makes peft load the modules {list(auto)} from the adapter, "
                 "but extras has none of their parameters; pass the head in extras (e.g. "
                 "'classifier.weight', 'classifier.bias') or pass base_state to write the "
@@ -259,7 +263,7 @@ def _check_task_type(task_type: str | None) -> str | None:
         return None
     valid = [t.value for t in TaskType]
     if task_type not in valid:
-        raise ValueError(f"unknown peft task_type {task_type!r}; expected one of {valid} or None")
+        raise ExportError(f"unknown peft task_type {task_type!r}; expected one of {valid} or None")
     return str(task_type)
 
 
@@ -372,7 +376,7 @@ def export_peft_adapter(
     """
     _check_rank(rank)
     if not dtype.is_floating_point:
-        raise ValueError(f"adapter dtype must be floating point, got {dtype}")
+        raise ExportError(f"adapter dtype must be floating point, got {dtype}")
     mods = _check_updates(updates)
     ext = _check_extras(extras or {}, mods)
     task = _check_task_type(task_type)
@@ -381,7 +385,7 @@ def export_peft_adapter(
     )
     saved = [m for m in mods if _saved_by_peft(f"{m}.weight", to_save)]
     if saved:
-        raise ValueError(
+        raise ExportError(
             f"LoRA target modules {saved} fall under modules_to_save={to_save}; "
             "peft would replace them with full copies instead of adapting them"
         )
@@ -449,11 +453,11 @@ def merge_into_base(base_state: Mapping[str, Tensor], updates: Mapping[str, Tens
         W0 = base_state[key]  # (d_out, d_in)
         tied = [k for k, v in base_state.items() if k != key and v.data_ptr() == W0.data_ptr() and v.shape == W0.shape]
         if tied:
-            raise ValueError(f"{key!r} is tied to {tied}; merging would untie the weights")
+            raise ExportError(f"{key!r} is tied to {tied}; merging would untie the weights")
         acc = torch.promote_types(torch.promote_types(W0.dtype, W.dtype), torch.float32)
         new = (W0.to(acc) + W.to(device=W0.device, dtype=acc)).to(W0.dtype)  # (d_out, d_in)
         if not bool(torch.isfinite(new).all()):
-            raise ValueError(f"merged weight {key!r} is not finite (overflow in {W0.dtype}?)")
+            raise ExportError(f"merged weight {key!r} is not finite (overflow in {W0.dtype}?)")
         merged[key] = new
     return merged
 

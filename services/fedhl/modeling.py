@@ -12,6 +12,10 @@ import torch
 from torch import Tensor
 
 
+class ModelError(ValueError):
+    """The base model or its modules do not fit what was asked (task type, target modules, shapes)."""
+
+
 def matches(name: str, targets: list[str]) -> bool:
     """peft's rule: a module is targeted when its path equals an entry or ends with '.' + it."""
     return any(name == t or name.endswith("." + t) for t in targets)
@@ -32,10 +36,10 @@ def resolve_shapes(
     for name, mod in model.named_modules():
         if matches(name, target_modules):
             if not isinstance(mod, torch.nn.Linear):
-                raise ValueError(f"target module {name} is {type(mod).__name__}, only Linear is supported")
+                raise ModelError(f"target module {name} is {type(mod).__name__}, only Linear is supported")
             shapes[name] = (int(mod.out_features), int(mod.in_features))
     if not shapes:
-        raise ValueError(f"no module of {base_model} matches target_modules {target_modules}")
+        raise ModelError(f"no module of {base_model} matches target_modules {target_modules}")
     extras: dict[str, list[int]] = {}
     if task_type == "seq_cls":
         for head in ("classifier", "score"):
@@ -53,7 +57,7 @@ def directory_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in {".safetensors", ".json", ".bin"})
     if not files:
-        raise ValueError(f"{root}: no model files to hash")
+        raise ModelError(f"{root}: no model files to hash")
     for p in files:
         h.update(str(p.relative_to(root)).encode() + b"\0")
         with p.open("rb") as f:
@@ -63,7 +67,7 @@ def directory_sha256(path: str | Path) -> str:
 
 
 # --------------------------------------------------------------------------- loading the base
-class BaseModelMismatch(ValueError):
+class BaseModelMismatch(ModelError):
     """The local base model is not the one the job names (content hash differs)."""
 
 
@@ -74,7 +78,7 @@ def verify_base(path: str | Path, expected_sha256: str) -> str:
     is not a local directory (a hub id cannot be verified offline)."""
     root = Path(path)
     if not root.is_dir():
-        raise ValueError(f"cannot verify base model {str(path)!r}: not a local directory")
+        raise ModelError(f"cannot verify base model {str(path)!r}: not a local directory")
     actual = directory_sha256(root)
     if actual != expected_sha256.strip().lower():
         raise BaseModelMismatch(
@@ -102,15 +106,15 @@ def load_base(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     if task_type not in ("seq_cls", "causal_lm"):
-        raise ValueError(f"unknown task_type {task_type!r}; expected 'seq_cls' or 'causal_lm'")
+        raise ModelError(f"unknown task_type {task_type!r}; expected 'seq_cls' or 'causal_lm'")
     if task_type == "seq_cls" and num_labels < 2:
-        raise ValueError(f"sequence classification needs num_labels >= 2, got {num_labels}")
+        raise ModelError(f"sequence classification needs num_labels >= 2, got {num_labels}")
     name = str(base_model)
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
-            raise ValueError(f"tokenizer of {name} has no pad, eos or unk token to pad with")
+            raise ModelError(f"tokenizer of {name} has no pad, eos or unk token to pad with")
         tokenizer.pad_token = fallback
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
@@ -130,9 +134,9 @@ def linear(model: torch.nn.Module, module: str) -> torch.nn.Linear:
     try:
         mod = model.get_submodule(module)
     except AttributeError:
-        raise ValueError(f"the model has no module {module!r}") from None
+        raise ModelError(f"the model has no module {module!r}") from None
     if not isinstance(mod, torch.nn.Linear):
-        raise ValueError(f"module {module!r} is {type(mod).__name__}; only nn.Linear modules can be adapted")
+        raise ModelError(f"module {module!r} is {type(mod).__name__}; only nn.Linear modules can be adapted")
     return mod
 
 
@@ -146,9 +150,9 @@ def add_to_weights(model: torch.nn.Module, updates: Mapping[str, Tensor]) -> Non
     for m, U in updates.items():
         W = targets[m].weight  # (d_out, d_in)
         if tuple(U.shape) != tuple(W.shape):
-            raise ValueError(f"update for {m!r} has shape {tuple(U.shape)}, the weight is {tuple(W.shape)}")
+            raise ModelError(f"update for {m!r} has shape {tuple(U.shape)}, the weight is {tuple(W.shape)}")
         if not bool(torch.isfinite(U).all()):
-            raise ValueError(f"update for {m!r} has non-finite values")
+            raise ModelError(f"update for {m!r} has non-finite values")
     for m, U in updates.items():
         W = targets[m].weight
         acc = torch.promote_types(torch.promote_types(W.dtype, U.dtype), torch.float32)
@@ -162,8 +166,8 @@ def set_parameters(model: torch.nn.Module, values: Mapping[str, Tensor]) -> None
     params = dict(model.named_parameters())
     for k, v in values.items():
         if k not in params:
-            raise ValueError(f"the model has no parameter {k!r}")
+            raise ModelError(f"the model has no parameter {k!r}")
         if tuple(v.shape) != tuple(params[k].shape):
-            raise ValueError(f"{k!r}: got shape {tuple(v.shape)}, the parameter is {tuple(params[k].shape)}")
+            raise ModelError(f"{k!r}: got shape {tuple(v.shape)}, the parameter is {tuple(params[k].shape)}")
     for k, v in values.items():
         params[k].copy_(v.to(device=params[k].device, dtype=params[k].dtype))

@@ -29,6 +29,7 @@ from ..core.scaling import LoRAScaling
 from ..data import Example, load_examples
 from ..jobspec import TrainConfig
 from ..modeling import load_base, verify_base
+from ..settings import SettingsError
 from .client import TLS, AgentClient, Resources, Task
 from .trainer import Cancelled, measure_throughput, prepare, train
 
@@ -60,7 +61,7 @@ class AgentConfig:
 
         coordinator, data = get("coordinator"), get("data")
         if not coordinator or not data:
-            raise ValueError("the agent needs --coordinator and --data (or FEDHL_AGENT_COORDINATOR/_DATA)")
+            raise SettingsError("the agent needs --coordinator and --data (or FEDHL_AGENT_COORDINATOR/_DATA)")
         ca, cert, key = get("tls_ca"), get("tls_cert"), get("tls_key")
         tls = (
             TLS(Path(ca) if ca else None, Path(cert) if cert else None, Path(key) if key else None)
@@ -139,7 +140,7 @@ class Agent:
             self.client.credential = known[1]
             return known[0]
         if not self.cfg.token:
-            raise ValueError("no stored credential for this coordinator: pass --token (an enrolment token)")
+            raise SettingsError("no stored credential for this coordinator: pass --token (an enrolment token)")
         agent_id, credential = self.client.register(self.cfg.token, self.cfg.name, self.resources())
         creds.save(agent_id, credential)
         log.info("enrolled as agent %s", agent_id)

@@ -18,7 +18,7 @@ from prometheus_client import start_http_server
 
 from .. import metrics
 from ..backends import AggregationTask, Deps
-from ..settings import Settings
+from ..settings import Settings, SettingsError
 from ..storage.blobs import open_blob_store, resolve_blob_url
 from ..storage.coordination import open_coordination
 from ..storage.db import make_engine, schema_is_current, session_factory
@@ -28,7 +28,7 @@ from .inputs import pick_device
 log = logging.getLogger(__name__)
 
 
-class WorkerConfigError(ValueError):
+class WorkerConfigError(SettingsError):
     """The worker cannot run with these settings."""
 
 

@@ -13,7 +13,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...round_report import RoundReport
 from ...storage.models import (
     Agent,
     AgentStatus,
@@ -82,7 +81,10 @@ class RoundPublic(_Public):
     deadline: datetime
     target: int
     quorum: int
-    report: RoundReport | None = Field(description="what the round's merge did; set once the round commits")
+    report: dict[str, Any] | None = Field(
+        description="what the round's merge did, once it commits: `RoundReport.to_dict()` (fedhl.round_report), "
+        "served as stored"
+    )
     metrics: dict[str, Any]
     error: str | None
     created_at: datetime
