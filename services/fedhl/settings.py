@@ -64,8 +64,8 @@ class Settings:
     chunk_bytes: int = 1 << 20
     max_upload_bytes: int = 4 << 30
     inprocess_aggregator: bool = True  # run the aggregation worker loop inside the coordinator
-    aggregation_shards: int = 1  # aggregation jobs per round (module shards), for several workers
-    aggregator_reclaim_idle_s: float = 60.0  # a job pending this long on a silent worker is taken over
+    aggregation_shards: int = 1  # aggregation tasks per round (module shards), for several workers
+    aggregator_reclaim_idle_s: float = 60.0  # a task pending this long on a silent worker is taken over
     aggregator_device: str | None = None  # "cuda", "cpu"; unset: CUDA when present
     aggregator_metrics_port: int = 0  # Prometheus endpoint of an aggregator worker; 0: none
     s3_endpoint_url: str | None = None  # see S3Settings

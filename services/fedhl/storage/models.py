@@ -166,7 +166,7 @@ class Round(Base):
     input_state_key: Mapped[str | None] = mapped_column(String(64))
     input_plan_key: Mapped[str | None] = mapped_column(String(64))
     start_keys: Mapped[dict[str, Any]] = mapped_column(default=dict)  # rank (str) -> blob key
-    shards: Mapped[int] = mapped_column(Integer, default=1)  # aggregation jobs the merge is split into
+    shards: Mapped[int] = mapped_column(Integer, default=1)  # aggregation tasks the merge is split into
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     closed_at: Mapped[datetime | None]
     committed_at: Mapped[datetime | None]
@@ -208,7 +208,7 @@ class Update(Base):
 
 
 class RoundShard(Base):
-    """One aggregation job's result for a shard of a round's modules; the round commits once
+    """One aggregation task's result for a shard of a round's modules; the round commits once
     every shard is in (the insert is idempotent: one row per (round, shard))."""
 
     __tablename__ = "round_shards"

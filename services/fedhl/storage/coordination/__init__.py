@@ -1,5 +1,5 @@
 """Coordination state that can be rebuilt from Postgres: agent liveness, leases, the
-aggregation job queue, round events and rate limits.
+aggregation task queue, round events and rate limits.
 
 Each concern is a small Protocol with two backends: Redis (shared by coordinator replicas and
 aggregator workers) and an in-process twin for the embedded mode with no Redis. The twins
