@@ -88,7 +88,7 @@ def run_job(args: argparse.Namespace, workers: int, shards: int, tmp: Path) -> d
         tok, _ = AgentRepo(s).create_token("bench", args.clients, None)
     agents = [c.agents.register(tok, f"client-{i:03d}", {})[0] for i in range(args.clients)]
     for a in agents:
-        c.deps.coord.liveness.beat(a, 3600)
+        c.deps.coordination.liveness.beat(a, 3600)
     c.scheduler.advance(job.id)  # opens the round with every client
     t_up = time.perf_counter()
     g = torch.Generator().manual_seed(args.seed)

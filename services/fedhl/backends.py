@@ -23,7 +23,7 @@ class Deps:
 
     sessions: sessionmaker[Session]
     blobs: BlobStore
-    coord: Coordination
+    coordination: Coordination  # liveness, leases, the aggregation queue, events, rate limits
     device: str | None = None  # aggregation device; None: CUDA when present, else CPU
 
 

@@ -230,9 +230,9 @@ def test_a_worker_killed_mid_merge_is_replaced_and_the_state_is_bit_identical(
     try:
         rnd = wait_round(c, job.id, {RoundState.AGGREGATING}, timeout=90)
         end = time.monotonic() + 30
-        while c.deps.coord.queue.pending_count() == 0 and time.monotonic() < end:
+        while c.deps.coordination.queue.pending_count() == 0 and time.monotonic() < end:
             time.sleep(0.01)  # the doomed worker has taken the job (delivered, not acked)
-        assert c.deps.coord.queue.pending_count() > 0
+        assert c.deps.coordination.queue.pending_count() > 0
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         second = _worker(env, "rescuer", tmp_path / "w2.log")

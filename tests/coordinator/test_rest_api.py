@@ -182,7 +182,7 @@ def test_healthz_is_503_when_redis_does_not_answer(coordinator: Coordinator, ano
         def close(self) -> None:
             pass
 
-    coordinator.deps.coord = dataclasses.replace(coordinator.deps.coord, client=DeadRedis())  # type: ignore[arg-type]
+    coordinator.deps.coordination = dataclasses.replace(coordinator.deps.coordination, client=DeadRedis())  # type: ignore[arg-type]
     # Execute
     r = anon.get("/healthz")
     # Assert

@@ -101,7 +101,7 @@ def commit_round(deps: Deps, inp: RoundInputs, shard_keys: list[tuple[str, float
         )
     metrics.ROUNDS.labels("committed").inc()
     metrics.AGGREGATION_SECONDS.observe(report.timings["total_s"])
-    deps.coord.events.publish(
+    deps.coordination.events.publish(
         SCHEDULER_EVENTS, {"type": "round_committed", "job_id": inp.job_id, "round_id": inp.round_id}
     )
     log.info(
@@ -118,5 +118,5 @@ def fail_round(deps: Deps, round_id: int, job_id: str, reason: str, actor: str) 
         ):
             AuditRepo(s).record(actor, "round_failed", job_id, round_id=round_id, reason=reason)
     metrics.ROUNDS.labels("failed").inc()
-    deps.coord.events.publish(SCHEDULER_EVENTS, {"type": "round_failed", "job_id": job_id, "round_id": round_id})
+    deps.coordination.events.publish(SCHEDULER_EVENTS, {"type": "round_failed", "job_id": job_id, "round_id": round_id})
     log.warning("round %s failed: %s", round_id, reason)

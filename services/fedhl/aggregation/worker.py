@@ -37,7 +37,7 @@ def run_worker(
 ) -> None:
     """Consume aggregation tasks until `stop` is set; first reclaim entries that a dead worker
     left pending longer than `reclaim_idle_s`."""
-    queue = deps.coord.queue
+    queue = deps.coordination.queue
     while not stop.is_set():
         reclaimed = queue.reclaim(consumer, reclaim_idle_s)
         if reclaimed:
@@ -82,5 +82,5 @@ def serve_worker(settings: Settings, consumer: str | None = None) -> None:
     try:
         run_worker(deps, name, stop, settings.aggregator_reclaim_idle_s)
     finally:
-        deps.coord.close()
+        deps.coordination.close()
         engine.dispose()

@@ -130,7 +130,7 @@ class AgentService:
         if len(name) > 200:
             raise ServiceError(Code.INVALID_ARGUMENT, "name longer than 200 characters")
         res = clean_resources(resources)
-        if not self.deps.coord.rate_limiter.allow("register", limit=600, window_s=60):
+        if not self.deps.coordination.rate_limiter.allow("register", limit=600, window_s=60):
             raise ServiceError(Code.RESOURCE_EXHAUSTED, "too many registrations; retry later")
         try:
             with transaction(self.deps.sessions) as s:
@@ -138,7 +138,7 @@ class AgentService:
                 AuditRepo(s).record(f"agent:{agent.id}", "agent_registered", name=name)
         except PermissionError as e:
             raise ServiceError(Code.PERMISSION_DENIED, str(e)) from None
-        self.deps.coord.liveness.beat(agent.id, self.settings.heartbeat_ttl_s)
+        self.deps.coordination.liveness.beat(agent.id, self.settings.heartbeat_ttl_s)
         return agent.id, credential
 
     def authenticate(self, credential: str | None) -> str:
@@ -156,7 +156,7 @@ class AgentService:
     def heartbeat(self, agent_id: str, resources: dict[str, Any], task_id: str, progress: float) -> str:
         """→ "CONTINUE" or "CANCEL_TASK" (the task's round closed or its job stopped)."""
         res = clean_resources(resources)
-        self.deps.coord.liveness.beat(agent_id, self.settings.heartbeat_ttl_s)
+        self.deps.coordination.liveness.beat(agent_id, self.settings.heartbeat_ttl_s)
         with transaction(self.deps.sessions, read_only=True) as s:
             agent = s.get(Agent, agent_id)
             # liveness lives in the coordination store; the row is written only when something
@@ -192,9 +192,9 @@ class AgentService:
     # ---------------------------------------------------------------- tasks
     def pull_task(self, agent_id: str, wait_s: float) -> TaskInfo | None:
         """Long-poll: a task as soon as a round assigns this agent one, else None at the timeout."""
-        self.deps.coord.liveness.beat(agent_id, self.settings.heartbeat_ttl_s)
+        self.deps.coordination.liveness.beat(agent_id, self.settings.heartbeat_ttl_s)
         deadline = time.monotonic() + max(0.0, min(wait_s, self.settings.pull_wait_max_s))
-        with self.deps.coord.events.subscribe(ROUND_EVENTS) as sub:
+        with self.deps.coordination.events.subscribe(ROUND_EVENTS) as sub:
             while True:
                 task = self._claim(agent_id)
                 if task is not None:
@@ -383,7 +383,9 @@ class AgentService:
                 update_id, job_id, round_id = upd.id, rnd.job_id, rnd.id
         except IntegrityError:
             raise ServiceError(Code.ALREADY_EXISTS, f"task {h.task_id} already has an accepted upload") from None
-        self.deps.coord.events.publish(SCHEDULER_EVENTS, {"type": "upload", "job_id": job_id, "round_id": round_id})
+        self.deps.coordination.events.publish(
+            SCHEDULER_EVENTS, {"type": "upload", "job_id": job_id, "round_id": round_id}
+        )
         return UploadResult(update_id, size, True)
 
     # ---------------------------------------------------------------- metrics

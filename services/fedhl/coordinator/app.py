@@ -89,5 +89,5 @@ class Coordinator:
             self.grpc_server.stop(grace_s).wait()
         for t in self.threads:
             t.join(timeout=grace_s)
-        self.deps.coord.close()
+        self.deps.coordination.close()
         self.deps.sessions.kw["bind"].dispose()

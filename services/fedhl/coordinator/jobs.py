@@ -51,7 +51,7 @@ class JobService:
                 )
             )
             AuditRepo(s).record(actor, "job_created", job.id, name=spec.name, strategy=spec.strategy)
-        self.deps.coord.events.publish(SCHEDULER_EVENTS, {"type": "job_created", "job_id": job.id})
+        self.deps.coordination.events.publish(SCHEDULER_EVENTS, {"type": "job_created", "job_id": job.id})
         return job
 
     def pause(self, job_id: str, actor: str = "admin") -> None:
@@ -82,7 +82,7 @@ class JobService:
                         a.id, [AssignmentState.ISSUED, AssignmentState.RUNNING], AssignmentState.CANCELLED
                     )
             AuditRepo(s).record(actor, "job_cancelled", job_id)
-        self.deps.coord.events.publish(SCHEDULER_EVENTS, {"type": "job_cancelled", "job_id": job_id})
+        self.deps.coordination.events.publish(SCHEDULER_EVENTS, {"type": "job_cancelled", "job_id": job_id})
 
     def _transition(self, job_id: str, allowed: list[JobStatus], to: JobStatus, action: str, actor: str) -> None:
         with transaction(self.deps.sessions) as s:
@@ -92,4 +92,4 @@ class JobService:
                     Code.FAILED_PRECONDITION, f"job {job_id} is {job.status.value}; cannot move to {to.value}"
                 )
             AuditRepo(s).record(actor, action, job_id)
-        self.deps.coord.events.publish(SCHEDULER_EVENTS, {"type": action, "job_id": job_id})
+        self.deps.coordination.events.publish(SCHEDULER_EVENTS, {"type": action, "job_id": job_id})

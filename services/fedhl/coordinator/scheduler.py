@@ -88,7 +88,7 @@ class Scheduler:
                 return
             log.info("scheduler is the leader")
             self._enqueued.clear()  # a new leader re-enqueues every AGGREGATING round once
-            with self.deps.coord.events.subscribe(SCHEDULER_EVENTS) as sub:
+            with self.deps.coordination.events.subscribe(SCHEDULER_EVENTS) as sub:
                 while not stop.is_set():
                     try:
                         self.tick()
@@ -151,15 +151,15 @@ class Scheduler:
         if enqueue is not None:
             round_id, shards = enqueue
             for shard in range(shards):
-                self.deps.coord.queue.publish(AggregationTask(round_id, shard).to_fields())
+                self.deps.coordination.queue.publish(AggregationTask(round_id, shard).to_fields())
             self._enqueued[round_id] = time.monotonic()
         if opened or enqueue is not None:
-            self.deps.coord.events.publish(ROUND_EVENTS, {"type": "round_changed", "job_id": job_id})
+            self.deps.coordination.events.publish(ROUND_EVENTS, {"type": "round_changed", "job_id": job_id})
 
     def _open(self, s: Session, job_id: str, number: int, spec: JobSpec) -> bool:
         rounds = RoundRepo(s)
         agents = {a.id: a for a in s.scalars(sql_select(Agent).where(Agent.status == AgentStatus.ACTIVE))}
-        live = self.deps.coord.liveness.alive(agents)
+        live = self.deps.coordination.liveness.alive(agents)
         available = sorted(live - rounds.busy_agents())
         attempt = rounds.attempts(job_id, number)
         chosen = select(spec.selection, available, seed=f"{spec.seed}:{job_id}:{number}:{attempt}")

@@ -42,21 +42,21 @@ def revoke_enrolment_token(token_id: str, service: AgentAdminDep, admin: AdminDe
 @router.get("")
 def list_agents(session: SessionDep, coordinator: CoordinatorDep) -> list[AgentPublic]:
     agents = AgentRepo(session).list()
-    alive = coordinator.deps.coord.liveness.alive(a.id for a in agents)
+    alive = coordinator.deps.coordination.liveness.alive(a.id for a in agents)
     return [AgentPublic.of(a, alive=a.id in alive) for a in agents]
 
 
 @router.get("/{agent_id}")
 def get_agent(agent_id: str, session: SessionDep, coordinator: CoordinatorDep) -> AgentPublic:
     agent = AgentRepo(session).get(agent_id)
-    return AgentPublic.of(agent, alive=bool(coordinator.deps.coord.liveness.alive([agent.id])))
+    return AgentPublic.of(agent, alive=bool(coordinator.deps.coordination.liveness.alive([agent.id])))
 
 
 @router.post("/{agent_id}/revoke")
 def revoke_agent(agent_id: str, service: AgentAdminDep, admin: AdminDep, coordinator: CoordinatorDep) -> AgentPublic:
     """Its credential is refused from now on (idempotent)."""
     agent = service.revoke_agent(agent_id, actor=admin.actor)
-    return AgentPublic.of(agent, alive=bool(coordinator.deps.coord.liveness.alive([agent.id])))
+    return AgentPublic.of(agent, alive=bool(coordinator.deps.coordination.liveness.alive([agent.id])))
 
 
 @router.put("/{agent_id}/rank-override")
@@ -66,4 +66,4 @@ def set_rank_override(
     """Pin the rank this agent trains at (snapped to each job's rank set), or clear the pin
     with `{"rank": null}`; applies from the next round it is assigned."""
     agent = service.set_rank_override(agent_id, body.rank, actor=admin.actor)
-    return AgentPublic.of(agent, alive=bool(coordinator.deps.coord.liveness.alive([agent.id])))
+    return AgentPublic.of(agent, alive=bool(coordinator.deps.coordination.liveness.alive([agent.id])))

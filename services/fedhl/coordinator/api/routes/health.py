@@ -34,7 +34,7 @@ def healthz(coordinator: CoordinatorDep) -> JSONResponse:
     except SQLAlchemyError as e:
         log.warning("healthz: database check failed: %s", e)
         database = False
-    coord = coordinator.deps.coord
+    coord = coordinator.deps.coordination
     redis: bool | Literal["in-process"] = coord.ping() if coord.client is not None else "in-process"
     ok = database and redis is not False
     body = Health(status="ok" if ok else "unavailable", database=database, redis=redis)
@@ -54,6 +54,6 @@ def prometheus_metrics(coordinator: CoordinatorDep) -> Response:
     with transaction(coordinator.deps.sessions, read_only=True) as s:
         agent_ids = s.scalars(select(Agent.id).where(Agent.status == AgentStatus.ACTIVE)).all()
         active_rounds = s.scalar(select(func.count()).select_from(Round).where(Round.state.in_(ACTIVE_ROUND_STATES)))
-    metrics.AGENTS_ALIVE.set(len(coordinator.deps.coord.liveness.alive(agent_ids)))
+    metrics.AGENTS_ALIVE.set(len(coordinator.deps.coordination.liveness.alive(agent_ids)))
     metrics.ACTIVE_ROUNDS.set(int(active_rounds or 0))
     return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
