@@ -87,28 +87,31 @@ def test_weight_config_paper_literal_by_hand() -> None:
 
 
 CAP_CASES = [
-    # shares (1/4, 1/4, 1/2), ratio 2 → caps (1/2, 1/2, 1): cap a at 1/2, the other 1/2 goes
-    # to (0.2, 0.1) pro rata → (1/3, 1/6)
-    ([0.7, 0.2, 0.1], [1, 1, 2], 2.0, [1 / 2, 1 / 3, 1 / 6]),
-    # equal shares, ratio 1.2 → caps 0.4: a capped, (0.3, 0.1)·1.5 = (0.45, 0.15); b capped,
-    # the remaining 0.2 goes to c
-    ([0.6, 0.3, 0.1], [1, 1, 1], 1.2, [0.4, 0.4, 0.2]),
+    # The cap is max_ratio / N, whatever the clients report (not max_ratio × data share).
+    # N = 3, ratio 1.2 → cap 0.4: a capped, (0.3, 0.1)·1.5 = (0.45, 0.15); b capped, c gets 0.2
+    ([0.6, 0.3, 0.1], 1.2, [0.4, 0.4, 0.2]),
+    # N = 4, ratio 2 → cap 1/2: a capped, the other 1/2 goes to (0.2, 0.05, 0.05) pro rata
+    ([0.7, 0.2, 0.05, 0.05], 2.0, [1 / 2, 1 / 3, 1 / 12, 1 / 12]),
     # nothing over its cap: unchanged
-    ([0.3, 0.3, 0.4], [1, 1, 1], 4.0, [0.3, 0.3, 0.4]),
-    # ratio 1 forces the data-size weights
-    ([0.9, 0.1], [1, 3], 1.0, [0.25, 0.75]),
+    ([0.3, 0.3, 0.4], 1.5, [0.3, 0.3, 0.4]),
+    # N ≤ ratio: the cap is ≥ 1 and binds nothing
+    ([0.99, 0.01], 4.0, [0.99, 0.01]),
+    # ratio 1 forces uniform weights
+    ([0.9, 0.1], 1.0, [0.5, 0.5]),
+    # the others all weigh zero (HetLoRA with zero updates): the excess is shared equally
+    ([1.0, 0.0, 0.0], 1.5, [0.5, 0.25, 0.25]),
 ]
 
 
-@pytest.mark.parametrize(("p", "n", "ratio", "expected"), CAP_CASES)
-def test_cap_weights_by_hand(p, n, ratio, expected) -> None:
-    q = cap_weights(torch.tensor(p, dtype=F64), torch.tensor(n, dtype=F64), ratio)
+@pytest.mark.parametrize(("p", "ratio", "expected"), CAP_CASES)
+def test_cap_weights_by_hand(p, ratio, expected) -> None:
+    q = cap_weights(torch.tensor(p, dtype=F64), ratio)
     assert q.tolist() == pytest.approx(expected, rel=1e-12)
 
 
 def test_cap_weights_rejects_ratio_below_one() -> None:
     with pytest.raises(ValueError, match="at least 1"):
-        cap_weights(t(0.5, 0.5), t(1.0, 1.0), 0.5)
+        cap_weights(t(0.5, 0.5), 0.5)
 
 
 def test_weight_config_caps_drift_weights_by_hand() -> None:

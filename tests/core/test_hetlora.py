@@ -9,6 +9,7 @@ from naive_core import F64, gen, randn
 
 from fedhl.core import (
     ClientUpdate,
+    ClipConfig,
     HetLoRA,
     LoRAFactors,
     LoRAScaling,
@@ -120,8 +121,9 @@ def test_weights_uniform_when_all_products_are_zero() -> None:
 
 
 def test_weights_per_module_differ() -> None:
-    # Prepare: a dominates module x, b dominates module y
-    strategy = HetLoRA(LoRAScaling(2.0))
+    # Prepare: a dominates module x, b dominates module y (norms 3 vs 1 and 1 vs 4: the
+    # update-size bound, 3 × the lower median, would clamp 4 to 3; this test is the paper's rule)
+    strategy = HetLoRA(LoRAScaling(2.0), clip=ClipConfig.off())
     shapes = {"x": (3, 3), "y": (3, 3)}
     state = strategy.init_state(shapes, max_rank=1, dtype=F64)
     e1 = t([1.0], [0.0], [0.0])

@@ -8,6 +8,7 @@ start = strategy.client_start(state, plan, "a")            # ClientStart.factors
 state, report = strategy.aggregate(state, plan, [ClientUpdate("a", {...}, n_examples=100), ...])
 """
 
+from .defence import ClipConfig, clip_bound, lower_median
 from .merge import (
     average_padded,
     lowrank_fro_sq,
@@ -40,6 +41,8 @@ from .types import (
     AggregationReport,
     ClientStart,
     ClientUpdate,
+    ClipRecord,
+    DropRecord,
     GlobalState,
     LoRAFactors,
     UploadError,
@@ -47,6 +50,7 @@ from .types import (
 from .weights import (
     WeightConfig,
     cap_weights,
+    capped_data_size_weights,
     data_size_weights,
     drift_weights,
     effective_participants,
@@ -59,6 +63,9 @@ __all__ = [
     "AggregationReport",
     "ClientStart",
     "ClientUpdate",
+    "ClipConfig",
+    "ClipRecord",
+    "DropRecord",
     "FLoRA",
     "FedHL",
     "FedIT",
@@ -77,11 +84,14 @@ __all__ = [
     "average_padded",
     "build_strategy",
     "cap_weights",
+    "capped_data_size_weights",
+    "clip_bound",
     "data_size_weights",
     "drift_weights",
     "effective_participants",
     "hetlora_pruned_rank",
     "hetlora_tail_penalty",
+    "lower_median",
     "lowrank_fro_sq",
     "pad_factors",
     "partial_svd",

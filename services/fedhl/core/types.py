@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -137,6 +137,32 @@ class ClientStart:
         return n + sum(v.numel() for v in self.extras.values())
 
 
+@dataclass(frozen=True)
+class DropRecord:
+    """One upload (or one module of it) left out of a round's merge, and why.
+
+    `reason` is a short code (`non_finite_factors`, `non_finite_update`, `overflow`,
+    `update_norm_above_bound`, `non_finite_extras`); `detail` says it in words.
+    `module` is a LoRA module name or `extra::<param>` for a non-LoRA parameter.
+    """
+
+    client: ClientId
+    module: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ClipRecord:
+    """One update scaled down to the round's bound: `norm · scale == bound`."""
+
+    client: ClientId
+    module: str
+    norm: float
+    bound: float
+    scale: float
+
+
 @dataclass
 class AggregationReport:
     """What a round's merge did, for logs, the REST API and experiments."""
@@ -153,6 +179,10 @@ class AggregationReport:
     module_weights: dict[ModuleName, dict[ClientId, float]] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     svd: dict[str, Any] = field(default_factory=dict)  # method, worst residual, seconds
+    # what the defences did (core/defence.py): weights after caps and drops, times clip scales
+    effective_weights: dict[ClientId, float] = field(default_factory=dict)
+    dropped: list[DropRecord] = field(default_factory=list)
+    clipped: list[ClipRecord] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe view (no tensors, no NaN)."""
@@ -173,4 +203,7 @@ class AggregationReport:
             "module_weights": self.module_weights,
             "options": dict(self.options),
             "svd": dict(self.svd),
+            "effective_weights": dict(self.effective_weights),
+            "dropped": [asdict(d) for d in self.dropped],
+            "clipped": [asdict(c) for c in self.clipped],
         }

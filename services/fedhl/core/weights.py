@@ -2,7 +2,9 @@
 
 FedHL's default is the inverse-variance rule `p_i ∝ n_i / (e_i^κ + ε)` that minimises a
 drift bound of the form `Σ p_i² (L² e_i + σ²)`, with ε on the scale of the errors
-(`ε = mean_j e_j^κ`), then a cap at `max_weight_ratio ×` each client's data-size share.
+(`ε = mean_j e_j^κ`), then a cap at `max_weight_ratio ×` the uniform share `1/N`.
+The cap is relative to uniform over the round's participants, never to a client-reported
+size: `n_i` is what a client claims, so a cap computed from it moves weight to a liar.
 See ALGORITHMS.md, step 4.
 """
 
@@ -59,12 +61,15 @@ def drift_weights(
     return normalise(n / (e + floor))
 
 
-def cap_weights(p: Tensor, n_examples: Tensor, max_ratio: float) -> Tensor:
-    """Cap every p_i at `max_ratio × n_i/Σn`, redistributing the excess to the uncapped
-    clients in proportion to their weights (water-filling; exact after ≤ N passes)."""
+def cap_weights(p: Tensor, max_ratio: float) -> Tensor:
+    """Cap every p_i at `max_ratio / N` (N = the round's participants), redistributing the
+    excess to the uncapped clients in proportion to their weights, or equally when those
+    all weigh zero (water-filling; exact after ≤ N passes). The cap uses nothing a client
+    reports, so a client claiming a huge `n_examples` cannot exceed it under any rule.
+    With `N ≤ max_ratio` the cap is 1 and binds nothing."""
     if max_ratio < 1.0:
         raise ValueError(f"max_weight_ratio must be at least 1, got {max_ratio}")
-    cap = max_ratio * data_size_weights(n_examples)
+    cap = max_ratio / p.numel()
     p = p.clone()
     capped = torch.zeros_like(p, dtype=torch.bool)
     for _ in range(p.numel()):
@@ -72,13 +77,21 @@ def cap_weights(p: Tensor, n_examples: Tensor, max_ratio: float) -> Tensor:
         if not bool(over.any()):
             break
         capped |= over
-        p[capped] = cap[capped]
+        p[capped] = cap
         free = 1.0 - float(p[capped].sum())
         rest = p[~capped]
-        if rest.numel() == 0 or float(rest.sum()) <= 0:
+        if rest.numel() == 0:
             break
-        p[~capped] = rest * (free / float(rest.sum()))
+        total = float(rest.sum())
+        p[~capped] = rest * (free / total) if total > 0 else free / rest.numel()
     return p
+
+
+def capped_data_size_weights(n_examples: Tensor, max_ratio: float | None) -> Tensor:
+    """Data-size weights under the uniform-relative cap (every strategy's default for the
+    factors it averages by data size, and for non-LoRA parameters)."""
+    p = data_size_weights(n_examples)
+    return cap_weights(p, max_ratio) if max_ratio is not None else p
 
 
 def effective_participants(p: Tensor | Sequence[float]) -> float:
@@ -89,7 +102,12 @@ def effective_participants(p: Tensor | Sequence[float]) -> float:
 
 @dataclass(frozen=True)
 class WeightConfig:
-    """FedHL's weight options (ALGORITHMS.md step 4)."""
+    """FedHL's weight options (ALGORITHMS.md step 4).
+
+    `max_weight_ratio`: no client's weight exceeds `max_weight_ratio / N` (N participants of
+    the round), under every rule; the excess is water-filled onto the others. It bounds
+    the reach of a client-reported `n_examples`; `None` turns it off.
+    """
 
     rule: WeightRule = "drift"
     kappa: float = 1.0
@@ -133,5 +151,5 @@ class WeightConfig:
                 use_data_size=self.use_data_size,
             )
         if self.max_weight_ratio is not None:
-            p = cap_weights(p, n_examples, self.max_weight_ratio)
+            p = cap_weights(p, self.max_weight_ratio)
         return p

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+from ..defence import ClipConfig
 from ..scaling import LoRAScaling, ScaleRule
 from ..svd import SVDConfig
 from ..weights import WeightConfig
@@ -18,12 +19,12 @@ STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedHL, FlexLo
 WEIGHT_PRESETS: dict[str, WeightConfig] = {
     "default": WeightConfig(),
     "paper-literal": WeightConfig.paper_literal(),
-    "uniform": WeightConfig(rule="uniform", max_weight_ratio=None),
+    "uniform": WeightConfig(rule="uniform"),  # the cap binds only the non-LoRA parameters here
     "data-size": WeightConfig(rule="data_size"),
 }
 
 
-C = TypeVar("C", SVDConfig, WeightConfig)
+C = TypeVar("C", SVDConfig, WeightConfig, ClipConfig)
 
 
 def _config(cls: type[C], value: object, what: str) -> C:
@@ -45,12 +46,15 @@ def build_strategy(
     scale_rule: ScaleRule = "standard",
     weights: str | WeightConfig | dict[str, Any] | None = None,
     svd: SVDConfig | dict[str, Any] | None = None,
+    clip: str | ClipConfig | dict[str, Any] | None = None,
     **options: Any,
 ) -> Strategy:
     """Build a strategy from plain options (as a job config or CLI holds them).
 
     `weights` (FedHL only) is a preset name ('default', 'paper-literal', 'uniform',
-    'data-size'), a `WeightConfig`, or a dict of its fields.
+    'data-size'), a `WeightConfig`, or a dict of its fields. `clip` (every strategy) is
+    'off', a `ClipConfig`, or a dict of its fields (`k`, `action`); None: the default bound.
+    The baselines take `max_weight_ratio` directly; FedHL inside `weights`.
     """
     try:
         cls = STRATEGIES[name]
@@ -66,6 +70,8 @@ def build_strategy(
                 raise ValueError(f"unknown weight preset {weights!r}; choose from {sorted(WEIGHT_PRESETS)}")
             weights = WEIGHT_PRESETS[weights]
         options["weights"] = _config(WeightConfig, weights, "weights")
+    if clip is not None:
+        options["clip"] = ClipConfig.off() if clip == "off" else _config(ClipConfig, clip, "clip")
     try:
         return cls(scaling, svd=svd_cfg, **options)
     except TypeError as e:  # an option this strategy does not take

@@ -11,8 +11,9 @@ A round has two halves:
    state itself only one module's uploads and working set are in memory.
 
 Subclasses supply the algorithm in a few hooks; the base class guards inputs (ranks, shapes,
-finiteness, duplicates), casts to the compute device/dtype, averages non-LoRA parameters by
-data size and assembles the report.
+duplicates), screens uploads (non-finite or overflowing ones are left out by name, update
+sizes bounded: core/defence.py), casts to the compute device/dtype, averages non-LoRA
+parameters by capped data size and assembles the report.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..defence import ClipConfig, clip_bound, clip_scale, max_abs, overflow_limit, product_may_overflow
 from ..merge import change_norms_sq, lora_init, lowrank_fro_sq, weighted_average
 from ..scaling import LoRAScaling
 from ..svd import Spectrum, SVDConfig, partial_svd
@@ -36,13 +38,15 @@ from ..types import (
     ClientId,
     ClientStart,
     ClientUpdate,
+    ClipRecord,
+    DropRecord,
     GlobalState,
     LoRAFactors,
     ModuleName,
     RankMap,
     UploadError,
 )
-from ..weights import data_size_weights, effective_participants
+from ..weights import capped_data_size_weights, effective_participants
 
 
 @dataclass
@@ -80,6 +84,26 @@ def _finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def _factor_change_sq(start: LoRAFactors, f: LoRAFactors) -> float:
+    """‖B' − B⁰‖²_F + ‖A' − A⁰‖²_F (float64)."""
+    return float(((f.B - start.B) ** 2).sum() + ((f.A - start.A) ** 2).sum())
+
+
+def _reasons(dropped: Sequence[DropRecord], module: str) -> str:
+    return "; ".join(f"{d.client}: {d.reason}" for d in dropped if d.module == module) or "none dropped"
+
+
+@dataclass
+class _Screened:
+    """One module's uploads after screening, aligned lists over the kept clients."""
+
+    index: list[int]  # positions in the round's uploads
+    factors: list[LoRAFactors]  # in the compute dtype; clipped where `clip` < 1
+    ranks: list[int]
+    clip: list[float]  # update-size scale per kept client (1.0 within the bound)
+    update_sq: dict[int, float]  # ‖Δ_i‖²_F as sent (product space), by position
+
+
 class Strategy(ABC):
     """One aggregation algorithm. Construct with the job's LoRA scaling convention."""
 
@@ -95,9 +119,19 @@ class Strategy(ABC):
         device: torch.device | str | None = None,
         compute_dtype: torch.dtype | None = None,
         svd: SVDConfig | None = None,
+        max_weight_ratio: float | None = 4.0,
+        clip: ClipConfig | None = None,
     ) -> None:
+        """`max_weight_ratio`: no client weighs more than `max_weight_ratio / N` (N uploads in
+        the round; None: no cap), for the factors and the non-LoRA parameters alike.
+        `clip`: the update-size bound (default `ClipConfig()`: k = 3, clip; `ClipConfig.off()`
+        turns it off)."""
         if compute_dtype is not None and compute_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"compute_dtype must be float32 or float64, got {compute_dtype}")
+        if max_weight_ratio is not None and not max_weight_ratio >= 1:
+            raise ValueError(f"max_weight_ratio must be ≥ 1 or None, got {max_weight_ratio}")
+        self.max_weight_ratio = max_weight_ratio
+        self.clip = clip if clip is not None else ClipConfig()
         self.scaling = scaling
         self.seed = seed
         self.device = torch.device(device) if device is not None else None
@@ -107,7 +141,13 @@ class Strategy(ABC):
     # ------------------------------------------------------------------ options / placement
     def options(self) -> dict[str, Any]:
         """The options that shaped this strategy's results, for logs and reports."""
-        return {"alpha": self.scaling.alpha, "scale_rule": self.scaling.rule, "seed": self.seed}
+        return {
+            "alpha": self.scaling.alpha,
+            "scale_rule": self.scaling.rule,
+            "seed": self.seed,
+            "max_weight_ratio": self.max_weight_ratio,
+            "clip": {"k": self.clip.k, "action": self.clip.action},
+        }
 
     def _placement(self, t: Tensor) -> tuple[torch.device, torch.dtype]:
         device = self.device or t.device
@@ -232,10 +272,17 @@ class Strategy(ABC):
     ) -> tuple[GlobalState, AggregationReport]:
         """New global state and the round's report.
 
-        Raises `UploadError` for an upload that does not match the plan and
-        `AggregationError` for a non-finite result; the input state is then unchanged,
-        except with `inplace=True` (memory-saving for workers that reload state from the
-        blob store), where it must be discarded after an error.
+        Per module, an upload whose factors or update norm are not finite, or whose
+        contribution could overflow the compute dtype, is left out of that module and the
+        rest are merged with their weights recomputed over who is left; with the update-size
+        bound on (`clip`), updates above `k × median` are scaled down or left out
+        (core/defence.py). The report names every such upload (`dropped`, `clipped`).
+
+        Raises `UploadError` for an upload that does not match the plan (shapes, dtype,
+        parameters) and `AggregationError` when a module has no upload left or its merge is
+        not finite; the input state is then unchanged, except with `inplace=True`
+        (memory-saving for workers that reload state from the blob store), where it must be
+        discarded after an error.
         """
         if plan.round != state.round:
             raise AggregationError(f"plan is for round {plan.round}, state is at round {state.round}")
@@ -249,23 +296,27 @@ class Strategy(ABC):
                 raise UploadError(u.client_id, f"no assignment in round {plan.round}")
             self._check_extras(state, u)
         n = torch.tensor([float(u.n_examples) for u in updates], dtype=torch.float64)
-        data_p = data_size_weights(n)
         pre = self._round_weights(state, plan, updates, n)
 
         new = GlobalState(round=state.round + 1) if not inplace else state
         update_sq = dict.fromkeys(clients, 0.0)
         change_sq = 0.0
         module_weights: dict[ModuleName, dict[ClientId, float]] = {}
+        module_effective: dict[ModuleName, dict[ClientId, float]] = {}
+        dropped: list[DropRecord] = []
+        clipped: list[ClipRecord] = []
         for m in state.modules:
-            fs = [self._load(u, m, plan.rank(u.client_id, m), state) for u in updates]
-            ranks = [f.rank for f in fs]
-            p = pre[m] if m in pre else self._module_weights(m, fs, ranks, n)
-            module_weights[m] = dict(zip(clients, p.tolist(), strict=True))
-            result, change = self._merge_module(state, plan, m, fs, ranks, p.tolist())
-            starts = [
-                self.start_factors(state, plan, m, r).to(f.B.device, f.B.dtype) for f, r in zip(fs, ranks, strict=True)
-            ]
-            per_client_sq = change_norms_sq(starts, fs, [self.scaling.scale(r) for r in ranks])
+            sc = self._screen_module(state, plan, m, updates, dropped, clipped)
+            if not sc.index:
+                raise AggregationError(f"module {m!r}: no upload left to merge ({_reasons(dropped, m)})")
+            if len(sc.index) == len(updates):
+                p = pre[m] if m in pre else self._module_weights(m, sc.factors, sc.ranks, n)
+            else:  # weights over who is left, as if the others had not taken part
+                n_kept = n[sc.index]
+                kept = [updates[i] for i in sc.index]
+                sub = self._round_weights(state, plan, kept, n_kept)
+                p = sub[m] if m in sub else self._module_weights(m, sc.factors, sc.ranks, n_kept)
+            result, change = self._merge_module(state, plan, m, sc.factors, sc.ranks, p.tolist(), sc.clip)
             if isinstance(result, Tensor):
                 finite = _finite(result)
             else:  # finite factors can still overflow in the served product s·B@A
@@ -273,21 +324,23 @@ class Strategy(ABC):
                 finite = finite and math.isfinite(lowrank_fro_sq(result.B, result.A))
             if not finite:
                 raise AggregationError(
-                    f"module {m!r}: merged update is not finite (an upload is poisoned "
-                    "or overflowed); previous state kept"
+                    f"module {m!r}: merged update is not finite (uploads merged: "
+                    f"{[clients[i] for i in sc.index]}); previous state kept"
                 )
-            for c, sq in zip(clients, per_client_sq, strict=True):
-                update_sq[c] += sq
+            module_weights[m] = dict.fromkeys(clients, 0.0)
+            module_effective[m] = dict.fromkeys(clients, 0.0)
+            for i, pi, ci in zip(sc.index, p.tolist(), sc.clip, strict=True):
+                module_weights[m][clients[i]] = pi
+                module_effective[m][clients[i]] = pi * ci
+                update_sq[clients[i]] += sc.update_sq[i]
             change_sq += change
             self._store(state, new, m, result)
-        extras = {k: weighted_average([u.extras[k] for u in updates], data_p.tolist()) for k in state.extras}
-        for k, v in extras.items():
-            if not _finite(v):
-                raise AggregationError(f"non-LoRA parameter {k!r}: average is not finite")
-        new.extras = extras
+        new.extras = {k: self._merge_extra(state, k, updates, n, dropped, clipped) for k in state.extras}
         new.round = state.round + 1
 
-        weights = {c: sum(module_weights[m][c] for m in module_weights) / len(module_weights) for c in clients}
+        n_mod = max(len(module_weights), 1)
+        weights = {c: sum(module_weights[m][c] for m in module_weights) / n_mod for c in clients}
+        effective = {c: sum(module_effective[m][c] for m in module_effective) / n_mod for c in clients}
         p_vec = torch.tensor([weights[c] for c in clients], dtype=torch.float64)
         errors = self._errors(plan, clients)
         report = AggregationReport(
@@ -299,12 +352,137 @@ class Strategy(ABC):
             energy_kept=self._energy_kept(plan),
             update_norms={c: math.sqrt(v) for c, v in update_sq.items()},
             global_update_norm=math.sqrt(change_sq),
-            n_eff=effective_participants(p_vec),
+            n_eff=effective_participants(p_vec) if module_weights else float(len(clients)),
             module_weights=module_weights if self._per_module_report() else None,
             options=self.options(),
             svd=self._svd_summary(plan),
+            effective_weights=effective,
+            dropped=dropped,
+            clipped=clipped,
         )
         return new, report
+
+    def _screen_module(
+        self,
+        state: GlobalState,
+        plan: RoundPlan,
+        module: ModuleName,
+        updates: Sequence[ClientUpdate],
+        dropped: list[DropRecord],
+        clipped: list[ClipRecord],
+    ) -> _Screened:
+        """Read one module's uploads, leave out the unsound ones, apply the update-size bound.
+
+        Norms are taken in float64 from the factors (no dense product), so an upload that
+        would overflow the compute dtype is still measured, then bounded or named.
+        """
+        ref = state.dense[module] if module in state.dense else state.factors[module].A
+        device, dtype = self._placement(ref)
+        raw: dict[int, LoRAFactors] = {}
+        for i, u in enumerate(updates):
+            f = self._load(u, module, plan.rank(u.client_id, module), state)
+            if _finite(f.B) and _finite(f.A):
+                raw[i] = f
+            else:
+                dropped.append(DropRecord(u.client_id, module, "non_finite_factors", "factors contain NaN or Inf"))
+        idx = list(raw)
+        wide = {i: raw[i].to(device, torch.float64) for i in idx}
+        starts = {i: self.start_factors(state, plan, module, raw[i].rank).to(device, torch.float64) for i in idx}
+        scales = {i: self.scaling.scale(raw[i].rank) for i in idx}
+        product_sq = change_norms_sq([starts[i] for i in idx], [wide[i] for i in idx], [scales[i] for i in idx])
+        report_sq = dict(zip(idx, product_sq, strict=True))  # ‖Δ_i‖²: s_i(B'A' − B⁰A⁰)
+        # factor strategies merge factors: for them the bounded update is the factor change
+        bound_sq = report_sq if self.dense_state else {i: _factor_change_sq(starts[i], wide[i]) for i in idx}
+        for i in list(idx):
+            if not (math.isfinite(bound_sq[i]) and math.isfinite(report_sq[i])):
+                dropped.append(
+                    DropRecord(updates[i].client_id, module, "non_finite_update", "update norm overflows float64")
+                )
+                idx.remove(i)
+        clip = dict.fromkeys(idx, 1.0)
+        if self.clip.k is not None and idx:
+            norms = {i: math.sqrt(bound_sq[i]) for i in idx}
+            bound = clip_bound(list(norms.values()), self.clip.k)
+            for i in list(idx):
+                if norms[i] <= bound:
+                    continue
+                c = updates[i].client_id
+                if self.clip.action == "reject":
+                    detail = f"update norm {norms[i]:.4g} > {self.clip.k:g} × median = {bound:.4g}"
+                    dropped.append(DropRecord(c, module, "update_norm_above_bound", detail))
+                    idx.remove(i)
+                else:
+                    clip[i] = clip_scale(norms[i], bound)
+                    clipped.append(ClipRecord(c, module, norms[i], bound, clip[i]))
+        limit = overflow_limit(dtype, len(updates))
+        out = _Screened([], [], [], [], {})
+        for i in idx:
+            f = wide[i]
+            if clip[i] < 1.0 and self.dense_state:  # Δ_i → c·Δ_i: the product carries c, the merge the rest
+                root = math.sqrt(clip[i])
+                f = LoRAFactors(f.B * root, f.A * root)
+            elif clip[i] < 1.0:  # factor change scaled by c
+                s0 = starts[i]
+                f = LoRAFactors(s0.B + clip[i] * (f.B - s0.B), s0.A + clip[i] * (f.A - s0.A))
+            if product_may_overflow(f.B, f.A, scales[i], limit):
+                detail = f"factor magnitudes could overflow {dtype} in the merge"
+                dropped.append(DropRecord(updates[i].client_id, module, "overflow", detail))
+                continue
+            out.index.append(i)
+            out.factors.append(raw[i].to(device, dtype) if clip[i] == 1.0 else f.to(device, dtype))
+            out.ranks.append(raw[i].rank)
+            out.clip.append(clip[i])
+            out.update_sq[i] = report_sq[i]
+        return out
+
+    def _merge_extra(
+        self,
+        state: GlobalState,
+        key: str,
+        updates: Sequence[ClientUpdate],
+        n: Tensor,
+        dropped: list[DropRecord],
+        clipped: list[ClipRecord],
+    ) -> Tensor:
+        """One non-LoRA parameter: capped data-size average of the sound uploads, each change
+        `x_i − g` under the same update-size bound as the LoRA modules."""
+        name = f"extra::{key}"
+        g = state.extras[key].to(torch.float64)
+        idx: list[int] = []
+        for i, u in enumerate(updates):
+            if _finite(u.extras[key]):
+                idx.append(i)
+            else:
+                dropped.append(DropRecord(u.client_id, name, "non_finite_extras", "parameter contains NaN or Inf"))
+        xs = {i: updates[i].extras[key] for i in idx}
+        norms = {i: float(torch.linalg.vector_norm(xs[i].to(torch.float64) - g)) for i in idx}
+        if self.clip.k is not None and idx:
+            bound = clip_bound(list(norms.values()), self.clip.k)
+            for i in list(idx):
+                if norms[i] <= bound:
+                    continue
+                c = updates[i].client_id
+                if self.clip.action == "reject":
+                    detail = f"change norm {norms[i]:.4g} > {self.clip.k:g} × median = {bound:.4g}"
+                    dropped.append(DropRecord(c, name, "update_norm_above_bound", detail))
+                    idx.remove(i)
+                else:
+                    scale = clip_scale(norms[i], bound)
+                    clipped.append(ClipRecord(c, name, norms[i], bound, scale))
+                    xs[i] = (g + scale * (xs[i].to(torch.float64) - g)).to(xs[i].dtype)
+        ref = state.extras[key]
+        limit = overflow_limit(torch.promote_types(ref.dtype, torch.float32), len(updates))
+        for i in list(idx):
+            if max_abs(xs[i]) > limit:
+                dropped.append(DropRecord(updates[i].client_id, name, "overflow", "values could overflow the average"))
+                idx.remove(i)
+        if not idx:
+            raise AggregationError(f"non-LoRA parameter {key!r}: no upload left to merge ({_reasons(dropped, name)})")
+        p = capped_data_size_weights(n[idx], self.max_weight_ratio)
+        out = weighted_average([xs[i] for i in idx], p.tolist())
+        if not _finite(out):
+            raise AggregationError(f"non-LoRA parameter {key!r}: average is not finite")
+        return out
 
     def _check_extras(self, state: GlobalState, u: ClientUpdate) -> None:
         missing = set(state.extras) - set(u.extras)
@@ -321,11 +499,11 @@ class Strategy(ABC):
                     u.client_id,
                     f"parameter {k!r} has shape {tuple(v.shape)}, expected {tuple(ref.shape)}",
                 )
-            if not v.is_floating_point() or not _finite(v):
-                raise UploadError(u.client_id, f"parameter {k!r} must be finite floating point")
+            if not v.is_floating_point():
+                raise UploadError(u.client_id, f"parameter {k!r} must be floating point")
 
     def _load(self, u: ClientUpdate, module: ModuleName, rank: int, state: GlobalState) -> LoRAFactors:
-        """Fetch one module's upload, check it against the assignment, cast for compute."""
+        """Fetch one module's upload as sent and check it against the assignment."""
         try:
             f = u.factors[module]
         except KeyError:
@@ -339,11 +517,7 @@ class Strategy(ABC):
             )
         if not (f.B.is_floating_point() and f.A.is_floating_point()):
             raise UploadError(u.client_id, "factors must be floating point", module)
-        if not (_finite(f.B) and _finite(f.A)):
-            raise UploadError(u.client_id, "factors contain NaN or Inf", module)
-        ref = state.dense[module] if module in state.dense else state.factors[module].A
-        device, dtype = self._placement(ref)
-        return f.to(device, dtype)
+        return f
 
     def _store(self, old: GlobalState, new: GlobalState, module: ModuleName, result: Tensor | LoRAFactors) -> None:
         if isinstance(result, Tensor):
@@ -357,12 +531,14 @@ class Strategy(ABC):
     def _round_weights(
         self, state: GlobalState, plan: RoundPlan, updates: Sequence[ClientUpdate], n: Tensor
     ) -> dict[ModuleName, Tensor]:
-        """Weights known before any upload is read (module → (N,)); empty: per-module hook."""
-        p = data_size_weights(n)
+        """Weights known before any upload is read (module → (N,)); empty: per-module hook.
+        Called again with the remaining uploads when a module leaves some out."""
+        p = capped_data_size_weights(n, self.max_weight_ratio)
         return dict.fromkeys(state.modules, p)
 
     def _module_weights(self, module: ModuleName, fs: Sequence[LoRAFactors], ranks: Sequence[int], n: Tensor) -> Tensor:
-        return data_size_weights(n)
+        """Weights that depend on the (screened, clipped) uploads of one module."""
+        return capped_data_size_weights(n, self.max_weight_ratio)
 
     @abstractmethod
     def _merge_module(
@@ -373,9 +549,17 @@ class Strategy(ABC):
         fs: Sequence[LoRAFactors],
         ranks: Sequence[int],
         p: Sequence[float],
+        clip: Sequence[float],
     ) -> tuple[Tensor | LoRAFactors, float]:
         """→ (new module state, ‖change‖²). Per-client ‖Δ_i‖² is computed by the base class
-        against each client's start factors."""
+        against each client's start factors.
+
+        `clip[i] ≤ 1` is client i's update-size scale. Dense strategies: `fs[i]` already
+        carries it in its product (`√c` on B and on A), and the strategy scales whatever
+        start-point term it pairs with the product (FedHL's `trunc(W_t, r_i)`) by the same
+        factor, so client i contributes `c_i Δ_i`. Factor strategies receive factors whose
+        change is already scaled (`B⁰ + c (B' − B⁰)`) and need not use it.
+        """
 
     def _errors(self, plan: RoundPlan, clients: Sequence[ClientId]) -> dict[ClientId, float]:
         if not plan.spectra:

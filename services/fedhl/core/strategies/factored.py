@@ -10,9 +10,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..defence import clip_bound
 from ..merge import average_padded, lowrank_fro_sq
 from ..types import AggregationError, GlobalState, LoRAFactors, ModuleName
-from ..weights import normalise
+from ..weights import cap_weights, normalise
 from .base import RoundPlan, Strategy
 
 
@@ -42,8 +43,9 @@ class ZeroPadding(Strategy):
         fs: Sequence[LoRAFactors],
         ranks: Sequence[int],
         p: Sequence[float],
+        clip: Sequence[float],
     ) -> tuple[LoRAFactors, float]:
-        g = state.factors[module]
+        g = state.factors[module]  # fs arrive with their factor change already clipped
         new = average_padded(fs, p, g.rank)
         gB, gA = g.B.to(new.B.device, new.B.dtype), g.A.to(new.A.device, new.A.dtype)
         change = float(((new.B - gB) ** 2).sum() + ((new.A - gA) ** 2).sum())  # factor-space change
@@ -76,14 +78,22 @@ class HetLoRA(ZeroPadding):
         return {}  # weights depend on the uploads: computed per module
 
     def _module_weights(self, module: ModuleName, fs: Sequence[LoRAFactors], ranks: Sequence[int], n: Tensor) -> Tensor:
-        norms = torch.tensor([math.sqrt(lowrank_fro_sq(f.B, f.A)) for f in fs], dtype=torch.float64)
-        if not bool(torch.isfinite(norms).all()):
-            raise AggregationError(
-                f"module {module!r}: an upload's ‖B A‖_F is not finite (poisoned or overflowed); previous state kept"
-            )
-        if float(norms.sum()) == 0.0:
-            return torch.full_like(norms, 1.0 / norms.numel())
-        return normalise(norms)
+        """ω_i ∝ ‖B_i A_i‖_F of the screened (clipped) factors; with the update-size bound on,
+        each norm is also capped at k × the module's median norm, so scaling up cannot buy
+        weight; then the `max_weight_ratio / N` cap."""
+        norms = [math.sqrt(lowrank_fro_sq(f.B, f.A)) for f in fs]
+        norms = [
+            v if math.isfinite(v) else math.sqrt(lowrank_fro_sq(f.B.double(), f.A.double()))
+            for v, f in zip(norms, fs, strict=True)
+        ]
+        if self.clip.k is not None:
+            bound = clip_bound(norms, self.clip.k)
+            norms = [min(v, bound) for v in norms]
+        w = torch.tensor(norms, dtype=torch.float64)
+        if not bool(torch.isfinite(w).all()):
+            raise AggregationError(f"module {module!r}: an upload's ‖B A‖_F is not finite; previous state kept")
+        p = torch.full_like(w, 1.0 / w.numel()) if float(w.sum()) == 0.0 else normalise(w)
+        return cap_weights(p, self.max_weight_ratio) if self.max_weight_ratio is not None else p
 
     def _per_module_report(self) -> bool:
         return True

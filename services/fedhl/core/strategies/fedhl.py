@@ -33,7 +33,8 @@ def parse_client_view(view: str) -> tuple[str, int | None]:
 
 
 class FedHL(SpectralStart):
-    """`W_{t+1} = W_t + Σ_i p_i (s_i B_i' A_i' − trunc(W_t, r_i))`, p from `WeightConfig`."""
+    """`W_{t+1} = W_t + Σ_i p_i c_i (s_i B_i' A_i' − trunc(W_t, r_i))`, p from `WeightConfig`,
+    c_i ≤ 1 the update-size scale (1 unless client i's update exceeds the round's bound)."""
 
     name = "fedhl"
 
@@ -46,10 +47,12 @@ class FedHL(SpectralStart):
         client_view: str = "truncated",
         **kw: Any,
     ) -> None:
-        super().__init__(scaling, start_balance=start_balance, **kw)
+        if "max_weight_ratio" in kw:
+            raise TypeError("fedhl takes max_weight_ratio inside its weight options")
+        self.weights = weights or WeightConfig()
+        super().__init__(scaling, start_balance=start_balance, max_weight_ratio=self.weights.max_weight_ratio, **kw)
         self.view, self.view_rank = parse_client_view(client_view)
         self.client_view = client_view
-        self.weights = weights or WeightConfig()
 
     def options(self) -> dict[str, Any]:
         w = self.weights
@@ -114,12 +117,14 @@ class FedHL(SpectralStart):
         fs: Sequence[LoRAFactors],
         ranks: Sequence[int],
         p: Sequence[float],
+        clip: Sequence[float],
     ) -> tuple[Tensor, float]:
         spec = plan.spectra[module]
         scales = [self.scaling.scale(r) for r in ranks]
         L, R = stack_factors(fs, [pi * si for pi, si in zip(p, scales, strict=True)])  # (d_out, Σr), (Σr, d_in)
-        if not spec.is_zero():  # subtract Σ p_i trunc(W_t, r_i): one rank-r_max correction
-            Lt, Rt = truncation_factors(spec, ranks, p)  # (d_out, r_max), (r_max, d_in)
+        if not spec.is_zero():  # subtract Σ p_i c_i trunc(W_t, r_i): one rank-r_max correction
+            q = [pi * ci for pi, ci in zip(p, clip, strict=True)] if min(clip) < 1.0 else p
+            Lt, Rt = truncation_factors(spec, ranks, q)  # (d_out, r_max), (r_max, d_in)
             L, R = torch.cat([L, -Lt], dim=1), torch.cat([R, Rt], dim=0)
         D = L @ R  # Σ_i p_i Δ_i, one GEMM  (d_out, d_in)
         change = float(torch.linalg.vector_norm(D, dtype=torch.float64) ** 2)

@@ -35,7 +35,9 @@ class FLoRA(Strategy):
         fs: Sequence[LoRAFactors],
         ranks: Sequence[int],
         p: Sequence[float],
+        clip: Sequence[float],
     ) -> tuple[Tensor, float]:
+        # clients start from B = 0, so Δ_i = s_i B_i A_i and the clip is already in the factors
         scales = [self.scaling.scale(r) for r in ranks]
         L, R = stack_factors(fs, [pi * si for pi, si in zip(p, scales, strict=True)])  # stacked rank Σ r_i
         D = L @ R  # (d_out, d_in)

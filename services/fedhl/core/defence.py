@@ -1,0 +1,96 @@
+"""Bounds on what one upload can do to a round: pure functions over per-client numbers.
+
+The strategy base class calls these for every strategy (STYLE.md item 11: a bound applied
+around the algorithm, not a fork of it); the strategies only see the resulting coefficients.
+
+Update-size bound, per module. Client i's update in module ℓ is what the strategy merges:
+`Δ_i = s_i B_i' A_i' − s_i B_i⁰ A_i⁰` for the dense strategies (FedHL: `s_i B_i⁰ A_i⁰ =
+trunc(W_t, r_i)`; FLoRA: `B_i⁰ = 0`), the factor change `(B_i' − B_i⁰, A_i' − A_i⁰)` for the
+factor strategies (zero-padding, FedIT, HetLoRA). With `bound = k · median_j ‖Δ_j‖` (lower
+median over the module's sound uploads), an update above the bound is scaled by
+`bound / ‖Δ_i‖` (`clip`, the default: an honest outlier keeps its direction and still
+counts) or left out of that module (`reject`). The decision is per module, so a worker that
+merges a shard of the modules decides exactly what an unsharded merge decides.
+
+What it does not stop: an update inside the bound in any direction, including `−Δ` (a
+sign-flipped update keeps its norm), and a colluding majority, which sets the median.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+ClipAction = Literal["clip", "reject"]
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """The update-size bound: `k × median` of the round's update norms, per module.
+
+    `k=None` turns the bound off. `action`: `clip` scales an update above the bound down to
+    it; `reject` leaves it out of the module.
+    """
+
+    k: float | None = 3.0
+    action: ClipAction = "clip"
+
+    def __post_init__(self) -> None:
+        if self.k is not None and not (isinstance(self.k, int | float) and math.isfinite(self.k) and self.k >= 1):
+            raise ValueError(f"clip k must be a finite number ≥ 1 or None (off), got {self.k!r}")
+        if self.action not in ("clip", "reject"):
+            raise ValueError(f"clip action must be 'clip' or 'reject', got {self.action!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.k is not None
+
+    @classmethod
+    def off(cls) -> ClipConfig:
+        return cls(k=None)
+
+
+def lower_median(values: Sequence[float]) -> float:
+    """The ⌈N/2⌉-th smallest value: with two clients it is the smaller one, so one of two
+    cannot move the statistic (the mean of the middle two would let it)."""
+    if not values:
+        raise ValueError("median of no values")
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def clip_bound(norms: Sequence[float], k: float) -> float:
+    """`k · median(norms)`; inf (no bound) when the median is 0: a round whose typical client
+    changed nothing gives no scale to bound the others by."""
+    med = lower_median(norms)
+    return k * med if med > 0 else math.inf
+
+
+def clip_scale(norm: float, bound: float) -> float:
+    """The factor that brings `norm` down to `bound` (1 when it is within)."""
+    return 1.0 if norm <= bound else bound / norm
+
+
+def overflow_limit(dtype: torch.dtype, count: int) -> float:
+    """A magnitude that `count` terms of the merge can each reach without the sum overflowing
+    `dtype` (with room for the state and the start-point terms)."""
+    return float(torch.finfo(dtype).max) / (4.0 * max(count, 1))
+
+
+def max_abs(t: Tensor) -> float:
+    return float(t.abs().max()) if t.numel() else 0.0
+
+
+def product_may_overflow(B: Tensor, A: Tensor, scale: float, limit: float) -> bool:
+    """True unless every entry (and every partial sum) of `scale · B @ A` is ≤ `limit`:
+    |Σ_k s B_ik A_kj| ≤ r · s · max|B| · max|A|. Cheap (no product), and loose only for
+    factors far beyond anything trained."""
+    b, a = max_abs(B), max_abs(A)
+    if not (math.isfinite(b) and math.isfinite(a)):
+        return True
+    r = B.shape[1]
+    return b * scale > limit or a > limit or r * scale * b * a > limit
