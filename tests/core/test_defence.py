@@ -1,0 +1,348 @@
+"""What one hostile upload can do to a round's math (issue 12): weight caps that ignore
+client-reported sizes, the per-module update-size bound, attribution in the report."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from naive_core import F64, gen, matrix_with_spectrum, randn
+
+from fedhl.core import (
+    ClientUpdate,
+    ClipConfig,
+    GlobalState,
+    LoRAFactors,
+    Strategy,
+    WeightConfig,
+    build_strategy,
+    clip_bound,
+    lower_median,
+)
+
+ALPHA = 8.0
+SHAPES = {"q": (8, 6), "v": (5, 7), "o": (6, 6)}
+HONEST = ["h1", "h2", "h3", "h4", "h5"]
+ALL = ["fedhl", "flexlora", "flora", "hetlora", "zeropad", "fedit"]
+DENSE = ["fedhl", "flexlora", "flora"]
+
+
+def setup(name: str, ranks: dict[str, int], dtype: torch.dtype = F64, **opts):
+    """Strategy, a non-trivial state at round 3 with a 'head' extra, and its plan."""
+    strategy = build_strategy(name, alpha=ALPHA, **opts)
+    state = strategy.init_state(SHAPES, {"head": torch.zeros(4, dtype=dtype)}, max_rank=3, dtype=dtype)
+    g = gen(11)
+    for m, (d_out, d_in) in SHAPES.items():
+        if strategy.dense_state:
+            state.dense[m] = matrix_with_spectrum(d_out, d_in, [3.0, 2.0, 1.0, 0.5, 0.25], g).to(dtype)
+        else:
+            state.factors[m] = LoRAFactors(randn(d_out, 3, g=g).to(dtype), randn(3, d_in, g=g).to(dtype))
+    state.round = 3
+    plan = strategy.plan_round(state, {c: dict.fromkeys(SHAPES, r) for c, r in ranks.items()})
+    return strategy, state, plan
+
+
+def trained(strategy: Strategy, state: GlobalState, plan, client: str, n: int, seed: int, step: float = 0.1):
+    """An honest-looking upload: the client's start factors plus a small random change."""
+    start = strategy.client_start(state, plan, client)
+    g = gen(seed)
+    factors = {
+        m: LoRAFactors(
+            f.B + step * randn(*f.B.shape, g=g).to(f.B.dtype), f.A + step * randn(*f.A.shape, g=g).to(f.A.dtype)
+        )
+        for m, f in start.factors.items()
+    }
+    head = start.extras["head"] + step * randn(4, g=g).to(start.extras["head"].dtype)
+    return ClientUpdate(client, factors, n_examples=n, extras={"head": head})
+
+
+def noop(strategy: Strategy, state: GlobalState, plan, client: str, n: int) -> ClientUpdate:
+    start = strategy.client_start(state, plan, client)
+    return ClientUpdate(client, dict(start.factors), n_examples=n, extras=dict(start.extras))
+
+
+def scaled_change(strategy, state, plan, u: ClientUpdate, factor: float) -> ClientUpdate:
+    """The same upload with its changes (B' − B⁰, A' − A⁰ and the head's) multiplied by `factor`."""
+    start = strategy.client_start(state, plan, u.client_id)
+    fs = {
+        m: LoRAFactors(s.B + factor * (u.factors[m].B - s.B), s.A + factor * (u.factors[m].A - s.A))
+        for m, s in start.factors.items()
+    }
+    head = start.extras["head"] + factor * (u.extras["head"] - start.extras["head"])
+    return replace(u, factors=fs, extras={"head": head})
+
+
+def honest_round(name: str, dtype=F64, **opts):
+    ranks = {c: 1 + i % 3 for i, c in enumerate(HONEST)} if name != "fedit" else dict.fromkeys(HONEST, 3)
+    ranks["x"] = 2 if name != "fedit" else 3
+    strategy, state, plan = setup(name, ranks, dtype, **opts)
+    ups = [trained(strategy, state, plan, c, 100 + 10 * i, seed=20 + i) for i, c in enumerate(HONEST)]
+    return strategy, state, plan, ups
+
+
+def fro(t: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(t.to(F64)))
+
+
+# ------------------------------------------------------------------ helpers by hand
+
+
+def test_lower_median_and_bound_by_hand() -> None:
+    assert lower_median([5.0, 1.0, 3.0]) == 3.0
+    assert lower_median([1.0, 1000.0]) == 1.0  # one of two cannot move it
+    assert lower_median([4.0, 1.0, 3.0, 2.0]) == 2.0
+    assert clip_bound([1.0, 2.0, 100.0], 3.0) == 6.0
+    assert clip_bound([0.0, 0.0, 5.0], 3.0) == math.inf  # nobody changed anything: no scale
+
+
+@pytest.mark.parametrize("bad", [{"k": 0.5}, {"k": float("inf")}, {"action": "drop"}])
+def test_clip_config_is_validated(bad) -> None:
+    with pytest.raises(ValueError, match="clip"):
+        ClipConfig(**bad)
+    with pytest.raises(ValueError, match="clip"):
+        build_strategy("fedhl", alpha=ALPHA, clip=bad)
+
+
+def test_max_weight_ratio_goes_inside_fedhl_weights() -> None:
+    with pytest.raises(ValueError, match="inside its weight options"):
+        build_strategy("fedhl", alpha=ALPHA, max_weight_ratio=2.0)
+    assert build_strategy("flexlora", alpha=ALPHA, max_weight_ratio=2.0).max_weight_ratio == 2.0
+    assert build_strategy("fedhl", alpha=ALPHA, weights={"max_weight_ratio": 2.0}).max_weight_ratio == 2.0
+
+
+# ------------------------------------------------------------------ lying data size
+
+
+@pytest.mark.parametrize(
+    ("name", "opts"),
+    [
+        ("fedhl", {"weights": {"rule": "drift", "max_weight_ratio": 2.0}}),
+        ("fedhl", {"weights": {"rule": "data_size", "max_weight_ratio": 2.0}}),
+        ("fedhl", {"weights": {"rule": "uniform", "max_weight_ratio": 2.0}}),
+        ("fedhl", {"weights": {"per_module": True, "max_weight_ratio": 2.0}}),
+        ("flexlora", {"max_weight_ratio": 2.0}),
+        ("flora", {"max_weight_ratio": 2.0}),
+        ("zeropad", {"max_weight_ratio": 2.0}),
+        ("fedit", {"max_weight_ratio": 2.0}),
+        ("hetlora", {"max_weight_ratio": 2.0}),
+    ],
+)
+def test_liar_with_huge_n_gets_at_most_ratio_over_n_and_so_does_its_head(name: str, opts) -> None:
+    # Prepare: five honest clients and x, an honest-looking upload claiming 10**12 examples
+    strategy, state, plan, ups = honest_round(name, clip="off", **opts)  # the cap alone
+    liar = trained(strategy, state, plan, "x", 10**12, seed=99)
+    liar = replace(liar, extras={"head": torch.full((4,), 1.0, dtype=F64)})  # honest heads are ~0.1
+    cap = 2.0 / 6
+    # Execute
+    new, report = strategy.aggregate(state, plan, [*ups, liar])
+    # Assert: every module's weight and the scalar one within the cap; the head too
+    for m_weights in (report.module_weights or {"all": report.weights}).values():
+        assert m_weights["x"] <= cap * (1 + 1e-12)
+        assert sum(m_weights.values()) == pytest.approx(1.0, abs=1e-12)
+    assert report.effective_weights["x"] <= cap * (1 + 1e-12)
+    if name != "hetlora" and opts.get("weights", {}).get("rule") != "uniform":
+        assert report.weights["x"] == pytest.approx(cap, rel=1e-9)  # the liar sits at the cap
+    # the head: x's share of the average is at most the cap (its value 1 against honest ~0.1)
+    p_head = (new.extras["head"] - honest_head_average(ups, strategy)) / (1.0 - honest_head_average(ups, strategy))
+    assert p_head.tolist() == pytest.approx([cap] * 4, rel=1e-9)  # capped data size, not 10**12
+    assert not [c for c in report.clipped if c.client != "x"]  # honest clients untouched
+
+
+def honest_head_average(ups, strategy) -> torch.Tensor:
+    """What the head would be without x, for reading x's share back out of the average."""
+    n = torch.tensor([float(u.n_examples) for u in ups], dtype=F64)
+    p = n / n.sum()
+    return sum(pi * u.extras["head"] for pi, u in zip(p.tolist(), ups, strict=True))  # type: ignore[return-value]
+
+
+def test_old_cap_semantics_would_have_handed_the_liar_everything() -> None:
+    # under the uniform rule the cap binds nothing; under data-size weights (no cap) the liar
+    # takes ~1 — the reason the cap is relative to uniform, not to the claimed data share
+    strategy, state, plan, ups = honest_round("fedhl", weights={"rule": "uniform"})
+    liar = trained(strategy, state, plan, "x", 10**12, seed=99)
+    _, report = strategy.aggregate(state, plan, [*ups, liar])
+    assert report.weights["x"] == pytest.approx(1 / 6, rel=1e-12)
+    uncapped, state, plan, ups = honest_round("fedhl", weights={"rule": "data_size", "max_weight_ratio": None})
+    _, report = uncapped.aggregate(state, plan, [*ups, trained(uncapped, state, plan, "x", 10**12, seed=99)])
+    assert report.weights["x"] > 0.999999
+
+
+# ------------------------------------------------------------------ update-size bound
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n != "hetlora"])
+@pytest.mark.parametrize("factor", [1000.0, 30.0])
+def test_scaled_update_contributes_at_most_k_times_median(name: str, factor: float) -> None:
+    # Prepare: x sends an honest-looking change scaled by `factor`; the reference round has x
+    # send its start factors (no change), with the same weights
+    strategy, state, plan, ups = honest_round(name)
+    x = scaled_change(strategy, state, plan, trained(strategy, state, plan, "x", 120, seed=99), factor)
+    # Execute
+    new, report = strategy.aggregate(state, plan, [*ups, x])
+    ref, ref_report = strategy.aggregate(state, plan, [*ups, noop(strategy, state, plan, "x", 120)])
+    # Assert: x clipped in every module and the head, nobody else; the difference to the
+    # reference is exactly p_x · bound per module (the clipped change), so ≤ p_x · k · median
+    assert {c.client for c in report.clipped} == {"x"}
+    assert {c.module for c in report.clipped} == {*SHAPES, "extra::head"}
+    assert report.dropped == []
+    assert report.weights == pytest.approx(ref_report.weights, rel=1e-12)
+    for rec in report.clipped:
+        assert rec.norm * rec.scale == pytest.approx(rec.bound, rel=1e-12)
+        if rec.module.startswith("extra::"):
+            continue
+        p_x = (report.module_weights or {rec.module: report.weights})[rec.module]["x"]
+        if strategy.dense_state:
+            diff = fro(new.dense[rec.module] - ref.dense[rec.module])
+        else:
+            a, b = new.factors[rec.module], ref.factors[rec.module]
+            diff = math.hypot(fro(a.B - b.B), fro(a.A - b.A))
+        assert diff == pytest.approx(p_x * rec.bound, rel=1e-9)
+        assert report.effective_weights["x"] < report.weights["x"]
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_reject_leaves_the_update_out_and_reweights_the_rest(name: str) -> None:
+    strategy, state, plan, ups = honest_round(name, clip={"action": "reject"})
+    x = scaled_change(strategy, state, plan, trained(strategy, state, plan, "x", 120, seed=99), 1000.0)
+    new, report = strategy.aggregate(state, plan, [*ups, x])
+    without, _ = strategy.aggregate(state, plan, ups)
+    assert {(d.client, d.reason) for d in report.dropped} == {("x", "update_norm_above_bound")}
+    assert len(report.dropped) == len(SHAPES) + 1  # every module and the head
+    assert report.weights["x"] == 0.0 and report.clipped == []
+    for k, v in new.tensors().items():  # exactly the round without x
+        assert torch.equal(v, without.tensors()[k]), k
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("name", ALL)
+def test_1e20_factors_are_clipped_and_the_merge_stays_near_the_honest_one(name: str, dtype) -> None:
+    # Prepare: x uploads 1e20 everywhere (float32 products overflow; float64 ones do not)
+    strategy, state, plan, ups = honest_round(name, dtype=dtype)
+    start = strategy.client_start(state, plan, "x")
+    huge = {m: LoRAFactors(torch.full_like(f.B, 1e20), torch.full_like(f.A, 1e20)) for m, f in start.factors.items()}
+    x = ClientUpdate("x", huge, n_examples=120, extras=dict(start.extras))
+    # Execute
+    new, report = strategy.aggregate(state, plan, [*ups, x])
+    ref, _ = strategy.aggregate(state, plan, [*ups, noop(strategy, state, plan, "x", 120)])
+    # Assert: finite, x named per module, and the merge within p_x · bound of the reference
+    assert all(bool(torch.isfinite(t).all()) for t in new.tensors().values())
+    recs = {c.module: c for c in report.clipped if c.client == "x"}
+    assert set(recs) == set(SHAPES)
+    tol = 1e-9 if dtype == F64 else 1e-3
+    for m, rec in recs.items():
+        p_x = (report.module_weights or {m: report.weights})[m]["x"]
+        if strategy.dense_state:
+            diff = fro(new.dense[m] - ref.dense[m])
+            assert diff <= p_x * rec.bound * (1 + tol) + 1e-6 * fro(ref.dense[m])
+        else:
+            a, b = new.factors[m], ref.factors[m]
+            assert all(bool(torch.isfinite(t).all()) for t in (a.B, a.A))
+            if name != "hetlora":  # HetLoRA's weights move with x's (clipped) norm
+                diff = math.hypot(fro(a.B - b.B), fro(a.A - b.A))
+                assert diff <= p_x * rec.bound * (1 + tol) + 1e-6
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_sign_flipped_update_is_not_stopped(name: str) -> None:
+    # What the bound does not stop: x sends −Δ of an honest change. Its norm is an honest one,
+    # so it is merged unclipped with its full weight (documented in core/defence.py).
+    strategy, state, plan, ups = honest_round(name)
+    x = scaled_change(strategy, state, plan, trained(strategy, state, plan, "x", 120, seed=99), -1.0)
+    _, report = strategy.aggregate(state, plan, [*ups, x])
+    assert report.clipped == [] and report.dropped == []
+    assert report.effective_weights["x"] == report.weights["x"] > 0
+
+
+# ------------------------------------------------------------------ HetLoRA
+
+
+def test_hetlora_scaling_up_no_longer_wins_weight() -> None:
+    # Prepare: x multiplies its B by 1000 (so ‖B A‖ by 1000)
+    on, state, plan, ups = honest_round("hetlora")
+    x = trained(on, state, plan, "x", 120, seed=99)
+    x = replace(x, factors={m: LoRAFactors(1000 * f.B, f.A) for m, f in x.factors.items()})
+    off = build_strategy("hetlora", alpha=ALPHA, clip="off", max_weight_ratio=None)
+    # Execute
+    _, rep_on = on.aggregate(state, plan, [*ups, x])
+    _, rep_off = off.aggregate(state, plan, [*ups, x])
+    # Assert: the paper's rule hands x nearly everything; with the bound, x's norm weight is at
+    # most k × the median norm, i.e. p_x ≤ 3·med / (3·med + Σ honest norms)
+    assert all(w["x"] > 0.99 for w in (rep_off.module_weights or {}).values())
+    assert rep_on.module_weights is not None
+    for w in rep_on.module_weights.values():
+        honest = sorted(w[c] for c in HONEST)
+        assert w["x"] <= 3 * honest[(6 - 1) // 2] * (1 + 1e-9)  # ω ∝ min(norm, 3 × median)
+        assert w["x"] <= 2.0 / 3.0 + 1e-12  # and the 4/N cap
+
+
+# ------------------------------------------------------------------ shards
+
+
+@pytest.mark.parametrize("action", ["clip", "reject"])
+@pytest.mark.parametrize("name", ALL)
+def test_sharded_merge_makes_the_same_decisions_as_the_unsharded_one(name: str, action: str) -> None:
+    # Prepare: x scales its change in one module only, NaN in another
+    strategy, state, plan, ups = honest_round(name, clip={"action": action})
+    x = trained(strategy, state, plan, "x", 120, seed=99)
+    big = scaled_change(strategy, state, plan, x, 500.0)
+    fs = dict(x.factors)
+    fs["q"] = big.factors["q"]
+    fs["v"] = LoRAFactors(fs["v"].B * float("nan"), fs["v"].A)
+    x = replace(x, factors=fs)
+    # Execute: one merge of everything; two shards of the modules (shard 1 without extras)
+    full, rep = strategy.aggregate(state, plan, [*ups, x])
+    parts = []
+    for i, modules in enumerate([["q", "o"], ["v"]]):
+        sub = GlobalState(
+            round=state.round,
+            dense={m: state.dense[m] for m in modules if m in state.dense},
+            factors={m: state.factors[m] for m in modules if m in state.factors},
+            extras=state.extras if i == 0 else {},
+        )
+        shard_ups = [u if i == 0 else replace(u, extras={}) for u in [*ups, x]]  # as the runner reads them
+        parts.append(strategy.aggregate(sub, plan, shard_ups))
+    # Assert: every module bit-identical, and the records are the union of the shards'
+    for part, _report in parts:
+        for k, v in part.tensors().items():
+            assert torch.equal(v, full.tensors()[k]), k
+    assert sorted(rep.clipped, key=str) == sorted([c for _, r in parts for c in r.clipped], key=str)
+    assert sorted(rep.dropped, key=str) == sorted([d for _, r in parts for d in r.dropped], key=str)
+    assert ("x", "v", "non_finite_factors") in [(d.client, d.module, d.reason) for d in rep.dropped]
+    named_q = [c.module for c in rep.clipped if c.client == "x"] + [d.module for d in rep.dropped if d.client == "x"]
+    assert "q" in named_q
+
+
+# ------------------------------------------------------------------ off and honest
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_defence_on_is_bit_identical_to_off_for_honest_rounds(name: str) -> None:
+    # honest uploads within k × median and no weight over the cap: the defences bind nothing,
+    # and the merge is the unguarded one bit for bit (same code path for every kept upload)
+    on, state, plan, ups = honest_round(name)
+    off = build_strategy(name, alpha=ALPHA, clip="off", max_weight_ratio=None) if name != "fedhl" else None
+    off = off or build_strategy("fedhl", alpha=ALPHA, clip="off", weights=WeightConfig(max_weight_ratio=None))
+    new_on, rep_on = on.aggregate(state, plan, ups)
+    new_off, rep_off = off.aggregate(state, plan, ups)
+    assert rep_on.clipped == [] and rep_on.dropped == []
+    assert rep_on.weights == rep_off.weights == rep_on.effective_weights
+    for k, v in new_on.tensors().items():
+        assert torch.equal(v, new_off.tensors()[k]), k
+
+
+def test_report_to_dict_lists_the_actions() -> None:
+    strategy, state, plan, ups = honest_round("fedhl")
+    x = scaled_change(strategy, state, plan, trained(strategy, state, plan, "x", 120, seed=99), 1000.0)
+    fs = dict(x.factors)
+    fs["v"] = LoRAFactors(fs["v"].B * float("inf"), fs["v"].A)
+    _, report = strategy.aggregate(state, plan, [*ups, replace(x, factors=fs)])
+    d = report.to_dict()
+    assert {"client": "x", "module": "v", "reason": "non_finite_factors", "detail": "factors contain NaN or Inf"} in d[
+        "dropped"
+    ]
+    assert {c["module"] for c in d["clipped"]} == {"q", "o", "extra::head"}
+    assert all(set(c) == {"client", "module", "norm", "bound", "scale"} for c in d["clipped"])
+    assert set(d["effective_weights"]) == {*HONEST, "x"}
+    assert d["options"]["clip"] == {"k": 3.0, "action": "clip"}
