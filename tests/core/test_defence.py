@@ -154,7 +154,7 @@ def honest_head_average(ups, strategy) -> torch.Tensor:
     """What the head would be without x, for reading x's share back out of the average."""
     n = torch.tensor([float(u.n_examples) for u in ups], dtype=F64)
     p = n / n.sum()
-    return sum(pi * u.extras["head"] for pi, u in zip(p.tolist(), ups, strict=True))  # type: ignore[return-value]
+    return torch.stack([pi * u.extras["head"] for pi, u in zip(p.tolist(), ups, strict=True)]).sum(0)
 
 
 def test_old_cap_semantics_would_have_handed_the_liar_everything() -> None:

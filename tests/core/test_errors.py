@@ -167,10 +167,10 @@ def test_round_level_errors(name: str) -> None:
     assert_unchanged(state, snap)
 
 
-@pytest.mark.parametrize("n", [0, -5])
-def test_non_positive_n_examples_is_rejected_at_construction(n: int) -> None:
+@pytest.mark.parametrize(("n", "match"), [(0, "positive"), (-5, "positive"), (2**63, "at most"), (10**400, "at most")])
+def test_out_of_range_n_examples_is_rejected_at_construction(n: int, match: str) -> None:
     f = {"q": LoRAFactors(torch.ones(6, 1, dtype=F64), torch.ones(1, 5, dtype=F64))}
-    with pytest.raises(UploadError, match="n_examples must be positive") as info:
+    with pytest.raises(UploadError, match=f"n_examples must be {match}") as info:
         ClientUpdate("a", f, n_examples=n)
     assert info.value.client_id == "a"
 

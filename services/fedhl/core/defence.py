@@ -3,17 +3,29 @@
 The strategy base class calls these for every strategy (STYLE.md item 11: a bound applied
 around the algorithm, not a fork of it); the strategies only see the resulting coefficients.
 
-Update-size bound, per module. Client i's update in module ℓ is what the strategy merges:
+Weights. Every strategy caps every client's weight at `max_weight_ratio / N` (N uploads in
+the round, water-filled, renormalised; weights.cap_weights), for the LoRA factors and the
+non-LoRA parameters alike, so a client-reported `n_examples` moves at most that much weight.
+
+Update size, per module. Client i's update in module ℓ is what the strategy merges:
 `Δ_i = s_i B_i' A_i' − s_i B_i⁰ A_i⁰` for the dense strategies (FedHL: `s_i B_i⁰ A_i⁰ =
 trunc(W_t, r_i)`; FLoRA: `B_i⁰ = 0`), the factor change `(B_i' − B_i⁰, A_i' − A_i⁰)` for the
-factor strategies (zero-padding, FedIT, HetLoRA). With `bound = k · median_j ‖Δ_j‖` (lower
-median over the module's sound uploads), an update above the bound is scaled by
-`bound / ‖Δ_i‖` (`clip`, the default: an honest outlier keeps its direction and still
-counts) or left out of that module (`reject`). The decision is per module, so a worker that
-merges a shard of the modules decides exactly what an unsharded merge decides.
+factor strategies (zero-padding, FedIT, HetLoRA), and `x_i − x_t` for a non-LoRA parameter.
+Norms come from the factors in float64 (no dense product). With `bound = k · median_j ‖Δ_j‖`
+(lower median over the module's sound uploads), an update above the bound is scaled by
+`bound / ‖Δ_i‖` (`clip`, the default: an honest outlier keeps its direction and still counts)
+or left out of that module (`reject`). HetLoRA's norm weights use `min(‖B_i A_i‖, k · median)`.
+The decision is per module and uses only that module's uploads, so a worker that merges a
+shard of the modules decides exactly what an unsharded merge decides.
+
+Unsound uploads. Factors with NaN/Inf, an update norm that overflows float64, or factor
+magnitudes that could overflow the compute dtype in the merge leave that upload out of that
+module, by name; the others are merged with their weights recomputed over who is left. Only a
+module with no upload left fails the round.
 
 What it does not stop: an update inside the bound in any direction, including `−Δ` (a
-sign-flipped update keeps its norm), and a colluding majority, which sets the median.
+sign-flipped update keeps its norm); a colluding majority, which sets the median; a lie about
+`n_examples` up to the cap (a server-side bound on it is the coordinator's job).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from torch import Tensor
 ModuleName = str
 ClientId = str
 RankMap = Mapping[ModuleName, int]  # module -> LoRA rank for one client in one round
+MAX_EXAMPLES = 2**63 - 1  # the largest n_examples a ClientUpdate accepts (int64, as stored)
 
 
 class AggregationError(ValueError):
@@ -76,6 +77,8 @@ class ClientUpdate:
     def __post_init__(self) -> None:
         if self.n_examples <= 0:
             raise UploadError(self.client_id, f"n_examples must be positive, got {self.n_examples}")
+        if self.n_examples > MAX_EXAMPLES:  # beyond int64 (and float-safe); weights are capped anyway
+            raise UploadError(self.client_id, f"n_examples must be at most {MAX_EXAMPLES}, got {self.n_examples}")
 
 
 @dataclass
