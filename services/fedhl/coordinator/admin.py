@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from ..backends import Deps
 from ..storage.db import transaction
-from ..storage.models import Agent, AgentStatus, EnrolmentToken, utcnow
+from ..storage.models import Agent, EnrolmentToken, utcnow
 from ..storage.repos import AgentRepo, AuditRepo, RoundRepo
 from .errors import Code, ServiceError
 
@@ -37,22 +37,20 @@ class AgentAdmin:
     def revoke_enrolment_token(self, token_id: str, actor: str = "admin") -> EnrolmentToken:
         """Idempotent: revoking a revoked token changes nothing and records nothing."""
         with transaction(self.deps.sessions) as s:
-            existing = s.get(EnrolmentToken, token_id)
-            was_revoked = existing is not None and existing.revoked
-            row = AgentRepo(s).revoke_token(token_id)  # NotFound → 404
-            if not was_revoked:
+            row, changed = AgentRepo(s).revoke_token(token_id)  # NotFound → 404
+            if changed:
                 AuditRepo(s).record(actor, "enrolment_token_revoked", token_id=token_id)
         return row
 
     def revoke_agent(self, agent_id: str, actor: str = "admin") -> Agent:
         """The agent's credential stops working at once (idempotent)."""
         with transaction(self.deps.sessions) as s:
-            agent = AgentRepo(s).get(agent_id)
-            if agent.status is not AgentStatus.REVOKED:
-                agent.status = AgentStatus.REVOKED
+            agents = AgentRepo(s)
+            if agents.revoke(agent_id):  # NotFound → 404
                 # its open tasks will never report: cancel them so rounds close without waiting
                 cancelled = RoundRepo(s).cancel_open_assignments(agent_id)
                 AuditRepo(s).record(actor, "agent_revoked", agent_id=agent_id, cancelled_tasks=cancelled)
+            agent = agents.get(agent_id)
         return agent
 
     def set_rank_override(self, agent_id: str, rank: int | None, actor: str = "admin") -> Agent:
@@ -60,8 +58,8 @@ class AgentAdmin:
         if rank is not None and rank < 1:
             raise ServiceError(Code.INVALID_ARGUMENT, "rank must be positive")
         with transaction(self.deps.sessions) as s:
-            agent = AgentRepo(s).get(agent_id)
-            previous = agent.rank_override
-            agent.rank_override = rank
+            agents = AgentRepo(s)
+            previous = agents.set_rank_override(agent_id, rank)  # NotFound → 404
+            agent = agents.get(agent_id)
             AuditRepo(s).record(actor, "agent_rank_override", agent_id=agent_id, rank=rank, previous=previous)
         return agent

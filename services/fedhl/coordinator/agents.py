@@ -19,12 +19,11 @@ from sqlalchemy.orm import Session
 from .. import metrics
 from ..backends import ROUND_EVENTS, SCHEDULER_EVENTS, Deps
 from ..codec import Expected, PayloadError, decode_file, validate_update
-from ..jobspec import JobSpec
 from ..settings import Settings
-from ..storage.blobs import BlobIntegrityError, BlobNotFound, BlobTooLarge, UploadInProgress
+from ..storage.blobs import BlobIntegrityError, BlobNotFound, BlobTooLarge, OffsetMismatch, UploadInProgress
 from ..storage.db import transaction
-from ..storage.models import Agent, Assignment, AssignmentState, JobStatus, RoundState, Update, utcnow
-from ..storage.repos import AgentRepo, AuditRepo, NotFound, RevokedError, RoundRepo
+from ..storage.models import Assignment, AssignmentState, JobStatus, RoundState, Update, utcnow
+from ..storage.repos import AgentRepo, AuditRepo, AuthError, JobRepo, NotFound, RevokedError, RoundRepo
 from .errors import Code, ServiceError
 
 LAST_SEEN_EVERY_S = 30.0  # agents.last_seen_at is informational (REST); liveness has its own TTL keys
@@ -45,7 +44,10 @@ class BlobInfo:
 
 
 @dataclass(frozen=True)
-class TaskInfo:
+class TrainTask:
+    """What an agent is told to do for its assignment (the `Assignment` row's id is `task_id`);
+    the gRPC edge copies it field by field into the wire message of the same name."""
+
     task_id: str
     job_id: str
     round: int
@@ -136,7 +138,7 @@ class AgentService:
             with transaction(self.deps.sessions) as s:
                 agent, credential = AgentRepo(s).redeem(token, name, res)
                 AuditRepo(s).record(f"agent:{agent.id}", "agent_registered", name=name)
-        except PermissionError as e:
+        except AuthError as e:
             raise ServiceError(Code.PERMISSION_DENIED, str(e)) from None
         self.deps.coordination.liveness.beat(agent.id, self.settings.heartbeat_ttl_s)
         return agent.id, credential
@@ -149,7 +151,7 @@ class AgentService:
                 return AgentRepo(s).authenticate(credential).id
         except RevokedError as e:
             raise ServiceError(Code.PERMISSION_DENIED, str(e)) from None
-        except PermissionError as e:
+        except AuthError as e:
             raise ServiceError(Code.UNAUTHENTICATED, str(e)) from None
 
     # ---------------------------------------------------------------- liveness
@@ -158,7 +160,7 @@ class AgentService:
         res = clean_resources(resources)
         self.deps.coordination.liveness.beat(agent_id, self.settings.heartbeat_ttl_s)
         with transaction(self.deps.sessions, read_only=True) as s:
-            agent = s.get(Agent, agent_id)
+            agent = AgentRepo(s).find(agent_id)
             # liveness lives in the coordination store; the row is written only when something
             # changed or last_seen_at is stale, so idle heartbeats never queue for the write lock
             stale = agent is not None and (
@@ -169,17 +171,13 @@ class AgentService:
             answer = self._task_answer(s, agent_id, task_id) if task_id else "CONTINUE"
         if stale:
             with transaction(self.deps.sessions) as s:
-                agent = s.get(Agent, agent_id)
-                if agent is not None:
-                    agent.last_seen_at = utcnow()
-                    agent.resources = {**agent.resources, **res}
+                AgentRepo(s).touch(agent_id, res, utcnow())
         return answer
 
     @staticmethod
     def _task_answer(s: Session, agent_id: str, task_id: str) -> str:
-        try:
-            a = RoundRepo(s).assignment(task_id)
-        except NotFound:
+        a = RoundRepo(s).find_assignment(task_id)
+        if a is None:
             return "CANCEL_TASK"
         if a.agent_id != agent_id:
             raise ServiceError(Code.PERMISSION_DENIED, f"task {task_id} is not this agent's")
@@ -190,7 +188,7 @@ class AgentService:
         return "CONTINUE"
 
     # ---------------------------------------------------------------- tasks
-    def pull_task(self, agent_id: str, wait_s: float) -> TaskInfo | None:
+    def pull_task(self, agent_id: str, wait_s: float) -> TrainTask | None:
         """Long-poll: a task as soon as a round assigns this agent one, else None at the timeout."""
         self.deps.coordination.liveness.beat(agent_id, self.settings.heartbeat_ttl_s)
         deadline = time.monotonic() + max(0.0, min(wait_s, self.settings.pull_wait_max_s))
@@ -204,7 +202,7 @@ class AgentService:
                     return None
                 sub.get(timeout_s=min(left, 1.0))  # woken by round events; re-check at least every 1 s
 
-    def _claim(self, agent_id: str) -> TaskInfo | None:
+    def _claim(self, agent_id: str) -> TrainTask | None:
         """The agent's pending task; the first claim moves it ISSUED → RUNNING."""
         with transaction(self.deps.sessions) as s:
             rounds = RoundRepo(s)
@@ -213,12 +211,12 @@ class AgentService:
                 return None
             rounds.set_assignment_state(a.id, [AssignmentState.ISSUED], AssignmentState.RUNNING)
             rnd, job = a.round, a.round.job
-            spec = JobSpec.model_validate(job.config)
+            spec = JobRepo(s).spec(job)
             key = rnd.start_keys.get(str(a.rank))
             if key is None:
                 raise ServiceError(Code.FAILED_PRECONDITION, f"no start package for rank {a.rank}")
             blob = BlobInfo(key, self.deps.blobs.size(key), "start")
-            return TaskInfo(
+            return TrainTask(
                 task_id=a.id,
                 job_id=job.id,
                 round=rnd.number,
@@ -291,7 +289,7 @@ class AgentService:
                 )
             if utcnow() > rnd.deadline:
                 raise ServiceError(Code.FAILED_PRECONDITION, "the round's deadline has passed; late upload rejected")
-            spec = JobSpec.model_validate(job.config)
+            spec = JobRepo(s).spec(job)
             return Expected(spec.module_shapes, a.rank, {k: tuple(v) for k, v in spec.extra_shapes.items()})
 
     def upload(self, agent_id: str, h: UploadHeader, chunks: Iterable[bytes]) -> UploadResult:
@@ -332,7 +330,7 @@ class AgentService:
         except BlobTooLarge:
             blobs.staging_discard(h.task_id)
             raise ServiceError(Code.INVALID_ARGUMENT, f"stream exceeds the declared size {h.size}") from None
-        except ValueError as e:  # a concurrent stream moved the staged size
+        except OffsetMismatch as e:  # a concurrent stream moved the staged size
             raise ServiceError(Code.FAILED_PRECONDITION, str(e)) from None
         if received < h.size:
             return UploadResult("", received, False)  # resumable: the agent continues from `received`

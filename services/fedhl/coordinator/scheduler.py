@@ -13,72 +13,45 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, text
-from sqlalchemy import select as sql_select
 from sqlalchemy.orm import Session
 
 from ..backends import ROUND_EVENTS, SCHEDULER_EVENTS, AggregationTask, Deps
 from ..jobspec import JobSpec
 from ..storage.db import transaction
-from ..storage.models import Agent, AgentStatus, AssignmentState, JobStatus, Round, RoundState, utcnow
-from ..storage.repos import AuditRepo, JobRepo, RoundRepo
+from ..storage.leader import LeaderLock
+from ..storage.models import AssignmentState, Job, JobStatus, Round, RoundState, utcnow
+from ..storage.repos import AgentRepo, AuditRepo, JobRepo, RoundRepo
 from .ranks import AgentInfo, assign_ranks
 from .selection import quorum, select
 
 log = logging.getLogger(__name__)
 
-LEADER_LOCK_ID = 0x46454448  # "FEDH": the Postgres advisory lock the scheduler leader holds
 REENQUEUE_AFTER_S = 60.0
 
 
-class Leader:
-    """Exactly one scheduler runs: a Postgres session-level advisory lock held on a dedicated
-    connection (released by the server if this process dies). SQLite is single-process."""
-
-    def __init__(self, deps: Deps) -> None:
-        self.deps = deps
-        self.conn: Connection | None = None
-
-    def acquire(self) -> bool:
-        engine = self.deps.sessions.kw["bind"]
-        if engine.dialect.name != "postgresql":
-            return True
-        if self.conn is None:
-            self.conn = engine.connect()
-        try:
-            got = bool(self.conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": LEADER_LOCK_ID}).scalar())
-            self.conn.commit()
-            if got:
-                return True
-            self.conn.close()
-            self.conn = None
-            return False
-        except Exception:
-            self.conn = None
-            raise
-
-    def release(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": LEADER_LOCK_ID})
-                self.conn.commit()
-            finally:
-                self.conn.close()
-                self.conn = None
-
-
 class Scheduler:
-    def __init__(self, deps: Deps, interval_s: float = 0.2, shards: int = 1) -> None:
+    def __init__(
+        self,
+        deps: Deps,
+        interval_s: float = 0.2,
+        shards: int = 1,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.deps = deps
         self.interval_s = interval_s
         self.shards = shards  # aggregation jobs per round (module shards), capped by the module count
+        self.clock = clock  # wall time for deadlines (injected by tests)
+        self.monotonic = monotonic  # for re-enqueue timing
         self._enqueued: dict[int, float] = {}
 
     def run(self, stop: threading.Event) -> None:
         """Loop until stopped: become leader, then tick on every round event or interval."""
-        leader = Leader(self.deps)
+        leader = LeaderLock(self.deps.sessions.kw["bind"])
         try:
             while not stop.is_set():
                 if leader.acquire():
@@ -100,7 +73,7 @@ class Scheduler:
 
     def tick(self) -> None:
         with transaction(self.deps.sessions, read_only=True) as s:
-            job_ids = [j.id for j in JobRepo(s).list() if j.status in (JobStatus.RUNNING, JobStatus.PAUSED)]
+            job_ids = JobRepo(s).ids([JobStatus.RUNNING, JobStatus.PAUSED])
         for job_id in job_ids:
             self.advance(job_id)
 
@@ -108,16 +81,17 @@ class Scheduler:
         enqueue: tuple[int, int] | None = None  # (round id, shards)
         opened = False
         with transaction(self.deps.sessions) as s:
-            job = JobRepo(s).get(job_id, lock=True)  # serialises transitions of this job
-            spec = JobSpec.model_validate(job.config)
+            jobs = JobRepo(s)
+            job = jobs.get(job_id, lock=True)  # serialises transitions of this job
+            spec = jobs.spec(job)  # cached: parsed once per job, not per tick
             rounds = RoundRepo(s)
             rnd = rounds.active(job_id)
-            now = utcnow()
+            now = self.clock()
             if rnd is None:
                 if job.current_round >= spec.rounds:
-                    JobRepo(s).transition(job_id, [JobStatus.RUNNING, JobStatus.PAUSED], JobStatus.COMPLETED)
+                    jobs.transition(job_id, [JobStatus.RUNNING, JobStatus.PAUSED], JobStatus.COMPLETED)
                 elif job.status is JobStatus.RUNNING:
-                    opened = self._open(s, job_id, job.current_round, spec)
+                    opened = self._open(s, job, spec, now)
             elif rnd.state in (RoundState.OPEN, RoundState.COLLECTING):
                 n = rounds.update_count(rnd.id)
                 expected = [a for a in rnd.assignments if a.state is not AssignmentState.CANCELLED]
@@ -146,19 +120,20 @@ class Scheduler:
                     AuditRepo(s).record("scheduler", "round_failed", job_id, round=rnd.number, uploads=n)
             elif rnd.state is RoundState.AGGREGATING:
                 last = self._enqueued.get(rnd.id)
-                if last is None or time.monotonic() - last > REENQUEUE_AFTER_S:
+                if last is None or self.monotonic() - last > REENQUEUE_AFTER_S:
                     enqueue = (rnd.id, rnd.shards)  # after a leader change or a lost queue: duplicates are harmless
         if enqueue is not None:
             round_id, shards = enqueue
             for shard in range(shards):
                 self.deps.coordination.queue.publish(AggregationTask(round_id, shard).to_fields())
-            self._enqueued[round_id] = time.monotonic()
+            self._enqueued[round_id] = self.monotonic()
         if opened or enqueue is not None:
             self.deps.coordination.events.publish(ROUND_EVENTS, {"type": "round_changed", "job_id": job_id})
 
-    def _open(self, s: Session, job_id: str, number: int, spec: JobSpec) -> bool:
+    def _open(self, s: Session, job: Job, spec: JobSpec, now: datetime) -> bool:
+        job_id, number = job.id, job.current_round
         rounds = RoundRepo(s)
-        agents = {a.id: a for a in s.scalars(sql_select(Agent).where(Agent.status == AgentStatus.ACTIVE))}
+        agents = {a.id: a for a in AgentRepo(s).active()}
         live = self.deps.coordination.liveness.alive(agents)
         available = sorted(live - rounds.busy_agents())
         attempt = rounds.attempts(job_id, number)
@@ -169,8 +144,7 @@ class Scheduler:
         infos = [AgentInfo(a.id, a.name, a.resources, a.rank_override) for a in (agents[i] for i in ids)]
         values_per_rank = sum(o + i for o, i in spec.module_shapes.values())
         ranks = assign_ranks(infos, spec.rank_set, spec.rank_policy, values_per_rank, number)
-        deadline = utcnow() + timedelta(seconds=spec.selection.deadline_s)
-        job = JobRepo(s).get(job_id)
+        deadline = now + timedelta(seconds=spec.selection.deadline_s)
         rnd: Round = rounds.open(
             job_id, number, attempt, deadline, target, quorum(spec.selection, target), ranks, inputs=job
         )

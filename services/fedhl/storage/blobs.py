@@ -39,6 +39,15 @@ class BlobTooLarge(ValueError):
     """An upload would exceed its size limit."""
 
 
+class OffsetMismatch(ValueError):
+    """An append's offset is not the staged size (a resume from the wrong place, or a concurrent
+    stream moved it); `expected` is where the upload must continue."""
+
+    def __init__(self, message: str, expected: int) -> None:
+        super().__init__(message)
+        self.expected = expected
+
+
 class UploadInProgress(RuntimeError):
     """Another call is writing, committing or discarding this upload id right now."""
 
@@ -75,7 +84,7 @@ class BlobStore(Protocol):
         ...
 
     def staging_append(self, upload_id: str, offset: int, chunks: Iterable[bytes], max_size: int) -> int:
-        """Append `chunks` at `offset`, which must equal the staged size (else `ValueError`
+        """Append `chunks` at `offset`, which must equal the staged size (else `OffsetMismatch`
         naming the expected offset). Data is fsynced before returning, and also when the
         iterator raises midway, so a dropped stream resumes from the new `staging_size`.
         Raises `BlobTooLarge`, keeping only what was staged before this call, if the total
@@ -202,8 +211,8 @@ class FileBlobStore:
         with self._locked_staging(upload_id, create=offset == 0) as fd:
             size = 0 if fd is None else os.fstat(fd).st_size
             if fd is None or offset != size:
-                raise ValueError(
-                    f"upload {upload_id}: offset {offset} does not match the staged size; expected offset {size}"
+                raise OffsetMismatch(
+                    f"upload {upload_id}: offset {offset} does not match the staged size; expected offset {size}", size
                 )
             end = size
             try:

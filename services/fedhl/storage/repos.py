@@ -1,19 +1,26 @@
 """Small repositories over the ORM models, one per resource. Each works inside the caller's
 transaction (a `Session` from `db.transaction`), so a service function composes several of
-them into one atomic state transition."""
+them into one atomic state transition. Services write no SQL of their own.
+
+Names: an `Assignment` row is one agent's part of one round; its id is the `task_id` agents
+see on the wire (a `TrainTask`)."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
+from ..jobspec import JobSpec
 from .models import (
     Agent,
     AgentStatus,
@@ -34,6 +41,20 @@ from .models import (
 
 class NotFound(LookupError):
     pass
+
+
+class AuthError(Exception):
+    """A credential or enrolment token was refused (unknown, malformed, expired, used up).
+    Deliberately not the builtin PermissionError, which is an OSError about files."""
+
+
+class RevokedError(AuthError):
+    """The credential is genuine but its agent has been revoked."""
+
+
+def ping(s: Session) -> bool:
+    """The database answers a trivial query (readiness probes)."""
+    return s.execute(text("SELECT 1")).scalar() == 1
 
 
 def secret_hash(secret: str) -> str:
@@ -59,12 +80,14 @@ class AgentRepo:
     def list_tokens(self) -> Sequence[EnrolmentToken]:
         return self.s.scalars(select(EnrolmentToken).order_by(EnrolmentToken.created_at)).all()
 
-    def revoke_token(self, token_id: str) -> EnrolmentToken:
+    def revoke_token(self, token_id: str) -> tuple[EnrolmentToken, bool]:
+        """(the token, whether this call revoked it): revoking twice changes nothing."""
         row = self.s.get(EnrolmentToken, token_id)
         if row is None:
             raise NotFound(f"enrolment token {token_id} not found")
+        changed = not row.revoked
         row.revoked = True
-        return row
+        return row, changed
 
     def redeem(self, token: str, name: str, resources: dict[str, Any]) -> tuple[Agent, str]:
         """Enrolment token → a new agent and its credential `<agent_id>.<secret>` (shown once)."""
@@ -72,11 +95,11 @@ class AgentRepo:
             select(EnrolmentToken).where(EnrolmentToken.token_hash == secret_hash(token)).with_for_update()
         ).first()
         if row is None or row.revoked:
-            raise PermissionError("unknown or revoked enrolment token")
+            raise AuthError("unknown or revoked enrolment token")
         if row.expires_at is not None and row.expires_at <= utcnow():
-            raise PermissionError("enrolment token expired")
+            raise AuthError("enrolment token expired")
         if row.uses_left <= 0:
-            raise PermissionError("enrolment token used up")
+            raise AuthError("enrolment token used up")
         row.uses_left -= 1
         secret = new_secret()
         agent = Agent(
@@ -91,11 +114,11 @@ class AgentRepo:
         return agent, f"{agent.id}.{secret}"
 
     def authenticate(self, credential: str) -> Agent:
-        """Raises PermissionError (unknown/malformed) or RevokedError."""
+        """Raises AuthError (unknown/malformed) or RevokedError (a subclass)."""
         agent_id, _, secret = credential.partition(".")
         agent = self.s.get(Agent, agent_id) if agent_id and secret else None
         if agent is None or not hmac.compare_digest(agent.credential_hash, secret_hash(secret)):
-            raise PermissionError("unknown agent or bad credential")
+            raise AuthError("unknown agent or bad credential")
         if agent.status is AgentStatus.REVOKED:
             raise RevokedError(f"agent {agent.id} is revoked")
         return agent
@@ -109,12 +132,79 @@ class AgentRepo:
     def list(self) -> Sequence[Agent]:
         return self.s.scalars(select(Agent).order_by(Agent.created_at)).all()
 
+    def find(self, agent_id: str) -> Agent | None:
+        return self.s.get(Agent, agent_id)
+
     def active(self) -> Sequence[Agent]:
         return self.s.scalars(select(Agent).where(Agent.status == AgentStatus.ACTIVE).order_by(Agent.id)).all()
 
+    def active_ids(self) -> Sequence[str]:
+        return self.s.scalars(select(Agent.id).where(Agent.status == AgentStatus.ACTIVE).order_by(Agent.id)).all()
 
-class RevokedError(PermissionError):
-    pass
+    def touch(self, agent_id: str, resources: dict[str, Any], now: datetime) -> bool:
+        """Record a sign of life: last_seen_at = now and the reported resources merged over
+        the stored ones. False for an unknown agent."""
+        agent = self.s.get(Agent, agent_id)
+        if agent is None:
+            return False
+        agent.last_seen_at = now
+        agent.resources = {**agent.resources, **resources}
+        return True
+
+    def revoke(self, agent_id: str) -> bool:
+        """Mark the agent revoked; False if it already was (NotFound if unknown)."""
+        agent = self.get(agent_id)
+        if agent.status is AgentStatus.REVOKED:
+            return False
+        agent.status = AgentStatus.REVOKED
+        return True
+
+    def set_rank_override(self, agent_id: str, rank: int | None) -> int | None:
+        """Pin (or clear, with None) the agent's rank; returns the previous override."""
+        agent = self.get(agent_id)
+        previous = agent.rank_override
+        agent.rank_override = rank
+        return previous
+
+
+class SpecCache:
+    """Parsed job specs keyed by (job id, digest of the stored config): a spec is validated,
+    and its strategy built, once per process rather than at every hop or scheduler tick. The
+    digest keeps an entry honest should a row's config ever change. Callers must treat the
+    returned spec as read-only: it is shared."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple[str, str], JobSpec] = OrderedDict()
+        self._lock = threading.Lock()
+        self.parses = 0  # how many times a config was actually validated (tests, diagnostics)
+
+    @staticmethod
+    def digest(config: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def get(self, job_id: str, config: dict[str, Any]) -> JobSpec:
+        key = (job_id, self.digest(config))
+        with self._lock:
+            spec = self._entries.get(key)
+            if spec is not None:
+                self._entries.move_to_end(key)
+                return spec
+        spec = JobSpec.model_validate(config)  # outside the lock: validation builds a strategy
+        with self._lock:
+            self.parses += 1
+            self._entries[key] = spec
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return spec
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+SPECS = SpecCache()
 
 
 class JobRepo:
@@ -137,8 +227,15 @@ class JobRepo:
         q = select(Job).order_by(Job.created_at)
         return self.s.scalars(q.where(Job.status == status) if status else q).all()
 
-    def running(self) -> Sequence[Job]:
-        return self.list(JobStatus.RUNNING)
+    def ids(self, statuses: Sequence[JobStatus]) -> Sequence[str]:
+        """Ids of the jobs in any of `statuses`, oldest first (no row loaded)."""
+        return self.s.scalars(
+            select(Job.id).where(Job.status.in_(list(statuses))).order_by(Job.created_at, Job.id)
+        ).all()
+
+    def spec(self, job: Job, cache: SpecCache = SPECS) -> JobSpec:
+        """The job's parsed spec, from the process-wide cache (parsed once per job)."""
+        return cache.get(job.id, job.config)
 
     def transition(self, job_id: str, allowed: Sequence[JobStatus], to: JobStatus, **values: Any) -> bool:
         res = self.s.execute(
@@ -178,6 +275,10 @@ class RoundRepo:
 
     def for_job(self, job_id: str) -> Sequence[Round]:
         return self.s.scalars(select(Round).where(Round.job_id == job_id).order_by(Round.id)).all()
+
+    def count_in(self, states: Sequence[RoundState]) -> int:
+        """Rounds of every job in any of `states`."""
+        return int(self.s.scalar(select(func.count()).select_from(Round).where(Round.state.in_(list(states)))) or 0)
 
     def attempts(self, job_id: str, number: int) -> int:
         n = self.s.scalar(select(func.count()).select_from(Round).where(Round.job_id == job_id, Round.number == number))
@@ -224,6 +325,9 @@ class RoundRepo:
             .execution_options(synchronize_session="fetch")
         )
         return bool(res.rowcount)  # type: ignore[attr-defined]
+
+    def find_assignment(self, task_id: str) -> Assignment | None:
+        return self.s.get(Assignment, task_id)
 
     def assignment(self, task_id: str) -> Assignment:
         a = self.s.get(Assignment, task_id)

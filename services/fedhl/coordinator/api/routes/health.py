@@ -8,12 +8,12 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Response, status
 from fastapi.responses import JSONResponse
-from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from .... import metrics
 from ....storage.db import transaction
-from ....storage.models import Agent, AgentStatus, Round, RoundState
+from ....storage.models import RoundState
+from ....storage.repos import AgentRepo, RoundRepo, ping
 from ..deps import CoordinatorDep, require_admin
 from ..schemas import Health
 
@@ -30,7 +30,7 @@ def healthz(coordinator: CoordinatorDep) -> JSONResponse:
     in-process twin) answers a ping; 503 otherwise."""
     try:
         with transaction(coordinator.deps.sessions, read_only=True) as s:
-            database = s.execute(text("SELECT 1")).scalar() == 1
+            database = ping(s)
     except SQLAlchemyError as e:
         log.warning("healthz: database check failed: %s", e)
         database = False
@@ -52,8 +52,8 @@ def healthz(coordinator: CoordinatorDep) -> JSONResponse:
 def prometheus_metrics(coordinator: CoordinatorDep) -> Response:
     """Prometheus text format; the cluster gauges are refreshed on each scrape."""
     with transaction(coordinator.deps.sessions, read_only=True) as s:
-        agent_ids = s.scalars(select(Agent.id).where(Agent.status == AgentStatus.ACTIVE)).all()
-        active_rounds = s.scalar(select(func.count()).select_from(Round).where(Round.state.in_(ACTIVE_ROUND_STATES)))
+        agent_ids = AgentRepo(s).active_ids()
+        active_rounds = RoundRepo(s).count_in(ACTIVE_ROUND_STATES)
     metrics.AGENTS_ALIVE.set(len(coordinator.deps.coordination.liveness.alive(agent_ids)))
-    metrics.ACTIVE_ROUNDS.set(int(active_rounds or 0))
+    metrics.ACTIVE_ROUNDS.set(active_rounds)
     return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
