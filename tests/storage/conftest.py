@@ -25,9 +25,12 @@ from pathlib import Path
 import pytest
 import redis
 
+from dbunit import sessions, unit_database
 from fedhl.storage.blobs import BlobStore, FileBlobStore
 from fedhl.storage.coordination import Coordination, open_coordination
 from fedhl.storage.s3_blobs import S3BlobStore, client_from_env
+
+__all__ = ["sessions", "unit_database"]  # migrated-database fixture for the repository tests
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
