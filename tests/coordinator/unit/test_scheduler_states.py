@@ -61,9 +61,9 @@ class World:
 
     def drain_queue(self) -> list[AggregationTask]:
         """The aggregation tasks published since the last call."""
-        entries = self.deps.coord.queue.consume("test", block_s=0, count=100)
+        entries = self.deps.coordination.queue.consume("test", block_s=0, count=100)
         for entry_id, _ in entries:
-            self.deps.coord.queue.ack(entry_id)
+            self.deps.coordination.queue.ack(entry_id)
         return [AggregationTask.from_fields(f) for _, f in entries]
 
     def agents(self, n: int, live: int | None = None) -> list[str]:
@@ -75,7 +75,7 @@ class World:
                 token, _ = repo.create_token("t", 1, None)
                 ids.append(repo.redeem(token, f"a{i}", {})[0].id)
         for agent_id in ids[: n if live is None else live]:
-            self.deps.coord.liveness.beat(agent_id, 3600)
+            self.deps.coordination.liveness.beat(agent_id, 3600)
         return ids
 
     def job(self, status: JobStatus = JobStatus.RUNNING, current_round: int = 0, **selection: Any) -> str:
@@ -146,7 +146,7 @@ def world(sessions: sessionmaker[Session], tmp_path: Path) -> Iterator[World]:
     try:
         yield World(sessions, deps, clock, scheduler)
     finally:
-        deps.coord.close()
+        deps.coordination.close()
 
 
 # ------------------------------------------------------------------------------ opening
@@ -155,7 +155,7 @@ def world(sessions: sessionmaker[Session], tmp_path: Path) -> Iterator[World]:
 def test_a_running_job_opens_round_0_with_every_live_agent(world: World) -> None:
     agents = world.agents(3)
     job_id = world.job()
-    with world.deps.coord.events.subscribe(ROUND_EVENTS) as events:
+    with world.deps.coordination.events.subscribe(ROUND_EVENTS) as events:
         world.scheduler.tick()
         assert events.get(timeout_s=1) == {"type": "round_changed", "job_id": job_id}
     rnd = world.round(job_id)
