@@ -50,6 +50,9 @@ ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 K8S_DIR = ROOT / "deploy" / "k8s"
 DASHBOARD = ROOT / "deploy" / "grafana" / "fedhl-dashboard.json"
+OFFLINE_DIR = ROOT / "deploy" / "offline"
+OFFLINE_FILE = OFFLINE_DIR / "docker-compose.offline.yml"
+CI_SCRIPT = ROOT / "deploy" / "ci" / "compose-e2e.sh"
 K8S_VERSION = "1.37.0"  # schemas bundled with kubernetes-validate: no network
 REDIS_DB = 7  # this module's Redis database (flushed first)
 
@@ -283,14 +286,107 @@ def test_dockerfile_builds_one_image_for_every_service() -> None:
     assert re.search(r'^ENTRYPOINT \["fedhl"\]$', text, re.M)
     assert re.search(r"^ARG VARIANT=cpu$", text, re.M)
     assert re.search(r"^USER 10001", text, re.M), "the image runs as a non-root user"
-    assert "download.pytorch.org/whl/cpu" in text and "HEALTHCHECK" in text
+    assert "HEALTHCHECK" in text
+    # Build arguments for builds without the public registries; their defaults are what users get.
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim-bookworm$", text, re.M)
+    assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cpu$", text, re.M)
+    assert re.search(r"^FROM \$\{PYTHON_IMAGE\} AS base-cpu$", text, re.M)
     # torch is installed before the package, so the package's pin resolves to that build
-    assert text.index('pip install "torch==') < text.index("RUN pip install .")
+    assert text.index('pip install "torch==${TORCH_VERSION}+cpu" --index-url "$TORCH_INDEX_URL"') < text.index(
+        "pip install --find-links /wheels -r /tmp/requirements.txt"
+    )
+    # the dependencies' layer (from pyproject.toml) comes before the sources, the package after them
+    assert text.index("pip install --find-links /wheels -r /tmp/requirements.txt") < text.index("COPY services/")
+    assert text.index("COPY services/") < text.index("pip install --no-deps --find-links /wheels .")
+    assert "COPY deploy/docker/wheels/ /wheels/" in text
+    # Runtime: user and folders first, the venv last (no later layer copies it on vfs-like storage).
+    runtime = text[text.index("AS runtime") :]
+    assert runtime.index("useradd") < runtime.index("COPY --from=builder /opt/venv /opt/venv")
+    assert not re.search(r"^(RUN|COPY|ADD) ", runtime[runtime.index("COPY --from=builder") + 1 :], re.M)
     pinned = re.search(r'"torch==([^"]+)"', (ROOT / "pyproject.toml").read_text())
     assert pinned and f"ARG TORCH_VERSION={pinned.group(1)}" in text, "the image's torch must match pyproject"
     ignore = (ROOT / ".dockerignore").read_text().split()
-    for needed in ("!pyproject.toml", "!hatch_build.py", "!README.md", "!proto/", "!services/"):
-        assert needed in ignore
+    needed = ["!pyproject.toml", "!hatch_build.py", "!README.md", "!proto/", "!services/", "!deploy/docker/wheels/"]
+    assert set(needed) <= set(ignore)
+    # the wheels directory exists (COPY needs it) and only its README is tracked
+    assert (ROOT / "deploy" / "docker" / "wheels" / "README.md").is_file()
+    gitignore = (ROOT / ".gitignore").read_text().split()
+    assert "deploy/docker/wheels/*" in gitignore and "!deploy/docker/wheels/README.md" in gitignore
+
+
+# ------------------------------------------------------------------------- offline CI (compose-e2e.sh)
+OFFLINE = [*FILES, "-f", str(OFFLINE_FILE)]
+STAND_INS = {"postgres": "fedhl-offline/postgres:15", "redis": "fedhl-offline/redis:7"}
+
+
+def without_image(svc: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in svc.items() if k not in ("image", "build")}
+
+
+@pytest.mark.parametrize("profiles", [[], ["--profile", "demo"], ["--profile", "demo", "--profile", "s3"]])
+def test_offline_override_maps_the_official_images_only(profiles: list[str]) -> None:
+    base = compose_config([*FILES, *profiles])["services"]
+    offline = compose_config([*OFFLINE, *profiles])["services"]
+    assert set(offline) == set(base)
+    for name, svc in offline.items():
+        if name in STAND_INS:
+            assert svc["image"] == STAND_INS[name] and base[name]["image"].startswith(f"{name}:")
+        elif "build" in svc:
+            args = svc["build"]["args"]
+            assert args["PYTHON_IMAGE"] == "fedhl-offline/python:3.11-bookworm", name
+            assert args["VARIANT"] == "cpu" and "TORCH_INDEX_URL" in args, name
+            assert svc["image"] == base[name]["image"] == "fedhl:latest", name
+        # everything else is the users' file, untouched (the host's own 5432/6379 stay free)
+        assert without_image(svc) == without_image(base[name]), name
+        published = {int(p["published"]) for p in svc.get("ports", [])}
+        assert not published & {5432, 6379}, name
+
+
+def test_stand_in_bases_are_marked_offline_ci_only() -> None:
+    for path in [OFFLINE_FILE, OFFLINE_DIR / "build-bases.sh", CI_SCRIPT, *OFFLINE_DIR.glob("*/*")]:
+        assert ("OFFLINE CI ONLY" if path != CI_SCRIPT else "offline CI") in path.read_text(), path
+    for script in [CI_SCRIPT, OFFLINE_DIR / "build-bases.sh", *OFFLINE_DIR.glob("*/docker-entrypoint.sh")]:
+        assert os.access(script, os.X_OK), f"{script} is not executable"
+        shell = "sh" if script.name == "docker-entrypoint.sh" else "bash"
+        out = subprocess.run([shell, "-n", str(script)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+    # CA certificates come in at CI time only
+    assert not list(OFFLINE_DIR.rglob("*.crt")) and not list(OFFLINE_DIR.rglob("*.pem"))
+
+
+# The README's compose lines that CI cannot run as written: an agent on another machine, a log follow.
+NOT_RUN_IN_CI = ("fedhl agent --coordinator HOST:50051", '--base-model "$(python -c', "docker compose logs -f")
+
+
+def readme_compose_blocks() -> list[list[str]]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Deploy with docker compose") :]
+    section = section[: section.index("\n### Kubernetes")]
+    return [block.strip("\n").splitlines() for block in re.findall(r"^```\n(.*?)^```$", section, re.M | re.S)]
+
+
+def test_ci_runs_the_readme_compose_commands_word_for_word() -> None:
+    """Every command line of the README's compose section appears in compose-e2e.sh, in the README's order."""
+    script = [line.strip() for line in CI_SCRIPT.read_text().splitlines()]
+    lines = [line.strip() for block in readme_compose_blocks() for line in block]
+    lines = [line for line in lines if line and not line.startswith(NOT_RUN_IN_CI)]
+    assert len(lines) > 20 and "docker compose up -d --wait" in " ".join(lines)
+    # The last one tears down: the script runs it from its exit trap, whatever failed before.
+    teardown = CI_SCRIPT.read_text().split("\nteardown() {", 1)[1].split("\n}\n", 1)[0]
+    assert lines.pop() == "docker compose --profile demo down -v"
+    assert "\n        docker compose --profile demo down -v\n" in teardown
+    assert "trap teardown EXIT" in script
+    pos = 0
+    for line in lines:
+        assert line in script[pos:], f"README line not run by {CI_SCRIPT.name} (after line {pos}): {line}"
+        pos = script.index(line, pos) + 1
+    # the job spec in the README is a valid spec, the one the CI job shrinks
+    spec_block = next(b for b in readme_compose_blocks() if "cat > job.json <<'EOF'" in b)
+    start = spec_block.index("cat > job.json <<'EOF'") + 1
+    spec = json.loads("\n".join(spec_block[start : spec_block.index("EOF")]))
+    from fedhl.jobspec import JobSpec
+
+    assert JobSpec.model_validate(spec).rounds == 5
 
 
 # ---------------------------------------------------------------------------------- kubernetes
