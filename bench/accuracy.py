@@ -10,8 +10,15 @@ not run again (so an interrupted grid resumes).
     python bench/accuracy.py --strategies centralized,fedit-min --seeds 0 --alphas 1.0 \\
         --out bench/results/accuracy/calibration/lr4e-3     # a calibration run
 
-Writes, under --out: <alpha>/<strategy>/seed<k>/results.json, summary.json, table.md and
-accuracy.png (mean accuracy per round, one panel per α).
+    python bench/accuracy.py --preset gpu          # the larger setting for one GPU session (10 agents, 30 rounds,
+                                                   # 10 seeds, 8 runs at a time on cuda)
+
+Writes, under --out: <alpha>/<strategy>/seed<k>/results.json, summary.json, table.md,
+accuracy.png (mean accuracy per round, one panel per α) and paired.png (per-round means with
+95 % CI bands, and each arm's paired difference against FedHL default with its CI).
+summary.json has the mechanism benchmark's shape for the first α (`seeds`, `arms`, per arm
+`final_acc_mean`, `final_loss_mean` and, against FedHL default, `paired_diff_mean`,
+`ci95_low`, `ci95_high`, `wins`, `ties`, `losses`), `by_alpha` for every α and the old `rows`.
 """
 
 from __future__ import annotations
@@ -29,6 +36,30 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import stats  # noqa: E402  (bench/stats.py)
+
+REFERENCE = "fedhl"
+TIE_TOL = 0.005  # |Δ accuracy| within which a seed counts as a tie (one test example of 200)
+
+# A larger setting for one GPU device session (bench/README.md: what it takes).
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpu": {
+        "device": "cuda",
+        "agents": 10,
+        "ranks": "2,2,4,4,4,8,8,16,16,32",
+        "rounds": 30,
+        "local_steps": 12,
+        "test_size": 400,
+        "alphas": [1.0],
+        "seeds": list(range(10)),
+        "strategies": ["fedhl", "fedhl-data-size", "fedhl-full", "flexlora", "zeropad", "hetlora", "fedit-min"],
+        "jobs": 8,
+        "threads": 1,
+        "out": str(ROOT / "bench" / "results" / "accuracy-gpu"),
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -48,6 +79,7 @@ ARMS = [
     Arm("fedhl", "FedHL (default weights)", "fedhl"),
     Arm("fedhl-paper", "FedHL paper-literal weights", "fedhl", {"weights": "paper-literal"}),
     Arm("fedhl-uniform", "FedHL uniform weights", "fedhl", {"weights": "uniform"}),
+    Arm("fedhl-data-size", "FedHL data-size weights", "fedhl", {"weights": "data-size"}),
     Arm("fedhl-full", "FedHL client_view=full", "fedhl", {"client_view": "full"}),
     Arm("flexlora", "FlexLoRA", "flexlora"),
     Arm("hetlora", "HetLoRA (γ=0.99, λ=1e-3)", "hetlora", train={"hetlora_gamma": 0.99, "hetlora_lambda": 1e-3}),
@@ -220,18 +252,179 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _run_files(alpha_dir: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for key in [a.key for a in ARMS]:
+        for f in sorted((alpha_dir / key).glob("seed*/results.json")):
+            runs.setdefault(key, {})[int(f.parent.name[4:])] = json.loads(f.read_text())
+    return runs
+
+
+def _rank_of(run_dir: Path) -> dict[str, int]:
+    spec = json.loads((run_dir / "spec.json").read_text())
+    return {k: int(v) for k, v in spec["rank_policy"]["fixed"].items()}
+
+
+def paired_summary(alpha_dir: Path, last: int) -> dict[str, Any]:
+    """The mechanism benchmark's summary shape for one α: per arm the mean of the headline
+    figure and, against FedHL default, the paired per-seed difference with a bootstrap 95 % CI
+    and win/tie/loss counts; plus the aggregation diagnostics (weights by rank, N_eff, energy
+    a rank-2 truncation keeps)."""
+    runs = _run_files(alpha_dir)
+    if REFERENCE not in runs:
+        return {}
+    metric = lambda res: statistics.fmean(r["accuracy"] for r in res["rounds"][-last:])  # noqa: E731
+    ref = {s: metric(r) for s, r in runs[REFERENCE].items()}
+    complete = sorted(set.intersection(*(set(v) for v in runs.values())))
+    out: dict[str, Any] = {
+        "seeds": complete,
+        "reference": REFERENCE,
+        "metric": f"held-out accuracy, mean of the last {last} rounds; higher is better",
+        "tie_tol": TIE_TOL,
+        "arms": {},
+    }
+    for key, rs in runs.items():
+        acc = {s: metric(r) for s, r in rs.items()}
+        entry: dict[str, Any] = {
+            "label": BY_KEY[key].label,
+            "n_seeds": len(rs),
+            "seeds_run": sorted(rs),
+            "final_acc_mean": statistics.fmean(acc.values()),
+            "final_acc_std": statistics.stdev(acc.values()) if len(acc) > 1 else 0.0,
+            "final_loss_mean": statistics.fmean(
+                statistics.fmean(r["loss"] for r in res["rounds"][-last:]) for res in rs.values()
+            ),
+            "per_seed": {str(s): v for s, v in sorted(acc.items())},
+        }
+        rows = [x for res in rs.values() for x in res["rounds"]]
+        entry["n_eff_mean"] = statistics.fmean(1.0 / sum(w * w for w in x["weights"].values()) for x in rows)
+        entry["max_weight_mean"] = statistics.fmean(max(x["weights"].values()) for x in rows)
+        kept = [x["energy_kept"]["2"] for x in rows[1:] if x.get("energy_kept") and "2" in x["energy_kept"]]
+        if kept:
+            entry["energy_kept_rank2_mean"] = statistics.fmean(kept)
+        by_rank: dict[int, list[float]] = {}
+        for s, res in rs.items():
+            rank_of = _rank_of(alpha_dir / key / f"seed{s}")
+            for x in res["rounds"]:
+                acc_r: dict[int, float] = {}
+                for c, w in x["weights"].items():
+                    acc_r[rank_of[c]] = acc_r.get(rank_of[c], 0.0) + w
+                for r, w in acc_r.items():
+                    by_rank.setdefault(r, []).append(w)
+        entry["weight_by_rank_mean"] = {str(r): statistics.fmean(v) for r, v in sorted(by_rank.items())}
+        if key != REFERENCE:
+            cmp = stats.compare(acc, ref, tie_tol=TIE_TOL, higher_is_better=True)
+            entry["vs_reference"] = cmp
+            entry.update({k: cmp[k] for k in ("paired_diff_mean", "ci95_low", "ci95_high", "wins", "ties", "losses")})
+        out["arms"][key] = entry
+    out["_curves"] = {
+        k: stats.mean_ci_band([[x["accuracy"] for x in r["rounds"]] for _, r in sorted(v.items())])
+        for k, v in runs.items()
+    }
+    return out
+
+
+def paired_table(summary: dict[str, Any], alpha: float) -> str:
+    lines = [
+        f"α = {alpha:g}. Reference: FedHL default. Δ = arm − reference in held-out accuracy (mean of the last rounds, "
+        f"per seed; > 0: arm better); 95 % bootstrap CI; W/T/L from the arm's side, tie within ±{summary['tie_tol']}.",
+        "",
+        "| arm | seeds | accuracy (mean ± sd) | Δ vs FedHL [95 % CI] | W/T/L | N_eff | largest weight "
+        "| weight by rank | energy kept at rank 2 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, e in summary["arms"].items():
+        if key == REFERENCE:
+            delta, wtl = "(reference)", "—"
+        else:
+            delta = f"{e['paired_diff_mean']:+.3f} [{e['ci95_low']:+.3f}, {e['ci95_high']:+.3f}]"
+            wtl = f"{e['wins']}/{e['ties']}/{e['losses']}"
+        wr = " ".join(f"{r}:{w:.2f}" for r, w in e["weight_by_rank_mean"].items())
+        ek = f"{e['energy_kept_rank2_mean']:.2f}" if "energy_kept_rank2_mean" in e else "—"
+        lines.append(
+            f"| {e['label']} | {e['n_seeds']} | {e['final_acc_mean']:.3f} ± {e['final_acc_std']:.3f} | {delta} "
+            f"| {wtl} | {e['n_eff_mean']:.2f} | {e['max_weight_mean']:.2f} | {wr} | {ek} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_paired(by_alpha: dict[float, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(by_alpha)
+    fig, axes = plt.subplots(n, 2, figsize=(13, 4.8 * n), dpi=120, squeeze=False)
+    for row, (alpha, summ) in zip(axes, sorted(by_alpha.items()), strict=True):
+        ax = row[0]
+        for i, (key, band) in enumerate(summ["_curves"].items()):
+            x = list(range(1, len(band["mean"]) + 1))
+            style = "-" if key.startswith("fedhl") else "--"
+            label = summ["arms"][key]["label"]
+            (line,) = ax.plot(
+                x, band["mean"], style, color=plt.cm.tab20(i % 20), marker=".", label=label, linewidth=1.3
+            )
+            ax.fill_between(x, band["low"], band["high"], color=line.get_color(), alpha=0.15)
+        ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"α = {alpha:g}: held-out accuracy per round (mean, 95 % CI over seeds)")
+        ax.set_xlabel("round")
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(alpha=0.3)
+        ax = row[1]
+        keys = [k for k in summ["arms"] if k != REFERENCE]
+        m = [summ["arms"][k]["paired_diff_mean"] for k in keys]
+        lo = [summ["arms"][k]["ci95_low"] for k in keys]
+        hi = [summ["arms"][k]["ci95_high"] for k in keys]
+        y = list(range(len(keys)))
+        ax.errorbar(
+            m,
+            y,
+            xerr=[[a - b for a, b in zip(m, lo, strict=True)], [b - a for a, b in zip(m, hi, strict=True)]],
+            fmt="o",
+            capsize=3,
+        )
+        ax.axvline(0, color="grey", linewidth=1)
+        ax.set_yticks(
+            y, [f"{summ['arms'][k]['label']} (n={summ['arms'][k]['vs_reference']['n']})" for k in keys], fontsize=7
+        )
+        ax.set_xlabel("Δ accuracy vs FedHL default (arm − FedHL; > 0: arm better), 95 % CI")
+        ax.set_title("Paired differences per seed")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def report(out: Path, target: float, last: int) -> None:
     rows = summarise(out, target, last)
     if not rows:
         raise SystemExit(f"no results under {out}")
-    (out / "summary.json").write_text(json.dumps(rows, indent=1))
-    (out / "table.md").write_text(
+    by_alpha: dict[float, dict[str, Any]] = {}
+    for alpha_dir in sorted(out.glob("alpha*")):
+        summ = paired_summary(alpha_dir, last)
+        if summ and len(summ["arms"]) > 1:
+            by_alpha[float(alpha_dir.name[5:])] = summ
+    text = (
         table(rows, target, last) + f"\nMean accuracy over the last {last} rounds, per seed:\n\n" + per_seed(out, last)
     )
+    clean = {a: {k: v for k, v in s.items() if k != "_curves"} for a, s in by_alpha.items()}
+    for alpha, summ in by_alpha.items():
+        text += "\n" + paired_table(summ, alpha)
+    main_alpha = next(iter(sorted(by_alpha)), None)
+    summary: dict[str, Any] = dict(clean[main_alpha]) if main_alpha is not None else {}
+    summary.update({"alpha": main_alpha, "by_alpha": {f"{a:g}": s for a, s in clean.items()}, "rows": rows})
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+    (out / "table.md").write_text(text)
     plot(rows, out / "accuracy.png")
-    print(table(rows, target, last))
-    print(per_seed(out, last))
-    print(f"wrote {out / 'summary.json'}, {out / 'table.md'}, {out / 'accuracy.png'}")
+    if by_alpha:
+        plot_paired(by_alpha, out / "paired.png")
+    print(text)
+    print(
+        f"wrote {out / 'summary.json'}, {out / 'table.md'}, {out / 'accuracy.png'}"
+        + (f", {out / 'paired.png'}" if by_alpha else "")
+    )
 
 
 def main() -> None:
@@ -261,6 +454,10 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.70, help="accuracy for 'rounds to target'")
     ap.add_argument("--last", type=int, default=5, help="rounds averaged for the headline figure")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="a named larger setting; explicit flags still win")
+    pre, _ = ap.parse_known_args()
+    if pre.preset:
+        ap.set_defaults(**PRESETS[pre.preset])
     args = ap.parse_args()
     unknown = [k for k in args.strategies + (args.seed_strategies or []) if k not in BY_KEY]
     if unknown:
