@@ -10,8 +10,8 @@ not run again (so an interrupted grid resumes).
     python bench/accuracy.py --strategies centralized,fedit-min --seeds 0 --alphas 1.0 \\
         --out bench/results/accuracy/calibration/lr4e-3     # a calibration run
 
-    python bench/accuracy.py --preset gpu          # the larger setting for one GPU session (10 agents, 30 rounds,
-                                                   # 10 seeds, 8 runs at a time on cuda)
+    python bench/accuracy.py --preset gpu          # the larger setting for one GPU session (10 agents, 20 rounds,
+                                                   # 10 seeds, 12 runs at a time on cuda)
 
 Writes, under --out: <alpha>/<strategy>/seed<k>/results.json, summary.json, table.md,
 accuracy.png (mean accuracy per round, one panel per α) and paired.png (per-round means with
@@ -49,13 +49,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "device": "cuda",
         "agents": 10,
         "ranks": "2,2,4,4,4,8,8,16,16,32",
-        "rounds": 30,
+        "rounds": 20,
         "local_steps": 12,
         "test_size": 400,
         "alphas": [1.0],
         "seeds": list(range(10)),
         "strategies": ["fedhl", "fedhl-data-size", "fedhl-full", "flexlora", "zeropad", "hetlora", "fedit-min"],
-        "jobs": 8,
+        "jobs": 12,  # runs share the one GPU; 16 host cores, one thread each
         "threads": 1,
         "out": str(ROOT / "bench" / "results" / "accuracy-gpu"),
     },
@@ -454,6 +454,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.70, help="accuracy for 'rounds to target'")
     ap.add_argument("--last", type=int, default=5, help="rounds averaged for the headline figure")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="a named larger setting; explicit flags still win")
     pre, _ = ap.parse_known_args()
     if pre.preset:
@@ -463,6 +464,12 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown strategies {unknown}; choose from {list(BY_KEY)}")
     out = Path(args.out)
+    if args.dry_run:
+        runs = plan(args)
+        todo = [r for r in runs if not (r.out / "results.json").exists()]
+        print(f"{len(runs)} runs ({len(todo)} not yet done), {args.jobs} at a time, e.g.:")
+        print("fedhl simulate " + " ".join(runs[0].argv))
+        return
     if not args.report_only:
         runs = plan(args)
         out.mkdir(parents=True, exist_ok=True)
