@@ -52,6 +52,13 @@ import stats  # noqa: E402  (bench/stats.py)
 from fedhl.core import ClientUpdate, GlobalState, LoRAFactors, Strategy, build_strategy  # noqa: E402
 
 REFERENCE = "fedhl"
+EXTRA_PAIRS = [  # (arm, against): weights within the full view, the start parametrisation, FLoRA's fresh adapter
+    ("fedhl-full-data-size", "fedhl-full"),
+    ("fedhl-full-balanced", "fedhl-full"),
+    ("flora", "fedhl-full"),
+    ("fedhl-residual16", "fedhl-full"),
+    ("flora", "centralized"),
+]
 TIE_TOL = 0.002  # |Δ rel_error| within which a seed counts as a tie
 
 
@@ -83,6 +90,12 @@ def arms(residual_rank: int) -> list[Arm]:
             "FedHL full view + data-size weights",
             "fedhl",
             {"client_view": "full", "weights": "data-size"},
+        ),
+        Arm(
+            "fedhl-full-balanced",
+            "FedHL full view, balanced start factors",
+            "fedhl",
+            {"client_view": "full", "start_balance": "balanced"},
         ),
         Arm("flexlora", "FlexLoRA", "flexlora"),
         Arm("hetlora", "HetLoRA (‖BA‖ weights, no pruning)", "hetlora"),
@@ -404,6 +417,13 @@ def summarise(out: Path, arm_list: list[Arm], last: int) -> dict[str, Any]:
                 }
             )
         summary["arms"][a.key] = entry
+    # comparisons that isolate one factor, beside the ones against the reference
+    finals = {k: {s: _final(r, "rel_error", last) for s, r in v.items()} for k, v in runs.items()}
+    summary["pairs"] = {
+        f"{arm} vs {ref}": stats.compare(finals[arm], finals[ref], tie_tol=TIE_TOL, higher_is_better=False)
+        for arm, ref in EXTRA_PAIRS
+        if arm in finals and ref in finals and set(finals[arm]) & set(finals[ref])
+    }
     summary["_curves"] = {
         k: stats.mean_ci_band([[x["rel_error"] for x in r["rounds"]] for _, r in sorted(v.items())])
         for k, v in runs.items()
@@ -432,6 +452,13 @@ def table(summary: dict[str, Any]) -> str:
             f"| {e['final_loss_mean']:.4f} | {e['final_energy_mean']:.3f} | {delta} | {wtl} "
             f"| {e.get('n_eff_mean', float('nan')):.2f} | {e.get('max_weight_mean', float('nan')):.2f} |"
         )
+    if summary.get("pairs"):
+        lines += ["", "| comparison | seeds | Δ rel. error [95 % CI] | W/T/L |", "|---|---|---|---|"]
+        for name, v in summary["pairs"].items():
+            lines.append(
+                f"| {name} | {v['n']} | {v['paired_diff_mean']:+.4f} [{v['ci95_low']:+.4f}, {v['ci95_high']:+.4f}] "
+                f"| {v['wins']}/{v['ties']}/{v['losses']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
