@@ -437,19 +437,20 @@ def table(summary: dict[str, Any]) -> str:
         "rel. error. Δ = arm − reference (negative = arm closer to ΔW*); W/T/L from the arm's side.",
         "",
         "| arm | seeds | final rel. error (mean ± sd) | pooled loss | energy captured | Δ rel. error vs FedHL "
-        "[95 % CI] | W/T/L | N_eff | largest weight |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "[95 % CI] | W/T/L | Δ pooled loss [95 % CI] | N_eff | largest weight |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, e in summary["arms"].items():
         if key == REFERENCE:
-            delta, wtl = "(reference)", "—"
+            delta, wtl, dloss = "(reference)", "—", "—"
         else:
-            v = e["vs_reference"]
+            v, lv = e["vs_reference"], e["vs_reference_loss"]
             delta = f"{v['paired_diff_mean']:+.4f} [{v['ci95_low']:+.4f}, {v['ci95_high']:+.4f}]"
             wtl = f"{v['wins']}/{v['ties']}/{v['losses']}"
+            dloss = f"{lv['paired_diff_mean']:+.4f} [{lv['ci95_low']:+.4f}, {lv['ci95_high']:+.4f}]"
         lines.append(
             f"| {e['label']} | {e['n_seeds']} | {e['final_rel_error_mean']:.4f} ± {e['final_rel_error_std']:.4f} "
-            f"| {e['final_loss_mean']:.4f} | {e['final_energy_mean']:.3f} | {delta} | {wtl} "
+            f"| {e['final_loss_mean']:.4f} | {e['final_energy_mean']:.3f} | {delta} | {wtl} | {dloss} "
             f"| {e.get('n_eff_mean', float('nan')):.2f} | {e.get('max_weight_mean', float('nan')):.2f} |"
         )
     if summary.get("pairs"):
