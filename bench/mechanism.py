@@ -391,9 +391,9 @@ def summarise(out: Path, arm_list: list[Arm], last: int) -> dict[str, Any]:
             entry["n_eff_mean"] = statistics.fmean(x["n_eff"] for x in diag)
             entry["max_weight_mean"] = statistics.fmean(max(x["weights"].values()) for x in diag)
             kept = [x["energy_kept"] for x in diag if x["energy_kept"]]
-            if kept:
-                lo = min(kept[0], key=int)
-                entry["energy_kept_min_rank_mean"] = {lo: statistics.fmean(k.get(lo, math.nan) for k in kept)}
+            if kept:  # rounds where some participant held the smallest rank (partial participation)
+                lo = str(min(int(r) for k in kept for r in k))
+                entry["energy_kept_min_rank_mean"] = {lo: statistics.fmean(k[lo] for k in kept if lo in k)}
             # weight of each rank class (sum over its clients), mean over rounds and seeds
             by_rank: dict[str, list[float]] = {}
             for r in rs.values():
@@ -502,7 +502,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.axvline(0, color="grey", linewidth=1)
     ax.set_yticks(y, [summary["arms"][k]["label"] for k in keys], fontsize=7)
     ax.set_xscale("symlog", linthresh=0.01)
-    ax.set_xlabel("Δ final rel. error vs FedHL default (arm − FedHL; < 0: arm better), 95 % CI")
+    ax.set_xlabel("Δ final rel. error vs FedHL default (< 0: arm better), 95 % CI")
     ax.set_title("Paired differences per seed")
     ax.grid(alpha=0.3)
     fig.tight_layout()
