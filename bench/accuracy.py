@@ -273,7 +273,10 @@ def paired_summary(alpha_dir: Path, last: int) -> dict[str, Any]:
     runs = _run_files(alpha_dir)
     if REFERENCE not in runs:
         return {}
-    metric = lambda res: statistics.fmean(r["accuracy"] for r in res["rounds"][-last:])  # noqa: E731
+
+    def metric(res: dict[str, Any]) -> float:
+        return statistics.fmean(r["accuracy"] for r in res["rounds"][-last:])
+
     ref = {s: metric(r) for s, r in runs[REFERENCE].items()}
     complete = sorted(set.intersection(*(set(v) for v in runs.values())))
     out: dict[str, Any] = {

@@ -130,7 +130,7 @@ class Problem:
 
 
 def _orthonormal(d: int, k: int, g: torch.Generator) -> Tensor:
-    q, _ = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))
+    q: Tensor = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64)).Q
     return q
 
 
@@ -292,7 +292,7 @@ def run_one(args: argparse.Namespace, arm: Arm, seed: int) -> dict[str, Any]:
         _PROBLEMS[seed] = make_problem(args, seed)
     problem = _PROBLEMS[seed]
     names = list(problem.modules)
-    shapes = {m: tuple(problem.modules[m].target.shape) for m in names}
+    shapes = {m: (int(problem.modules[m].target.shape[0]), int(problem.modules[m].target.shape[1])) for m in names}
     het = problem.ranks
     ranks = {None: het, "min": [min(het)] * len(het), "max": [max(het)] * len(het)}[arm.ranks]
     if arm.centralized:
@@ -300,13 +300,13 @@ def run_one(args: argparse.Namespace, arm: Arm, seed: int) -> dict[str, Any]:
     else:
         clients = [f"c{i}" for i in range(len(het))]
     strategy = build_strategy(arm.strategy, alpha=args.lora_alpha, seed=seed, **arm.options)
-    state = strategy.init_state(shapes, max_rank=max(ranks), dtype=torch.float32)  # type: ignore[arg-type]
+    state = strategy.init_state(shapes, max_rank=max(ranks), dtype=torch.float32)
     if args.init == "optimum":
         if not strategy.dense_state:
             raise SystemExit(f"--init optimum needs a dense-state strategy, not {arm.strategy}")
         state.dense = {m: problem.modules[m].optimum.float().clone() for m in names}
     sample = torch.Generator().manual_seed(20_000 + seed)  # participation: same schedule for every arm
-    history = [{"round": 0, **metrics(problem, strategy, state)}]
+    history: list[dict[str, Any]] = [{"round": 0, **metrics(problem, strategy, state)}]
     t0 = time.monotonic()
     for rnd in range(args.rounds):
         if arm.centralized:
