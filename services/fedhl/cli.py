@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, admincli
 from .settings import Settings, SettingsError
 
 
@@ -31,6 +31,11 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.job is not None:
+        return admincli.export_job(args)
+    if args.state is None or args.alpha is None or args.base_model is None:
+        print("fedhl export: give --job, or --state with --alpha and --base-model", file=sys.stderr)
+        return 2
     from .codec import load_state
     from .core import LoRAScaling
     from .export import export_peft_adapter
@@ -43,7 +48,7 @@ def _export(args: argparse.Namespace) -> int:
         state.dense,
         args.out,
         rank=args.rank,
-        scaling=LoRAScaling(args.alpha, args.scale_rule),
+        scaling=LoRAScaling(args.alpha, args.scale_rule or "standard"),
         base_model_name_or_path=args.base_model,
         task_type=args.task_type,
         extras=state.extras or None,
@@ -120,14 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, devices and available strategies").set_defaults(func=_info)
 
     e = sub.add_parser("export", help="global state file → PEFT LoRA adapter directory at a chosen rank")
-    e.add_argument("--state", required=True, help="state file (safetensors) written by fedhl")
+    e.add_argument("--state", help="state file (safetensors) written by fedhl")
     e.add_argument("--rank", type=int, required=True)
-    e.add_argument("--alpha", type=float, required=True, help="the job's lora_alpha")
-    e.add_argument("--scale-rule", choices=["standard", "rslora"], default="standard")
-    e.add_argument("--base-model", required=True, help="base model path or hub id (recorded in the config)")
+    e.add_argument("--alpha", type=float, help="the job's lora_alpha (with --job: the job's)")
+    e.add_argument("--scale-rule", choices=["standard", "rslora"], help="default: standard (with --job: the job's)")
+    e.add_argument("--base-model", help="base model path or hub id, recorded in the config (with --job: the job's)")
     e.add_argument("--task-type", default=None, help="peft task type, e.g. SEQ_CLS or CAUSAL_LM")
     e.add_argument("--out", required=True)
     e.set_defaults(func=_export)
+    admincli.register(sub, export=e)  # jobs, tokens, agents; export --job
 
     sub.add_parser(
         "migrate", help="bring the database schema to the latest migration (FEDHL_DATABASE_URL)"

@@ -16,7 +16,7 @@ from ...storage.repos import NotFound
 from ..app import Coordinator
 from ..errors import Code, ServiceError
 from .deps import require_admin
-from .routes import agents, audit, checkpoints, health, jobs, rounds
+from .routes import agents, audit, checkpoints, health, jobs, rounds, ui
 
 API_PREFIX = "/api/v1"
 
@@ -59,6 +59,7 @@ def create_app(coordinator: Coordinator) -> FastAPI:
         api.include_router(resource.router)
     app.include_router(api)
     app.include_router(health.router)
+    app.include_router(ui.router)  # the web view, /ui (its own session login)
 
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(NotFound, _not_found)
