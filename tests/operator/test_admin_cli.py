@@ -59,6 +59,10 @@ def test_tokens_create_json_has_the_metadata(stack: Stack, capsys: Capsys) -> No
     code, out, _ = run_cli(argv, capsys)
     created = json.loads(out)
     assert code == 0 and created["label"] == "lab" and created["uses_left"] == 3 and created["expires_at"]
+    code, out, _ = run_cli(["tokens", "create", "--label", "agent-1"], capsys)  # the README's demo loop
+    token = out.strip()
+    code, out, _ = run_cli(["tokens", "list", "--json"], capsys)
+    assert code == 0 and token and next(t for t in json.loads(out) if t["label"] == "agent-1")["uses_left"] == 1
     code, _, err = run_cli(["tokens", "create", "--uses", "0"], capsys)
     assert code == 1 and "422 invalid request: uses: Input should be greater than or equal to 1" in err
 
@@ -71,6 +75,9 @@ def test_jobs_list_show_watch_of_the_finished_job(stack: Stack, capsys: Capsys) 
     assert code == 0 and any(j["id"] == stack.job_id for j in json.loads(out))
     code, out, _ = run_cli(["jobs", "list"], capsys)
     assert code == 0 and stack.job_id in out and "COMPLETED" in out and f"{ROUNDS}/{ROUNDS}" in out
+    code, out, _ = run_cli(["jobs", "list", "--status", "RUNNING", "--json"], capsys)
+    assert code == 0 and all(j["status"] == "RUNNING" for j in json.loads(out))
+    assert stack.job_id not in out
 
     code, out, _ = run_cli(["jobs", "show", stack.job_id, "--json"], capsys)
     shown = json.loads(out)
@@ -184,20 +191,20 @@ def test_export_job_writes_a_peft_adapter_that_loads(stack: Stack, capsys: Capsy
 
     # Execute
     out_dir = tmp_path / "adapter"
-    code, out, _ = run_cli(["export", "--job", stack.job_id, "--rank", "4", "--out", str(out_dir)], capsys)
-    # Assert: the latest checkpoint, at rank 4, with the job's alpha and base model
+    code, out, _ = run_cli(["export", "--job", stack.job_id, "--rank", "16", "--out", str(out_dir)], capsys)
+    # Assert: the latest checkpoint, at rank 16, with the job's alpha and base model
     written = json.loads(out)
-    assert code == 0 and written["round"] == ROUNDS and written["rank"] == 4 and written["state_bytes"] > 0
+    assert code == 0 and written["round"] == ROUNDS and written["rank"] == 16 and written["state_bytes"] > 0
     config = json.loads((out_dir / "adapter_config.json").read_text())
     job = stack.http.get(f"/jobs/{stack.job_id}").json()
-    assert config["r"] == 4 and config["lora_alpha"] == job["config"]["lora_alpha"]
+    assert config["r"] == 16 and config["lora_alpha"] == job["config"]["lora_alpha"]
     assert config["base_model_name_or_path"] == job["config"]["base_model"] and config["task_type"] == "SEQ_CLS"
     with safe_open(str(out_dir / "adapter_model.safetensors"), "pt") as f:
         a_keys = [k for k in f.keys() if k.endswith("lora_A.weight")]  # noqa: SIM118 (not a mapping)
-        assert a_keys and all(f.get_tensor(k).shape[0] == 4 for k in a_keys)
+        assert a_keys and all(f.get_tensor(k).shape[0] == 16 for k in a_keys)
     base, _ = load_base(job["config"]["base_model"], "seq_cls", 2)
     model = PeftModel.from_pretrained(base, str(out_dir))
-    assert model.peft_config["default"].r == 4
+    assert model.peft_config["default"].r == 16
     # an earlier round, and errors
     export = ["export", "--job", stack.job_id, "--rank", "8", "--round"]
     code, out, _ = run_cli([*export, "1", "--out", str(tmp_path / "r1")], capsys)
