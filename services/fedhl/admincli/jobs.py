@@ -191,7 +191,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common:
     verbs = jobs.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     s = verbs.add_parser("submit", parents=[common], help="validate a job spec (YAML or JSON) and create the job")
-    s.add_argument("spec", help="job spec file: YAML (.yaml/.yml) or JSON (.json); examples in deploy/examples/")
+    s.add_argument("spec", help="job spec file, YAML or JSON (.json), or - for standard input; see deploy/examples/")
     s.add_argument(
         "--set", action="append", metavar="FIELD=VALUE", help="override a field, e.g. --set rounds=3 (repeatable)"
     )

@@ -5,6 +5,7 @@ before anything is sent."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from .client import AdminError, field_error
 
 def _parse(path: Path) -> Any:
     try:
-        text = path.read_text()
+        text = sys.stdin.read() if str(path) == "-" else path.read_text()
     except OSError as e:
         raise AdminError(f"cannot read {path}: {e.strerror or e}", 2) from None
     try:
@@ -52,7 +53,7 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]
     """The spec as the coordinator will receive it, after local validation."""
     from ..jobspec import JobSpec  # imports torch (strategy options are checked): only when needed
 
-    p = Path(path)
+    p = Path(path)  # "-": standard input, read as YAML
     spec = _parse(p)
     if not isinstance(spec, dict):
         raise AdminError(f"{p}: a job spec is a mapping of fields, got {type(spec).__name__}", 2)
