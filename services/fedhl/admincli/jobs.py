@@ -124,6 +124,9 @@ def _live_view(job: dict[str, Any], rounds: list[dict[str, Any]], live_detail: d
         f"  {job['current_round']}/{job['rounds']} rounds committed",
     )
     parts: list[Any] = [head, output.table(rounds[-15:], ROUND_COLUMNS)]
+    if not rounds and job["status"] == "RUNNING":
+        min_clients = (job["config"].get("selection") or {}).get("min_clients")
+        parts.append(Text(f"no round yet: one opens once {min_clients} agents are alive"))
     if live_detail is not None:
         uploaded = sum(1 for a in live_detail["assignments"] if a["state"] == "UPLOADED")
         parts.append(
@@ -157,6 +160,8 @@ def watch(args: argparse.Namespace, api: AdminClient) -> int:
             if job["status"] in ENDED:
                 break
             time.sleep(args.interval)
+    if not args.json and not con.is_terminal:
+        con.line()  # a live view written to a file or pipe ends without a newline
     return 0 if job["status"] == "COMPLETED" else 1
 
 
