@@ -20,8 +20,8 @@ import torch
 from fedhl import cli
 from fedhl.agent.client import Resources, Task
 from fedhl.agent.scripted import ScriptedAgent
+from fedhl.codec import decode_start, encode_update
 from fedhl.demo.corpus import load_reviews, train_test_split
-from fedhl.wire.payloads import decode_start, encode_update
 from stack import Proc, coordinator, wait_job
 
 REPO = Path(__file__).resolve().parents[2]

@@ -40,7 +40,7 @@ def test_token_file_and_bad_values(tmp_path: Path) -> None:
     assert resolve(environ={"FEDHL_CONFIG": str(config)}).token == "file-token"
     with pytest.raises(AdminError, match="must start with http:// or https://"):
         resolve(url="coordinator:8080", environ={"FEDHL_ADMIN_TOKEN": "t"})
-    with pytest.raises(AdminError, match="config file .* does not exist"):
+    with pytest.raises(AdminError, match=r"config file .* does not exist"):
         resolve(config=str(tmp_path / "missing.toml"), environ={"FEDHL_ADMIN_TOKEN": "t"})
     config.write_text("url = [")
     with pytest.raises(AdminError, match="config file"):

@@ -14,9 +14,9 @@ PEFT_TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 
 
 def export_job(args: argparse.Namespace, api: AdminClient) -> int:
+    from ..codec import load_state
     from ..core import LoRAScaling
     from ..export import export_peft_adapter
-    from ..storage.state_file import load_state
 
     job = api.get(f"/jobs/{args.job}")
     cfg = job["config"]

@@ -222,11 +222,27 @@ function agentLabel(names, id) {
   return names.get(id) || id.slice(0, 8);
 }
 
-function listOf(v) {
-  if (!v) return [];
-  if (Array.isArray(v)) return v;
-  if (typeof v === "object") return Object.keys(v);
+// A report's `dropped` / `clipped`: records per (agent, module), e.g. {client, module, reason};
+// what the charts count is the agents hit, each once.
+function records(v) {
+  if (Array.isArray(v)) return v.map((d) => (d && typeof d === "object" ? d : { client: String(d) }));
+  if (v && typeof v === "object") return Object.entries(v).map(([client, reason]) => ({ client, reason }));
   return [];
+}
+
+function agentsHit(v) {
+  return [...new Set(records(v).map((d) => d.client))];
+}
+
+function hitText(names, v, what) {
+  const by = new Map();
+  for (const d of records(v)) {
+    if (!by.has(d.client)) by.set(d.client, new Set());
+    if (d.reason) by.get(d.client).add(d.reason);
+  }
+  return [...by.entries()]
+    .map(([id, reasons]) => `${what} ${agentLabel(names, id)}${reasons.size ? ` (${[...reasons].join(", ")})` : ""}`)
+    .join("; ");
 }
 
 async function jobPage() {
@@ -266,8 +282,8 @@ async function jobPage() {
   const expired = (r) => (details.get(r.id)?.assignments || []).filter((a) => a.state === "EXPIRED").length;
   const dropSeries = [{ name: "not uploaded", points: committed.map((r) => [x(r), expired(r)]) }];
   if (hasDrops) {
-    dropSeries.push({ name: "dropped", points: committed.map((r) => [x(r), listOf(rep(r).dropped).length]) });
-    dropSeries.push({ name: "clipped", points: committed.map((r) => [x(r), listOf(rep(r).clipped).length]) });
+    dropSeries.push({ name: "dropped", points: committed.map((r) => [x(r), agentsHit(rep(r).dropped).length]) });
+    dropSeries.push({ name: "clipped", points: committed.map((r) => [x(r), agentsHit(rep(r).clipped).length]) });
   }
 
   const hasEval = committed.some((r) => ev(r).accuracy !== undefined || ev(r).loss !== undefined);
@@ -282,7 +298,7 @@ async function jobPage() {
     lineChart("ranks", "Assigned LoRA rank per agent", null, ranks, { yMin: 0 }),
     lineChart("energy", "Energy kept by rank-r truncation", "fraction of the global update's energy each rank's start point keeps", [...energy.values()], { yMin: 0, yMax: 1 }),
     lineChart("neff", "Effective number of agents (N_eff)", "1 / Σ wᵢ²", [{ name: "N_eff", points: committed.map((r) => [x(r), rep(r).n_eff ?? null]) }], { yMin: 0 }),
-    lineChart("drops", "Uploads dropped or clipped", hasDrops ? null : "expired assignments; the reports record no drops or clips", dropSeries, { yMin: 0 }),
+    lineChart("drops", "Uploads dropped or clipped", hasDrops ? "agents per round" : "expired assignments; the reports record no drops or clips", dropSeries, { yMin: 0 }),
   );
 
   const roundRows = table(
@@ -302,6 +318,8 @@ async function jobPage() {
       ["round s", (r) => fmt(seconds(r), 1), "num"],
       ["ranks (agent: r)", (r) => (details.get(r.id)?.assignments || [])
         .map((a) => `${agentLabel(names, a.agent_id)}: ${a.rank}`).sort().join(", ")],
+      ["dropped / clipped", (r) => [hitText(names, rep(r).dropped, "dropped"), hitText(names, rep(r).clipped, "clipped")]
+        .filter(Boolean).join("; ")],
       ["error", (r) => r.error || ""],
     ],
     rounds.slice().reverse(),
