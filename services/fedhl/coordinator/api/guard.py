@@ -11,11 +11,12 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from starlette.exceptions import HTTPException
+
+from ..errors import new_error_id
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PROTECTED_PREFIXES = ("/api/v1/", "/metrics")
-
-
-def new_error_id() -> str:
-    return uuid.uuid4().hex[:16]
 
 
 def is_protected(path: str) -> bool:
