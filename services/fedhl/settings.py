@@ -184,6 +184,14 @@ class Settings:
         if self.chunk_bytes > 3 << 20:
             raise SettingsError("FEDHL_CHUNK_BYTES must stay under gRPC's 4 MiB message limit")
 
+    def __repr__(self) -> str:
+        """Tracebacks and logs show settings: never the token, nor a password inside a URL."""
+        shown = (
+            f"{f.name}={'***' if f.name == 'admin_token' else redact(repr(getattr(self, f.name)))}"
+            for f in fields(self)
+        )
+        return f"Settings({', '.join(shown)})"
+
     def require_admin_token(self) -> None:
         """The coordinator's admin API cannot run without a token."""
         if not self.admin_token:

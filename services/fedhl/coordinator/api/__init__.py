@@ -40,7 +40,11 @@ def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
     code = HTTP_STATUS.get(exc.code, status.HTTP_500_INTERNAL_SERVER_ERROR)
     headers = {"WWW-Authenticate": "Bearer"} if code == status.HTTP_401_UNAUTHORIZED else None
-    return JSONResponse({"detail": exc.message}, status_code=code, headers=headers)
+    if code == status.HTTP_422_UNPROCESSABLE_CONTENT:  # the documented 422 shape (a list), as for a bad field
+        body: dict[str, object] = {"detail": [{"loc": ["body"], "msg": exc.message, "type": "value_error"}]}
+    else:
+        body = {"detail": exc.message}
+    return JSONResponse(body, status_code=code, headers=headers)
 
 
 def _not_found(request: Request, exc: Exception) -> JSONResponse:
