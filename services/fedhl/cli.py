@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__, admincli
+from .redact import install_log_redaction, redact
 from .settings import Settings, SettingsError
 
 
@@ -76,7 +77,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
     settings = _settings()
     migrate(settings.database_url)
-    print(f"database at head: {settings.database_url.split('@')[-1]}")
+    print(f"database at head: {redact(settings.database_url)}")
     return 0
 
 
@@ -189,10 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=os.environ.get("FEDHL_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request is noise
+    install_log_redaction()  # no password or token reaches a log line
     try:
         code: int = args.func(args)
     except _user_errors() as err:  # bad input or configuration: a message, not a traceback
-        print(f"fedhl {args.command}: {err}", file=sys.stderr)
+        print(f"fedhl {args.command}: {redact(str(err))}", file=sys.stderr)
         return 2
     return code
 

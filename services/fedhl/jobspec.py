@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .core import Strategy, build_strategy
+
+# Bounds: every field has one, so a spec is either valid or a 422, never a 500 or an absurd
+# allocation. A dimension up to 2^20, a rank up to 4096, at most 2^31 trainable parameters.
+MAX_DIM = 1 << 20
+MAX_RANK = 4096
+MAX_MODULES = 10_000
+MAX_TRAINABLE = 1 << 31
+MAX_SEED = 2**63 - 1
+Name = Annotated[str, Field(min_length=1, max_length=500)]
+Dim = Annotated[int, Field(ge=1, le=MAX_DIM)]
+Rank = Annotated[int, Field(ge=1, le=MAX_RANK)]
 
 
 class Strict(BaseModel):
@@ -22,7 +34,7 @@ class TrainConfig(Strict):
     max_seq_len: int = Field(default=128, ge=8, le=131072)
     weight_decay: float = Field(default=0.0, ge=0, le=1)
     hetlora_gamma: float | None = Field(default=None, gt=0, lt=1)  # HetLoRA self-pruning
-    hetlora_lambda: float = Field(default=0.0, ge=0)
+    hetlora_lambda: float = Field(default=0.0, ge=0, le=1e6)
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainConfig:
@@ -35,8 +47,8 @@ class TrainConfig(Strict):
 
 class SelectionConfig(Strict):
     fraction: float | None = Field(default=None, gt=0, le=1)  # of the available agents
-    count: int | None = Field(default=None, ge=1)
-    min_clients: int = Field(default=1, ge=1)
+    count: int | None = Field(default=None, ge=1, le=1_000_000)
+    min_clients: int = Field(default=1, ge=1, le=1_000_000)
     over_selection: float = Field(default=1.0, ge=1, le=3)  # select ×this many, close at the target
     deadline_s: float = Field(default=600, gt=0, le=7 * 86400)
     quorum: float = Field(default=0.5, gt=0, le=1)  # fraction of the target that must report
@@ -52,19 +64,19 @@ class SelectionConfig(Strict):
 
 class RankPolicy(Strict):
     kind: Literal["fixed", "capacity", "random"] = "capacity"
-    fixed: dict[str, int] = Field(default_factory=dict)  # agent id or name -> rank
-    default_rank: int | None = Field(default=None, ge=1)  # fixed: agents not in the map
-    seed: int = 0  # random
+    fixed: dict[Name, Rank] = Field(default_factory=dict, max_length=100_000)  # agent id or name -> rank
+    default_rank: int | None = Field(default=None, ge=1, le=MAX_RANK)  # fixed: agents not in the map
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)  # random
     # capacity: memory needed at rank r = base_bytes + activation_bytes + 16 B × r × Σ(d_in + d_out)
     # (fp32 factor, gradient, two Adam moments); throughput caps r at rank_per_step_per_s × steps/s.
-    base_model_bytes: int = Field(default=0, ge=0)
-    activation_bytes: int = Field(default=0, ge=0)
-    rank_per_step_per_s: float | None = Field(default=None, gt=0)
+    base_model_bytes: int = Field(default=0, ge=0, le=1 << 50)
+    activation_bytes: int = Field(default=0, ge=0, le=1 << 50)
+    rank_per_step_per_s: float | None = Field(default=None, gt=0, le=1e9)
 
 
 class EvaluationConfig(Strict):
-    path: str | None = None  # held-out split (JSONL/CSV) read by the server-side evaluator
-    every: int = Field(default=1, ge=1)
+    path: str | None = Field(default=None, min_length=1, max_length=4096)  # held-out split (JSONL/CSV), server-side
+    every: int = Field(default=1, ge=1, le=100_000)
 
 
 class JobSpec(Strict):
@@ -72,26 +84,29 @@ class JobSpec(Strict):
     base_model: str = Field(min_length=1, max_length=500, description="local path or hub id")
     base_model_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     task_type: Literal["seq_cls", "causal_lm"] = "seq_cls"
-    num_labels: int = Field(default=2, ge=1)
-    target_modules: list[str] = Field(min_length=1)
-    module_shapes: dict[str, tuple[int, int]] = Field(
+    num_labels: int = Field(default=2, ge=1, le=1_000_000)
+    target_modules: list[Name] = Field(min_length=1, max_length=1000)
+    module_shapes: dict[Name, tuple[Dim, Dim]] = Field(
         default_factory=dict,
+        max_length=MAX_MODULES,
         description="module path -> (d_out, d_in); resolved from the model if empty",
     )
-    extra_shapes: dict[str, list[int]] = Field(
-        default_factory=dict, description="non-LoRA trainable parameters (e.g. a classifier head)"
+    extra_shapes: dict[Name, Annotated[list[Dim], Field(min_length=1, max_length=8)]] = Field(
+        default_factory=dict,
+        max_length=1000,
+        description="non-LoRA trainable parameters (e.g. a classifier head)",
     )
-    lora_alpha: float = Field(default=16.0, gt=0)
+    lora_alpha: float = Field(default=16.0, gt=0, le=1e6)
     scale_rule: Literal["standard", "rslora"] = "standard"
-    rank_set: list[int] = Field(min_length=1)
+    rank_set: list[Rank] = Field(min_length=1, max_length=64)
     rank_policy: RankPolicy = Field(default_factory=RankPolicy)
-    strategy: str = "fedhl"
-    strategy_options: dict[str, Any] = Field(default_factory=dict)
+    strategy: str = Field(default="fedhl", min_length=1, max_length=64)
+    strategy_options: dict[Annotated[str, Field(max_length=64)], Any] = Field(default_factory=dict, max_length=64)
     rounds: int = Field(ge=1, le=100_000)
     train: TrainConfig = Field(default_factory=TrainConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
     @field_validator("rank_set")
     @classmethod
@@ -114,9 +129,15 @@ class JobSpec(Strict):
             for m in self.module_shapes:
                 if not any(m == t or m.endswith("." + t) for t in self.target_modules):
                     raise ValueError(f"module_shapes has {m!r}, which matches no target_modules entry")
+            trainable = max(self.rank_set) * sum(o + i for o, i in self.module_shapes.values())
+            if trainable > MAX_TRAINABLE:
+                raise ValueError(f"module_shapes × max(rank_set): {trainable} LoRA parameters, over {MAX_TRAINABLE}")
             smallest = min(min(s) for s in self.module_shapes.values())
             if max(self.rank_set) > smallest:
                 raise ValueError(f"rank {max(self.rank_set)} exceeds the smallest module dimension {smallest}")
+        extra = sum(math.prod(shape) for shape in self.extra_shapes.values())
+        if extra > MAX_TRAINABLE:
+            raise ValueError(f"extra_shapes make {extra} parameters (at most {MAX_TRAINABLE})")
         fixed = self.rank_policy.fixed
         bad = {k: r for k, r in fixed.items() if r not in self.rank_set}
         if bad:

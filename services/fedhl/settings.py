@@ -9,14 +9,58 @@ required by that process (the admin token by the coordinator: `require_admin_tok
 
 from __future__ import annotations
 
+import math
 import os
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
+
+from .redact import redact
 
 DEV_ADMIN_TOKEN = "dev-admin-token"
+GENERATE_SECRET = 'generate one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
+# Values published in this repository's examples and templates; none may guard a production service.
+KNOWN_EXAMPLE_SECRETS = frozenset(
+    {
+        DEV_ADMIN_TOKEN,
+        "CHANGE-ME-admin-token-0123456789",  # .env.example
+        "test-admin-token-0123456789",
+        "REPLACE_ME",
+        "PASSWORD",
+    }
+)
+_PLACEHOLDER_MARKERS = ("change-me", "change_me", "changeme", "replace-me", "replace_me", "replaceme", "placeholder")
+_PLACEHOLDER = "is a placeholder or a published example value"
+MIN_SECRET_BITS = 80  # token_urlsafe(32) estimates at ~210 bits, token_hex(16) at ~110, `openssl rand -hex 32` at ~240
+
+
+def estimated_bits(secret: str) -> float:
+    """Length × the empirical entropy of its characters: a cheap lower-ish bound that refuses
+    repeated, short or small-alphabet tokens (not a proof of randomness)."""
+    counts, n = Counter(secret), len(secret)
+    per_char = -sum(c / n * math.log2(c / n) for c in counts.values()) if n else 0.0
+    return max(0.0, n * per_char)
+
+
+def secret_problem(secret: str) -> str | None:
+    """Why `secret` must not guard a production service, or None."""
+    if secret in KNOWN_EXAMPLE_SECRETS or any(m in secret.lower() for m in _PLACEHOLDER_MARKERS):
+        return _PLACEHOLDER
+    bits = estimated_bits(secret)
+    if bits < MIN_SECRET_BITS:
+        return f"is too weak (about {bits:.0f} bits of entropy; at least {MIN_SECRET_BITS} needed)"
+    return None
+
+
+def url_password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
 
 
 class SettingsError(ValueError):
@@ -48,9 +92,10 @@ class Settings:
     redis_url: str | None = None  # unset: in-process liveness/queue/events (embedded mode)
     blob_url: str = "file://./fedhl-blobs"
     admin_token: str = ""
-    grpc_host: str = "0.0.0.0"
+    # "": all interfaces (0.0.0.0) in production, loopback (127.0.0.1) in development
+    grpc_host: str = ""
     grpc_port: int = 50051
-    http_host: str = "0.0.0.0"
+    http_host: str = ""
     http_port: int = 8080
     grpc_tls_cert: str | None = None
     grpc_tls_key: str | None = None
@@ -63,6 +108,7 @@ class Settings:
     scheduler_interval_s: float = 0.2
     chunk_bytes: int = 1 << 20
     max_upload_bytes: int = 4 << 30
+    max_request_bytes: int = 1 << 20  # REST request bodies (job specs, tokens): 413 above
     inprocess_aggregator: bool = True  # run the aggregation worker loop inside the coordinator
     aggregation_shards: int = 1  # aggregation tasks per round (module shards), for several workers
     aggregator_reclaim_idle_s: float = 60.0  # a task pending this long on a silent worker is taken over
@@ -71,20 +117,36 @@ class Settings:
     s3_endpoint_url: str | None = None  # see S3Settings
     s3_staging_dir: str | None = None
     s3_region: str = "us-east-1"  # from AWS_REGION (the variable boto3 users already set)
+    # OpenAPI pages (/docs, /redoc, /openapi.json) and gRPC server reflection; unset: on in
+    # development, off in production (they map the attack surface for anyone who can connect).
+    api_docs: bool | None = None
+    grpc_reflection: bool | None = None
 
     def __post_init__(self) -> None:
         if self.env not in ("production", "development"):
             raise SettingsError(f"FEDHL_ENV must be 'production' or 'development', got {self.env!r}")
-        if (
-            self.admin_token
-            and self.env == "production"
-            and (self.admin_token == DEV_ADMIN_TOKEN or len(self.admin_token) < 16)
-        ):
-            raise SettingsError("FEDHL_ADMIN_TOKEN must be at least 16 characters and not the dev token in production")
+        dev = self.env == "development"
+        for name in ("grpc_host", "http_host"):
+            if not getattr(self, name):
+                object.__setattr__(self, name, "127.0.0.1" if dev else "0.0.0.0")
+        for name in ("api_docs", "grpc_reflection"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, dev)
+        if self.admin_token and not dev and (problem := secret_problem(self.admin_token)):
+            raise SettingsError(f"FEDHL_ADMIN_TOKEN {problem} in production: {GENERATE_SECRET}")
         if not self.database_url.startswith(("sqlite", "postgresql")):
-            raise SettingsError(f"FEDHL_DATABASE_URL must be sqlite:// or postgresql://, got {self.database_url!r}")
+            raise SettingsError(
+                f"FEDHL_DATABASE_URL must be sqlite:// or postgresql://, got {redact(self.database_url)!r}"
+            )
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise SettingsError(f"FEDHL_REDIS_URL must be redis://, rediss:// or unix://, got {self.redis_url!r}")
+            raise SettingsError(
+                f"FEDHL_REDIS_URL must be redis://, rediss:// or unix://, got {redact(self.redis_url)!r}"
+            )
+        if not dev:
+            for name, url in (("FEDHL_DATABASE_URL", self.database_url), ("FEDHL_REDIS_URL", self.redis_url or "")):
+                password = url_password(url)
+                if password and (password in KNOWN_EXAMPLE_SECRETS or secret_problem(password) == _PLACEHOLDER):
+                    raise SettingsError(f"{name} holds a placeholder password in production: {GENERATE_SECRET}")
         for name in ("grpc_port", "http_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
@@ -114,6 +176,7 @@ class Settings:
             "scheduler_interval_s",
             "chunk_bytes",
             "max_upload_bytes",
+            "max_request_bytes",
         )
         for name in positive:
             if not getattr(self, name) > 0:
@@ -121,10 +184,20 @@ class Settings:
         if self.chunk_bytes > 3 << 20:
             raise SettingsError("FEDHL_CHUNK_BYTES must stay under gRPC's 4 MiB message limit")
 
+    def __repr__(self) -> str:
+        """Tracebacks and logs show settings: never the token, nor a password inside a URL."""
+        shown = (
+            f"{f.name}={'***' if f.name == 'admin_token' else redact(repr(getattr(self, f.name)))}"
+            for f in fields(self)
+        )
+        return f"Settings({', '.join(shown)})"
+
     def require_admin_token(self) -> None:
         """The coordinator's admin API cannot run without a token."""
         if not self.admin_token:
-            raise SettingsError("FEDHL_ADMIN_TOKEN is required (set FEDHL_ENV=development to use a dev token)")
+            raise SettingsError(
+                f"FEDHL_ADMIN_TOKEN is required ({GENERATE_SECRET}; or set FEDHL_ENV=development for a dev token)"
+            )
 
     @property
     def s3(self) -> S3Settings:
@@ -144,14 +217,14 @@ class Settings:
                     values[f.name] = int(raw)
                 elif kind == "float":
                     values[f.name] = float(raw)
-                elif kind == "bool":
+                elif kind in ("bool", "bool | None"):
                     if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
                         raise ValueError(raw)
                     values[f.name] = raw.lower() in ("1", "true", "yes")
                 else:
                     values[f.name] = raw
             except ValueError:
-                raise SettingsError(f"FEDHL_{f.name.upper()}: cannot parse {raw!r} as {kind}") from None
+                raise SettingsError(f"FEDHL_{f.name.upper()}: cannot parse {redact(raw)!r} as {kind}") from None
         if env.get("AWS_REGION") and "s3_region" not in values:
             values["s3_region"] = env["AWS_REGION"]
         if values.get("env") == "development" and "admin_token" not in values:

@@ -159,7 +159,10 @@ def test_service_error_codes_map_to_http_statuses(app: FastAPI, client: TestClie
         r = client.get(f"/boom/{code}")
         # Assert
         assert r.status_code == status, code
-        assert r.json() == {"detail": f"{code} happened"}
+        if status == 422:  # the documented 422 shape: a list of errors, as for a bad field
+            assert r.json() == {"detail": [{"loc": ["body"], "msg": f"{code} happened", "type": "value_error"}]}
+        else:
+            assert r.json() == {"detail": f"{code} happened"}
 
 
 # -- health and metrics -----------------------------------------------------------------

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -161,10 +162,13 @@ def test_compose_config_is_valid(variant: str) -> None:
         if "build" in svc:  # the one image
             assert svc["build"]["dockerfile"] == "deploy/docker/Dockerfile", name
 
-    # The .env.example values make a valid production configuration for every FedHL service.
+    # .env.example as shipped is refused (placeholders); with real secrets in their place it makes a
+    # valid production configuration for every FedHL service.
     for name in ("migrate", "coordinator", "aggregator"):
         env = {k: str(v) for k, v in services[name]["environment"].items()}
-        Settings.from_env(env)  # raises SettingsError with the variable's name
+        with pytest.raises(SettingsError, match="placeholder"):
+            Settings.from_env(env)
+        Settings.from_env({k: re.sub(r"CHANGE-ME[\w-]*", secrets.token_urlsafe(32), v) for k, v in env.items()})
 
     gpu = "devices" in (aggregator.get("deploy") or {}).get("resources", {}).get("reservations", {})
     if variant in ("gpu", "everything"):
@@ -258,7 +262,8 @@ def test_env_example_holds_placeholders_only() -> None:
     secrets = ["FEDHL_ADMIN_TOKEN", "POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD"]
     for key in [*secrets, "AGENT_TOKEN_1", "AGENT_TOKEN_2", "AGENT_TOKEN_3"]:
         assert "CHANGE-ME" in values[key], f"{key} in .env.example must be an obvious placeholder"
-    assert len(values["FEDHL_ADMIN_TOKEN"]) >= 16  # still a valid production token for `config` checks
+    with pytest.raises(SettingsError, match=r"secrets\.token_urlsafe"):  # a copied .env.example cannot go live
+        Settings.from_env({"FEDHL_ADMIN_TOKEN": values["FEDHL_ADMIN_TOKEN"]})
     assert len(values["MINIO_ROOT_PASSWORD"]) >= 8  # MinIO's minimum
 
 
@@ -429,9 +434,12 @@ def test_k8s_wiring() -> None:
     assert config["FEDHL_BLOB_URL"].startswith("s3://")
     assert set(secret) >= {"FEDHL_ADMIN_TOKEN", "FEDHL_DATABASE_URL", "FEDHL_REDIS_URL"}
     assert all("REPLACE_ME" in v for v in secret.values()), "the Secret is a template"
-    with pytest.raises(SettingsError, match="16 characters"):  # the template token cannot go live
+    with pytest.raises(SettingsError, match="FEDHL_ADMIN_TOKEN"):  # the template token cannot go live
         Settings.from_env({**config, **secret})
-    assert Settings.from_env({**config, **secret, "FEDHL_ADMIN_TOKEN": "x" * 32}).redis_url
+    with pytest.raises(SettingsError, match="FEDHL_DATABASE_URL holds a placeholder"):  # nor its URLs
+        Settings.from_env({**config, **secret, "FEDHL_ADMIN_TOKEN": secrets.token_urlsafe(32)})
+    real = {"FEDHL_DATABASE_URL": "postgresql://fedhl:pw@db/fedhl", "FEDHL_REDIS_URL": "redis://:pw@redis:6379/0"}
+    assert Settings.from_env({**config, **secret, **real, "FEDHL_ADMIN_TOKEN": secrets.token_urlsafe(32)}).redis_url
 
     image = kustomization()["images"][0]["name"]
     pods = {name: r["spec"]["template"]["spec"] for (kind, name), r in by_kind.items() if kind in ("Deployment", "Job")}
@@ -513,10 +521,13 @@ class Service:
         return f"--- {self.name} ---\n{self.log.read_text(errors='replace')[-4000:]}"
 
 
+OPERATOR_ADMIN_TOKEN = secrets.token_urlsafe(32)
+
+
 def process_env(compose_env: dict[str, Any], tmp: Path, redis_url: str, ports: dict[str, int]) -> dict[str, str]:
     """The compose environment of one service, mapped onto this machine: Postgres and Redis hosts
     to the local servers (the test database and Redis DB), /data/... to `tmp`, container ports to
-    free loopback ports. Every other value is passed unchanged."""
+    free loopback ports, the admin token to a generated one. Every other value is passed unchanged."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FEDHL_", "AWS_"))}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "services"), os.environ.get("PYTHONPATH")) if p)
     for key, value in compose_env.items():
@@ -533,6 +544,8 @@ def process_env(compose_env: dict[str, Any], tmp: Path, redis_url: str, ports: d
             value = "file://" + str(tmp / value[len("file:///") :])
         elif key in ports:
             value = str(ports[key])
+        elif key == "FEDHL_ADMIN_TOKEN":  # production refuses the placeholder: as an operator's .env would
+            value = OPERATOR_ADMIN_TOKEN
         env[key] = value
     if "FEDHL_GRPC_PORT" in ports:  # loopback here; the container listens on all interfaces
         env["FEDHL_GRPC_HOST"] = env["FEDHL_HTTP_HOST"] = "127.0.0.1"
@@ -626,8 +639,8 @@ def test_compose_stack_runs_as_processes(stack_tmp: tuple[Path, list[Service]]) 
     for agg in aggregators:  # what the compose healthcheck of the aggregator probes
         wait_http(f"http://127.0.0.1:{agg.env['FEDHL_AGGREGATOR_METRICS_PORT']}/metrics", agg)
 
-    admin = read_env_file(ENV_EXAMPLE)["FEDHL_ADMIN_TOKEN"]
-    assert coord_env["FEDHL_ADMIN_TOKEN"] == admin
+    admin = coord_env["FEDHL_ADMIN_TOKEN"]
+    assert admin == OPERATOR_ADMIN_TOKEN != read_env_file(ENV_EXAMPLE)["FEDHL_ADMIN_TOKEN"]
     http = httpx.Client(base_url=f"{base}/api/v1", headers={"Authorization": f"Bearer {admin}"}, timeout=30)
     stop = threading.Event()
     agents: list[ScriptedAgent] = []

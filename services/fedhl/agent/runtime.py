@@ -114,7 +114,14 @@ class Credentials:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"coordinator": self.coordinator, "agent_id": agent_id, "credential": credential}, f)
+            f.flush()
+            os.fsync(f.fileno())  # the token was spent on this credential: it must survive a crash
         os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # and so must the rename
+        finally:
+            os.close(dir_fd)
 
 
 class Agent:

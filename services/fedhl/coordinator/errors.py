@@ -4,6 +4,7 @@ status (gRPC StatusCode, HTTP status)."""
 from __future__ import annotations
 
 import enum
+import uuid
 
 
 class Code(enum.StrEnum):
@@ -24,3 +25,8 @@ class ServiceError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def new_error_id() -> str:
+    """The id an unexpected error is logged under and the only detail its caller gets."""
+    return uuid.uuid4().hex[:16]

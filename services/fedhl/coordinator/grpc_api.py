@@ -18,6 +18,7 @@ from ..settings import Settings
 from ..v1 import agent_pb2, agent_pb2_grpc
 from .agents import AgentService, UploadHeader
 from .errors import Code, ServiceError
+from .grpc_errors import ErrorIdInterceptor
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -157,9 +158,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
 
 
 def build_server(service: AgentService, settings: Settings) -> tuple[grpc.Server, int]:
-    """A gRPC server with the AgentService, health checking and reflection; (server, port)."""
+    """A gRPC server with the AgentService, health checking and (if `settings.grpc_reflection`)
+    reflection; unexpected errors answer INTERNAL with an error id only; (server, port)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers, thread_name_prefix="grpc"),
+        interceptors=[ErrorIdInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -171,7 +174,8 @@ def build_server(service: AgentService, settings: Settings) -> tuple[grpc.Server
     name = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
     health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection((name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if settings.grpc_reflection:
+        reflection.enable_server_reflection((name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     if settings.grpc_tls_cert and settings.grpc_tls_key:
         creds = grpc.ssl_server_credentials(

@@ -77,8 +77,9 @@ class AgentRepo:
         self.s.flush()
         return token, row
 
-    def list_tokens(self) -> Sequence[EnrolmentToken]:
-        return self.s.scalars(select(EnrolmentToken).order_by(EnrolmentToken.created_at)).all()
+    def list_tokens(self, offset: int = 0, limit: int | None = None) -> Sequence[EnrolmentToken]:
+        q = select(EnrolmentToken).order_by(EnrolmentToken.created_at, EnrolmentToken.id)
+        return self.s.scalars(q.offset(offset).limit(limit)).all()
 
     def revoke_token(self, token_id: str) -> tuple[EnrolmentToken, bool]:
         """(the token, whether this call revoked it): revoking twice changes nothing."""
@@ -129,8 +130,8 @@ class AgentRepo:
             raise NotFound(f"agent {agent_id} not found")
         return agent
 
-    def list(self) -> Sequence[Agent]:
-        return self.s.scalars(select(Agent).order_by(Agent.created_at)).all()
+    def list(self, offset: int = 0, limit: int | None = None) -> Sequence[Agent]:
+        return self.s.scalars(select(Agent).order_by(Agent.created_at, Agent.id).offset(offset).limit(limit)).all()
 
     def find(self, agent_id: str) -> Agent | None:
         return self.s.get(Agent, agent_id)
@@ -223,8 +224,8 @@ class JobRepo:
             raise NotFound(f"job {job_id} not found")
         return job
 
-    def list(self, status: JobStatus | None = None) -> Sequence[Job]:
-        q = select(Job).order_by(Job.created_at)
+    def list(self, status: JobStatus | None = None, offset: int = 0, limit: int | None = None) -> Sequence[Job]:
+        q = select(Job).order_by(Job.created_at, Job.id).offset(offset).limit(limit)
         return self.s.scalars(q.where(Job.status == status) if status else q).all()
 
     def ids(self, statuses: Sequence[JobStatus]) -> Sequence[str]:
@@ -273,8 +274,9 @@ class RoundRepo:
             )
         ).first()
 
-    def for_job(self, job_id: str) -> Sequence[Round]:
-        return self.s.scalars(select(Round).where(Round.job_id == job_id).order_by(Round.id)).all()
+    def for_job(self, job_id: str, offset: int = 0, limit: int | None = None) -> Sequence[Round]:
+        q = select(Round).where(Round.job_id == job_id).order_by(Round.id)
+        return self.s.scalars(q.offset(offset).limit(limit)).all()
 
     def count_in(self, states: Sequence[RoundState]) -> int:
         """Rounds of every job in any of `states`."""
@@ -416,10 +418,9 @@ class CheckpointRepo:
         self.s.flush()
         return c
 
-    def for_job(self, job_id: str) -> Sequence[Checkpoint]:
-        return self.s.scalars(
-            select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.round_number)
-        ).all()
+    def for_job(self, job_id: str, offset: int = 0, limit: int | None = None) -> Sequence[Checkpoint]:
+        q = select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.round_number)
+        return self.s.scalars(q.offset(offset).limit(limit)).all()
 
     def get(self, job_id: str, round_number: int) -> Checkpoint:
         c = self.s.scalars(
@@ -437,8 +438,11 @@ class AuditRepo:
     def record(self, actor: str, action: str, job_id: str | None = None, **details: Any) -> None:
         self.s.add(AuditEvent(actor=actor, action=action, job_id=job_id, details=details))
 
-    def list(self, job_id: str | None = None, limit: int = 200) -> Sequence[AuditEvent]:
+    def list(self, job_id: str | None = None, limit: int = 200, before_id: int | None = None) -> Sequence[AuditEvent]:
+        """Newest first; `before_id`: only events older than that one (the next page)."""
         q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+        if before_id is not None:
+            q = q.where(AuditEvent.id < before_id)
         return self.s.scalars(q.where(AuditEvent.job_id == job_id) if job_id else q).all()
 
 

@@ -2,8 +2,9 @@
 
 Routes decode and validate requests (422 with the offending field), call the same service
 layer the gRPC servicer uses, and map its domain errors to HTTP statuses here, in one place.
-Everything under /api/v1 and /metrics needs the admin bearer token; /healthz and the OpenAPI
-pages (/docs, /redoc, /openapi.json) are public and expose no data.
+Everything under /api/v1 and /metrics needs the admin bearer token, checked by `guard` before
+any body is read; /healthz and, when enabled (`api_docs`: development only by default), the
+OpenAPI pages (/docs, /redoc, /openapi.json) are public and expose no data.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ...storage.repos import NotFound
 from ..app import Coordinator
 from ..errors import Code, ServiceError
 from .deps import require_admin
+from .guard import RequestGuard
 from .routes import agents, audit, checkpoints, health, jobs, rounds, ui
 
 API_PREFIX = "/api/v1"
@@ -38,7 +40,11 @@ def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
     code = HTTP_STATUS.get(exc.code, status.HTTP_500_INTERNAL_SERVER_ERROR)
     headers = {"WWW-Authenticate": "Bearer"} if code == status.HTTP_401_UNAUTHORIZED else None
-    return JSONResponse({"detail": exc.message}, status_code=code, headers=headers)
+    if code == status.HTTP_422_UNPROCESSABLE_CONTENT:  # the documented 422 shape (a list), as for a bad field
+        body: dict[str, object] = {"detail": [{"loc": ["body"], "msg": exc.message, "type": "value_error"}]}
+    else:
+        body = {"detail": exc.message}
+    return JSONResponse(body, status_code=code, headers=headers)
 
 
 def _not_found(request: Request, exc: Exception) -> JSONResponse:
@@ -47,10 +53,14 @@ def _not_found(request: Request, exc: Exception) -> JSONResponse:
 
 def create_app(coordinator: Coordinator) -> FastAPI:
     """The admin API of `coordinator` (whose threads, if any, the caller starts and stops)."""
+    docs = bool(coordinator.settings.api_docs)
     app = FastAPI(
         title="FedHL coordinator",
         version=__version__,
         summary="Admin API: jobs, rounds, agents, checkpoints, audit log, health and metrics.",
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.state.coordinator = coordinator
 
@@ -63,4 +73,9 @@ def create_app(coordinator: Coordinator) -> FastAPI:
 
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(NotFound, _not_found)
+    app.add_middleware(
+        RequestGuard,
+        admin_token=coordinator.settings.admin_token,
+        max_body_bytes=coordinator.settings.max_request_bytes,
+    )
     return app

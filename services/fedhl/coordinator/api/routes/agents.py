@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Response, status
 
 from ....storage.repos import AgentRepo
 from ..deps import AdminDep, AgentAdminDep, CoordinatorDep, SessionDep
+from ..paging import PAGE_RESPONSE, Cursor, IdPath, Limit, offset_of, page
 from ..schemas import (
     AgentPublic,
     EnrolmentTokenCreate,
@@ -28,32 +29,39 @@ def create_enrolment_token(
     return EnrolmentTokenCreated.of(token, row)
 
 
-@router.get("/enrolment-tokens")
-def list_enrolment_tokens(session: SessionDep) -> list[EnrolmentTokenPublic]:
-    return [EnrolmentTokenPublic.of(t) for t in AgentRepo(session).list_tokens()]
+@router.get("/enrolment-tokens", responses=PAGE_RESPONSE)
+def list_enrolment_tokens(
+    session: SessionDep, response: Response, limit: Limit = 100, cursor: Cursor = None
+) -> list[EnrolmentTokenPublic]:
+    start = offset_of(cursor)
+    rows = page(response, AgentRepo(session).list_tokens(start, limit + 1), limit, str(start + limit))
+    return [EnrolmentTokenPublic.of(t) for t in rows]
 
 
 @router.delete("/enrolment-tokens/{token_id}")
-def revoke_enrolment_token(token_id: str, service: AgentAdminDep, admin: AdminDep) -> EnrolmentTokenPublic:
+def revoke_enrolment_token(token_id: IdPath, service: AgentAdminDep, admin: AdminDep) -> EnrolmentTokenPublic:
     """Agents already enrolled with it keep their credentials (revoke those one by one)."""
     return EnrolmentTokenPublic.of(service.revoke_enrolment_token(token_id, actor=admin.actor))
 
 
-@router.get("")
-def list_agents(session: SessionDep, coordinator: CoordinatorDep) -> list[AgentPublic]:
-    agents = AgentRepo(session).list()
+@router.get("", responses=PAGE_RESPONSE)
+def list_agents(
+    session: SessionDep, coordinator: CoordinatorDep, response: Response, limit: Limit = 100, cursor: Cursor = None
+) -> list[AgentPublic]:
+    start = offset_of(cursor)
+    agents = page(response, AgentRepo(session).list(start, limit + 1), limit, str(start + limit))
     alive = coordinator.deps.coordination.liveness.alive(a.id for a in agents)
     return [AgentPublic.of(a, alive=a.id in alive) for a in agents]
 
 
 @router.get("/{agent_id}")
-def get_agent(agent_id: str, session: SessionDep, coordinator: CoordinatorDep) -> AgentPublic:
+def get_agent(agent_id: IdPath, session: SessionDep, coordinator: CoordinatorDep) -> AgentPublic:
     agent = AgentRepo(session).get(agent_id)
     return AgentPublic.of(agent, alive=bool(coordinator.deps.coordination.liveness.alive([agent.id])))
 
 
 @router.post("/{agent_id}/revoke")
-def revoke_agent(agent_id: str, service: AgentAdminDep, admin: AdminDep, coordinator: CoordinatorDep) -> AgentPublic:
+def revoke_agent(agent_id: IdPath, service: AgentAdminDep, admin: AdminDep, coordinator: CoordinatorDep) -> AgentPublic:
     """Its credential is refused from now on (idempotent)."""
     agent = service.revoke_agent(agent_id, actor=admin.actor)
     return AgentPublic.of(agent, alive=bool(coordinator.deps.coordination.liveness.alive([agent.id])))
@@ -61,7 +69,7 @@ def revoke_agent(agent_id: str, service: AgentAdminDep, admin: AdminDep, coordin
 
 @router.put("/{agent_id}/rank-override")
 def set_rank_override(
-    agent_id: str, body: RankOverride, service: AgentAdminDep, admin: AdminDep, coordinator: CoordinatorDep
+    agent_id: IdPath, body: RankOverride, service: AgentAdminDep, admin: AdminDep, coordinator: CoordinatorDep
 ) -> AgentPublic:
     """Pin the rank this agent trains at (snapped to each job's rank set), or clear the pin
     with `{"rank": null}`; applies from the next round it is assigned."""

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Response, status
 from fastapi.responses import StreamingResponse
 
 from ....storage.blobs import BlobNotFound
 from ....storage.db import transaction
 from ....storage.repos import CheckpointRepo, JobRepo
 from ..deps import CoordinatorDep, SessionDep
+from ..paging import PAGE_RESPONSE, Cursor, IdPath, Limit, RoundNumberPath, offset_of, page
 from ..schemas import CheckpointPublic
 
 router = APIRouter(prefix="/jobs/{job_id}/checkpoints", tags=["checkpoints"])
@@ -23,14 +24,18 @@ _STATE_RESPONSE: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.get("")
-def list_checkpoints(job_id: str, session: SessionDep) -> list[CheckpointPublic]:
+@router.get("", responses=PAGE_RESPONSE)
+def list_checkpoints(
+    job_id: IdPath, session: SessionDep, response: Response, limit: Limit = 100, cursor: Cursor = None
+) -> list[CheckpointPublic]:
     JobRepo(session).get(job_id)
-    return [CheckpointPublic.of(c) for c in CheckpointRepo(session).for_job(job_id)]
+    start = offset_of(cursor)
+    rows = page(response, CheckpointRepo(session).for_job(job_id, start, limit + 1), limit, str(start + limit))
+    return [CheckpointPublic.of(c) for c in rows]
 
 
 @router.get("/{round_number}/state", response_class=StreamingResponse, responses=_STATE_RESPONSE)
-def download_state(job_id: str, round_number: int, coordinator: CoordinatorDep) -> StreamingResponse:
+def download_state(job_id: IdPath, round_number: RoundNumberPath, coordinator: CoordinatorDep) -> StreamingResponse:
     # A short transaction of its own: the stream outlives the request's session.
     with transaction(coordinator.deps.sessions) as s:
         JobRepo(s).get(job_id)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Response, status
 
 from ....jobspec import JobSpec
 from ....storage.models import JobStatus
 from ....storage.repos import JobRepo
 from ..deps import AdminDep, CoordinatorDep, SessionDep
+from ..paging import PAGE_RESPONSE, Cursor, IdPath, Limit, offset_of, page
 from ..schemas import JobPublic
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -20,32 +21,36 @@ def create_job(spec: JobSpec, coordinator: CoordinatorDep, admin: AdminDep) -> J
     return JobPublic.of(coordinator.jobs.create(spec, actor=admin.actor))
 
 
-@router.get("")
-def list_jobs(session: SessionDep, status: JobStatus | None = None) -> list[JobPublic]:
-    return [JobPublic.of(j) for j in JobRepo(session).list(status)]
+@router.get("", responses=PAGE_RESPONSE)
+def list_jobs(
+    session: SessionDep, response: Response, status: JobStatus | None = None, limit: Limit = 100, cursor: Cursor = None
+) -> list[JobPublic]:
+    start = offset_of(cursor)
+    rows = page(response, JobRepo(session).list(status, start, limit + 1), limit, str(start + limit))
+    return [JobPublic.of(j) for j in rows]
 
 
 @router.get("/{job_id}")
-def get_job(job_id: str, session: SessionDep) -> JobPublic:
+def get_job(job_id: IdPath, session: SessionDep) -> JobPublic:
     return JobPublic.of(JobRepo(session).get(job_id))
 
 
 @router.post("/{job_id}/pause")
-def pause_job(job_id: str, coordinator: CoordinatorDep, admin: AdminDep, session: SessionDep) -> JobPublic:
+def pause_job(job_id: IdPath, coordinator: CoordinatorDep, admin: AdminDep, session: SessionDep) -> JobPublic:
     """RUNNING → PAUSED: no new rounds open; 409 from any other status."""
     coordinator.jobs.pause(job_id, actor=admin.actor)
     return JobPublic.of(JobRepo(session).get(job_id))
 
 
 @router.post("/{job_id}/resume")
-def resume_job(job_id: str, coordinator: CoordinatorDep, admin: AdminDep, session: SessionDep) -> JobPublic:
+def resume_job(job_id: IdPath, coordinator: CoordinatorDep, admin: AdminDep, session: SessionDep) -> JobPublic:
     """PAUSED → RUNNING; 409 from any other status."""
     coordinator.jobs.resume(job_id, actor=admin.actor)
     return JobPublic.of(JobRepo(session).get(job_id))
 
 
 @router.post("/{job_id}/cancel")
-def cancel_job(job_id: str, coordinator: CoordinatorDep, admin: AdminDep, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: IdPath, coordinator: CoordinatorDep, admin: AdminDep, session: SessionDep) -> JobPublic:
     """End the job and fail its open round; 409 if it has already ended."""
     coordinator.jobs.cancel(job_id, actor=admin.actor)
     return JobPublic.of(JobRepo(session).get(job_id))

@@ -1,0 +1,58 @@
+"""One real coordinator process (Postgres + Redis, gRPC and REST on loopback ports) shared by
+the security tests of this directory: the raw-socket, REST fuzz and gRPC fuzz tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from fedhl.v1 import agent_pb2, agent_pb2_grpc
+from stack import Proc, env_for, free_port, fresh_redis_db, job_spec, settings_for
+
+REDIS_DB = 13  # a database of its own: the stack tests flush theirs
+
+
+@dataclass
+class Live:
+    proc: Proc
+    http: httpx.Client  # /api/v1 with the admin token
+    http_port: int
+    grpc_target: str
+    credential: str  # a registered agent's
+    agent_id: str
+    job_id: str
+
+
+def live_coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    tmp: Path = tmp_path_factory.mktemp("security")
+    settings = settings_for("postgres+redis", tmp, grpc_port=free_port(), redis_url=fresh_redis_db(REDIS_DB))
+    subprocess.run(
+        [sys.executable, "-m", "fedhl.cli", "migrate"], env=env_for(settings), check=True, capture_output=True
+    )
+    proc = Proc(settings, tmp / "coordinator.log")
+    proc.start()
+    http = httpx.Client(
+        base_url=f"http://127.0.0.1:{settings.http_port}/api/v1",
+        headers={"Authorization": f"Bearer {settings.admin_token}"},
+        timeout=30,
+    )
+    try:
+        spec = job_spec(selection={"min_clients": 1, "deadline_s": 3600, "quorum": 1.0}, rounds=3)
+        job_id = http.post("/jobs", json=spec).raise_for_status().json()["id"]
+        token = http.post("/agents/enrolment-tokens", json={"label": "fuzz"}).raise_for_status().json()["token"]
+        target = f"127.0.0.1:{settings.grpc_port}"
+        with grpc.insecure_channel(target) as ch:
+            reg = agent_pb2_grpc.AgentServiceStub(ch).Register(
+                agent_pb2.RegisterRequest(enrolment_token=token, name="fuzz"), timeout=30
+            )
+        yield Live(proc, http, settings.http_port, target, reg.credential, reg.agent_id, job_id)
+    finally:
+        http.close()
+        proc.stop()
