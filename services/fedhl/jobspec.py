@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .core import Strategy, build_strategy
+from .core import WEIGHT_PRESETS, Strategy, WeightConfig, build_strategy
+
+INT64_MAX = 2**63 - 1  # the largest integer the database stores; the wire's uint64 goes beyond it
 
 # Bounds: every field has one, so a spec is either valid or a 422, never a 500 or an absurd
 # allocation. A dimension up to 2^20, a rank up to 4096, at most 2^31 trainable parameters.
@@ -79,6 +82,40 @@ class EvaluationConfig(Strict):
     every: int = Field(default=1, ge=1, le=100_000)
 
 
+class DefenceConfig(Strict):
+    """What bounds one agent's influence (core/defence.py; README "Hostile agents")."""
+
+    # server-side bound on a client-reported data size: uploads above it are refused at the edge
+    max_examples_per_agent: int = Field(default=1_000_000, ge=1, le=INT64_MAX)
+    # optional admin-set size per agent (id or name): uploads claiming more are refused
+    expected_examples: dict[Name, int] = Field(default_factory=dict, max_length=100_000)
+    # update-size bound: k × the round's median update norm per module; None: off
+    clip_k: float | None = Field(default=3.0, ge=1, le=1e6)
+    clip_action: Literal["clip", "reject"] = "clip"
+    # no client weighs more than max_weight_ratio / N; None: the strategy's default (4)
+    max_weight_ratio: float | None = Field(default=None, ge=1, le=1e6)
+    # an agent with a refused, dropped or clipped upload in this many rounds in a row is not
+    # selected for quarantine_rounds rounds (0: never quarantined)
+    quarantine_after: int = Field(default=3, ge=1, le=1000)
+    quarantine_rounds: int = Field(default=5, ge=0, le=100_000)
+
+    @field_validator("expected_examples")
+    @classmethod
+    def _expected(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: n for k, n in v.items() if not 1 <= n <= INT64_MAX}
+        if bad:
+            raise ValueError(f"expected_examples must be in [1, 2**63-1], got {bad}")
+        return v
+
+    def examples_bound(self, agent_id: str, agent_name: str) -> tuple[int, str]:
+        """The most examples this agent may claim, and the field that sets it."""
+        for key in (agent_id, agent_name):
+            if key in self.expected_examples:
+                n = min(self.expected_examples[key], self.max_examples_per_agent)
+                return n, f"defence.expected_examples[{key!r}]"
+        return self.max_examples_per_agent, "defence.max_examples_per_agent"
+
+
 class JobSpec(Strict):
     name: str = Field(min_length=1, max_length=200)
     base_model: str = Field(min_length=1, max_length=500, description="local path or hub id")
@@ -106,6 +143,7 @@ class JobSpec(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    defence: DefenceConfig = Field(default_factory=DefenceConfig)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
     @field_validator("rank_set")
@@ -146,14 +184,36 @@ class JobSpec(Strict):
             raise ValueError("rank_policy.default_rank must be in rank_set")
         if self.strategy == "fedit" and len(self.rank_set) != 1:
             raise ValueError("strategy 'fedit' needs a single rank in rank_set (use 'zeropad' or 'hetlora')")
+        for key, where in (("clip", "defence.clip_k / defence.clip_action"), ("max_weight_ratio", "defence")):
+            if key in self.strategy_options:
+                raise ValueError(f"strategy_options.{key}: set it in the job's defence block ({where})")
         self.build_strategy()  # unknown strategy or options raise ValueError here → 422
         return self
 
     def build_strategy(self) -> Strategy:
+        options = dict(self.strategy_options)
+        d = self.defence
+        ratio = d.max_weight_ratio
+        if ratio is not None:
+            if self.strategy == "fedhl":  # FedHL keeps its cap inside its weight rule
+                w = options.get("weights", "default")
+                cfg = WEIGHT_PRESETS.get(w) if isinstance(w, str) else w
+                if isinstance(cfg, dict):
+                    try:
+                        cfg = WeightConfig(**cfg)
+                    except TypeError as e:
+                        raise ValueError(f"strategy_options.weights: {e}") from None
+                if not isinstance(cfg, WeightConfig):
+                    raise ValueError(f"unknown weight preset {w!r}; choose from {sorted(WEIGHT_PRESETS)}")
+                options["weights"] = dataclasses.replace(cfg, max_weight_ratio=ratio)
+            else:
+                options["max_weight_ratio"] = ratio
+        clip: str | dict[str, Any] = "off" if d.clip_k is None else {"k": d.clip_k, "action": d.clip_action}
         return build_strategy(
             self.strategy,
             alpha=self.lora_alpha,
             scale_rule=self.scale_rule,
             seed=self.seed,
-            **self.strategy_options,
+            clip=clip,
+            **options,
         )
