@@ -6,10 +6,14 @@ from __future__ import annotations
 import threading
 import time
 
-from sqlalchemy import Engine, text
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, inspect, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from fedhl.storage.db import make_engine, session_factory, transaction
+from fedhl.storage.db import alembic_config, make_engine, migrate, session_factory, transaction
+from fedhl.storage.models import Base
 
 
 def _setup(database_url: str) -> tuple[Engine, sessionmaker[Session]]:
@@ -55,3 +59,20 @@ def test_a_read_only_unit_of_work_does_not_wait_for_an_open_writer(database_url:
         engine.dispose()
     with transaction(sessions, read_only=True) as s:
         assert s.execute(text("SELECT x FROM t")).scalar_one() == 3
+
+
+def test_migration_0003_matches_the_models_and_downgrades(database_url: str) -> None:
+    """The strikes/quarantine columns: upgrade, the schema equals the models (alembic's own
+    comparison), downgrade to 0002 drops them, upgrade again restores them (both backends)."""
+    migrate(database_url)
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        assert [d for d in diff if "agents" in repr(d)] == []
+        command.downgrade(alembic_config(database_url), "0002")
+        assert {"strikes", "quarantine_rounds"}.isdisjoint(c["name"] for c in inspect(engine).get_columns("agents"))
+        migrate(database_url)
+        assert {"strikes", "quarantine_rounds"} <= {c["name"] for c in inspect(engine).get_columns("agents")}
+    finally:
+        engine.dispose()

@@ -160,6 +160,39 @@ class AgentRepo:
         agent.status = AgentStatus.REVOKED
         return True
 
+    def strike(self, agent_id: str, after: int, rounds: int) -> bool:
+        """One more offence (a refused, dropped or clipped upload). At `after` strikes the agent
+        is left out of selection for `rounds` rounds and its count restarts; True then."""
+        agent = self.s.get(Agent, agent_id, with_for_update=True)
+        if agent is None or rounds <= 0:
+            return False
+        agent.strikes += 1
+        if agent.strikes < after:
+            return False
+        agent.strikes = 0
+        agent.quarantine_rounds = max(agent.quarantine_rounds, rounds)
+        return True
+
+    def clear_strikes(self, agent_ids: Sequence[str]) -> None:
+        """A clean round: the count of offences in a row restarts."""
+        if agent_ids:
+            self.s.execute(update(Agent).where(Agent.id.in_(list(agent_ids)), Agent.strikes > 0).values(strikes=0))
+
+    def clear_quarantine(self, agent_id: str) -> tuple[int, int]:
+        """An admin lifts the quarantine and forgets the strikes; returns what they were."""
+        agent = self.get(agent_id)
+        before = (agent.strikes, agent.quarantine_rounds)
+        agent.strikes, agent.quarantine_rounds = 0, 0
+        return before
+
+    def quarantined_ids(self) -> set[str]:
+        return set(self.s.scalars(select(Agent.id).where(Agent.quarantine_rounds > 0)).all())
+
+    def pass_quarantine_round(self) -> None:
+        """A round opened without the quarantined agents: each has one round fewer left."""
+        q = update(Agent).where(Agent.quarantine_rounds > 0)
+        self.s.execute(q.values(quarantine_rounds=Agent.quarantine_rounds - 1))
+
     def set_rank_override(self, agent_id: str, rank: int | None) -> int | None:
         """Pin (or clear, with None) the agent's rank; returns the previous override."""
         agent = self.get(agent_id)
@@ -252,8 +285,13 @@ class RoundRepo:
     def __init__(self, s: Session) -> None:
         self.s = s
 
-    def get(self, round_id: int) -> Round:
-        r = self.s.get(Round, round_id)
+    def get(self, round_id: int, *, lock: bool = False) -> Round:
+        """`lock`: SELECT ... FOR UPDATE, re-read from the database (Postgres; SQLite's writers
+        are serialised already), for a read-modify-write of the row."""
+        q = select(Round).where(Round.id == round_id)
+        if lock:
+            q = q.with_for_update().execution_options(populate_existing=True)
+        r = self.s.scalars(q).first()
         if r is None:
             raise NotFound(f"round {round_id} not found")
         return r
@@ -395,6 +433,28 @@ class RoundRepo:
             .execution_options(synchronize_session="fetch")
         )
         return int(res.rowcount)  # type: ignore[attr-defined]
+
+    def withdraw_unmerged_updates(self, agent_id: str) -> list[tuple[str, int, int]]:
+        """Remove the agent's accepted uploads from rounds still collecting (not yet handed to
+        the aggregation); their assignments become CANCELLED. → (job id, round number, round id)."""
+        rows = self.s.execute(
+            select(Update, Round)
+            .join(Round, Update.round_id == Round.id)
+            .where(Update.agent_id == agent_id, Round.state.in_([RoundState.OPEN, RoundState.COLLECTING]))
+            .with_for_update(of=Round)
+        ).all()
+        out = []
+        for upd, rnd in rows:
+            self.s.execute(
+                update(Assignment)
+                .where(Assignment.id == upd.assignment_id)
+                .values(state=AssignmentState.CANCELLED, updated_at=utcnow())
+                .execution_options(synchronize_session="fetch")
+            )
+            self.s.delete(upd)
+            out.append((rnd.job_id, rnd.number, rnd.id))
+        self.s.flush()
+        return out
 
     def updates(self, round_id: int) -> Sequence[Update]:
         return self.s.scalars(select(Update).where(Update.round_id == round_id).order_by(Update.agent_id)).all()
