@@ -75,3 +75,14 @@ AGGREGATOR_DEVICE = Gauge(
     ["device"],
     registry=REGISTRY,
 )
+DEFENCE_ACTIONS = Counter(
+    "fedhl_defence_actions",
+    "Uploads bounded by a defence, by action (refused, dropped, clipped) and reason; one per upload and module.",
+    ["action", "reason"],
+    registry=REGISTRY,
+)
+QUARANTINES = Counter(
+    "fedhl_agent_quarantines",
+    "Agents left out of selection after repeated refused, dropped or clipped uploads.",
+    registry=REGISTRY,
+)

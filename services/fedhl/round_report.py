@@ -33,6 +33,11 @@ class RoundReport:
     svd: dict[str, Any] = field(default_factory=dict)  # methods, worst residual, seconds
     timings: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] | None = None  # held-out metrics, on evaluation rounds only
+    # what the defences did (core/defence.py): weights after caps, drops and clip scales, and
+    # every dropped or clipped upload with its agent, module and reason
+    effective_weights: dict[str, float] = field(default_factory=dict)
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    clipped: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def of(
@@ -63,6 +68,7 @@ class RoundReport:
         n_modules = sum(p["n_modules"] for p in parts)
         clients = first["clients"]
         weights = {c: sum(p["weights_sum"][c] for p in parts) / n_modules for c in clients}
+        effective = {c: sum(p["effective_sum"].get(c, 0.0) for p in parts) / n_modules for c in clients}
         module_weights: dict[str, Any] | None = None
         if first["module_weights"] is not None:
             module_weights = {}
@@ -83,7 +89,19 @@ class RoundReport:
             options=first["options"],
             svd=first["svd"],
             timings={**timings, "shards": len(parts), "max_shard_s": max(shards_s), "device": first["device"]},
+            effective_weights=effective,
+            dropped=[d for p in parts for d in p["dropped"]],
+            clipped=[c for p in parts for c in p["clipped"]],
         )
+
+    def offences(self) -> dict[str, list[str]]:
+        """Agent → the reasons its upload was dropped or clipped in some module (sorted, unique)."""
+        out: dict[str, set[str]] = {}
+        for d in self.dropped:
+            out.setdefault(d["client"], set()).add(d["reason"])
+        for c in self.clipped:
+            out.setdefault(c["client"], set()).add("clipped")
+        return {a: sorted(r) for a, r in sorted(out.items())}
 
 
 def partial(report: AggregationReport, n_modules: int, timings: dict[str, float], device: str) -> dict[str, Any]:
@@ -96,6 +114,9 @@ def partial(report: AggregationReport, n_modules: int, timings: dict[str, float]
         "clients": report.clients,
         "n_modules": n_modules,
         "weights_sum": {c: w * n_modules for c, w in report.weights.items()},
+        "effective_sum": {c: w * n_modules for c, w in report.effective_weights.items()},
+        "dropped": [asdict(d) for d in report.dropped],
+        "clipped": [asdict(c) for c in report.clipped],
         "update_sq": {c: v * v for c, v in report.update_norms.items()},
         "change_sq": report.global_update_norm**2,
         "truncation_errors": report.truncation_errors,

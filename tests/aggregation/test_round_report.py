@@ -71,7 +71,11 @@ def test_sharded_report_matches_unsharded_and_keeps_svd_time(tmp_path: Path) -> 
     for client, w in whole.weights.items():
         assert sharded.weights[client] == pytest.approx(w, rel=1e-9)
         assert sharded.update_norms[client] == pytest.approx(whole.update_norms[client], rel=1e-9)
+        assert sharded.effective_weights[client] == pytest.approx(whole.effective_weights[client], rel=1e-9)
     assert sharded.global_update_norm == pytest.approx(whole.global_update_norm, rel=1e-9)
+    key = lambda d: (d["client"], d["module"])  # noqa: E731
+    assert sorted(sharded.dropped, key=key) == sorted(whole.dropped, key=key)
+    assert sorted(sharded.clipped, key=key) == sorted(whole.clipped, key=key)
     assert sharded.n_eff == pytest.approx(effective_participants(list(sharded.weights.values())))
     assert 1.0 <= sharded.n_eff <= 2.0
     assert sharded.svd["seconds"] > 0  # the round's spectra were timed where they were computed

@@ -163,6 +163,11 @@ def test_a_poisoned_upload_is_bounded_and_the_round_commits_a_finite_state(tmp_p
         finally:
             team.close()
         assert committed.state is RoundState.COMMITTED, committed.error
+        report = committed.report
+        assert report is not None
+        poisoner = next(a.agent_id for a in team.agents if a.name == "agent-0")
+        named = {d["client"] for d in report["dropped"]} | {x["client"] for x in report["clipped"]}
+        assert named == {poisoner}, (report["dropped"], report["clipped"])
         with transaction(c.deps.sessions) as s:
             after = s.get(Job, job.id)
             assert after is not None and after.state_key is not None

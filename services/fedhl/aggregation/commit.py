@@ -8,6 +8,7 @@ import time
 from typing import Literal
 
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from .. import metrics
 from ..artifacts import put_spectra, put_start_packages, put_state, start_meta
@@ -17,7 +18,7 @@ from ..core import AggregationError
 from ..round_report import RoundReport
 from ..storage.db import transaction
 from ..storage.models import JobStatus, RoundState, utcnow
-from ..storage.repos import AuditRepo, CheckpointRepo, JobRepo, RoundRepo, ShardRepo
+from ..storage.repos import AgentRepo, AuditRepo, CheckpointRepo, JobRepo, RoundRepo, ShardRepo
 from .compute import compute_shard
 from .evaluate import evaluate_state
 from .inputs import RoundInputs, load_inputs
@@ -90,6 +91,7 @@ def commit_round(deps: Deps, inp: RoundInputs, shard_keys: list[tuple[str, float
         CheckpointRepo(s).add(inp.job_id, inp.number + 1, new_key)
         for u in rounds.updates(inp.round_id):
             u.weight = report.weights.get(u.agent_id)
+        attribute(s, inp, report, worker)
         AuditRepo(s).record(
             worker,
             "round_committed",
@@ -100,6 +102,9 @@ def commit_round(deps: Deps, inp: RoundInputs, shard_keys: list[tuple[str, float
             shards=len(parts),
         )
     metrics.ROUNDS.labels("committed").inc()
+    for d in report.dropped:
+        metrics.DEFENCE_ACTIONS.labels("dropped", d["reason"]).inc()
+    metrics.DEFENCE_ACTIONS.labels("clipped", "update_norm_above_bound").inc(len(report.clipped))
     metrics.AGGREGATION_SECONDS.observe(report.timings["total_s"])
     deps.coordination.events.publish(
         SCHEDULER_EVENTS, {"type": "round_committed", "job_id": inp.job_id, "round_id": inp.round_id}
@@ -108,6 +113,20 @@ def commit_round(deps: Deps, inp: RoundInputs, shard_keys: list[tuple[str, float
         "round %s of job %s committed: %d uploads in %d shard(s)", inp.number, inp.job_id, len(inp.uploads), len(parts)
     )
     return "committed"
+
+
+def attribute(s: Session, inp: RoundInputs, report: RoundReport, worker: str) -> None:
+    """Every dropped or clipped upload goes to the audit log by agent and reason and counts a
+    strike; repeated offenders are quarantined (JobSpec.defence); a clean round clears them."""
+    d = inp.spec.defence
+    agents, audit = AgentRepo(s), AuditRepo(s)
+    offences = report.offences()
+    for agent_id, reasons in offences.items():
+        audit.record(worker, "upload_bounded", inp.job_id, agent_id=agent_id, round=inp.number, reasons=reasons)
+        if agents.strike(agent_id, d.quarantine_after, d.quarantine_rounds):
+            audit.record(worker, "agent_quarantined", inp.job_id, agent_id=agent_id, rounds=d.quarantine_rounds)
+            metrics.QUARANTINES.inc()
+    agents.clear_strikes([c for c in report.clients if c not in offences])
 
 
 def fail_round(deps: Deps, round_id: int, job_id: str, reason: str, actor: str) -> None:
