@@ -21,7 +21,7 @@ from fedhl.coordinator.app import Coordinator
 from fedhl.coordinator.errors import Code, ServiceError
 from fedhl.storage.db import transaction
 from fedhl.storage.models import Assignment, AssignmentState, RoundState, Update, utcnow
-from fedhl.storage.repos import CheckpointRepo, RoundRepo
+from fedhl.storage.repos import AgentRepo, CheckpointRepo, RoundRepo
 
 API = "/api/v1"
 PUBLIC_PATHS = {"/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
@@ -473,7 +473,19 @@ def test_agents_list_get_and_revoke(client: TestClient, coordinator: Coordinator
     one = client.get(f"{API}/agents/{agent_id}").json()
     # Assert: public fields only, liveness from the heartbeat the registration recorded
     assert listed.json() == [one]
-    assert set(one) == {"id", "name", "status", "resources", "rank_override", "alive", "created_at", "last_seen_at"}
+    assert set(one) == {
+        "id",
+        "name",
+        "status",
+        "resources",
+        "rank_override",
+        "alive",
+        "created_at",
+        "last_seen_at",
+        "strikes",
+        "quarantine_rounds",
+    }
+    assert (one["strikes"], one["quarantine_rounds"]) == (0, 0)
     assert (one["name"], one["status"], one["alive"]) == ("a1", "ACTIVE", True)
     assert one["resources"] == {"device_type": "cpu"}
     assert credential.partition(".")[2] not in listed.text
@@ -489,6 +501,22 @@ def test_agents_list_get_and_revoke(client: TestClient, coordinator: Coordinator
     assert client.post(f"{API}/agents/nope/revoke").status_code == 404
     revoked = [e for e in client.get(f"{API}/audit").json() if e["action"] == "agent_revoked"]
     assert [(e["actor"], e["details"]) for e in revoked] == [("admin", {"agent_id": agent_id, "cancelled_tasks": 0})]
+
+
+def test_a_quarantined_agent_is_shown_and_an_admin_clears_it(client: TestClient, coordinator: Coordinator) -> None:
+    # Prepare: three strikes in a row quarantine the agent for 5 rounds
+    agent_id = enrol_agent(client, coordinator)
+    with transaction(coordinator.deps.sessions) as s:
+        assert [AgentRepo(s).strike(agent_id, after=3, rounds=5) for _ in range(3)] == [False, False, True]
+    url = f"{API}/agents/{agent_id}"
+    assert (client.get(url).json()["strikes"], client.get(url).json()["quarantine_rounds"]) == (0, 5)
+    # Execute
+    r = client.post(f"{url}/clear-quarantine")
+    # Assert
+    assert (r.status_code, r.json()["quarantine_rounds"], r.json()["strikes"]) == (200, 0, 0)
+    cleared = [e for e in client.get(f"{API}/audit").json() if e["action"] == "agent_quarantine_cleared"]
+    assert [e["details"] for e in cleared] == [{"agent_id": agent_id, "strikes": 0, "rounds_left": 5}]
+    assert client.post(f"{API}/agents/nope/clear-quarantine").status_code == 404
 
 
 def test_rank_override_set_and_clear(client: TestClient, coordinator: Coordinator) -> None:

@@ -50,6 +50,23 @@ class AgentAdmin:
                 # its open tasks will never report: cancel them so rounds close without waiting
                 cancelled = RoundRepo(s).cancel_open_assignments(agent_id)
                 AuditRepo(s).record(actor, "agent_revoked", agent_id=agent_id, cancelled_tasks=cancelled)
+                # an accepted upload not yet merged must not move the model after revocation
+                for job_id, number, round_id in RoundRepo(s).withdraw_unmerged_updates(agent_id):
+                    AuditRepo(s).record(
+                        actor, "upload_withdrawn", job_id, agent_id=agent_id, round=number, round_id=round_id
+                    )
+            agent = agents.get(agent_id)
+        return agent
+
+    def clear_quarantine(self, agent_id: str, actor: str = "admin") -> Agent:
+        """Lift the agent's quarantine and forget its strikes (idempotent)."""
+        with transaction(self.deps.sessions) as s:
+            agents = AgentRepo(s)
+            strikes, rounds = agents.clear_quarantine(agent_id)  # NotFound → 404
+            if strikes or rounds:
+                AuditRepo(s).record(
+                    actor, "agent_quarantine_cleared", agent_id=agent_id, strikes=strikes, rounds_left=rounds
+                )
             agent = agents.get(agent_id)
         return agent
 

@@ -3,22 +3,23 @@ methods, and maps `ServiceError.code` to a status. Protobuf types never reach th
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from prometheus_client import Counter
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .. import metrics
+from .. import metrics as prom
 from ..backends import ROUND_EVENTS, SCHEDULER_EVENTS, Deps
 from ..codec import Expected, PayloadError, decode_file, validate_update
+from ..jobspec import INT64_MAX
 from ..settings import Settings
 from ..storage.blobs import BlobIntegrityError, BlobNotFound, BlobTooLarge, OffsetMismatch, UploadInProgress
 from ..storage.db import transaction
@@ -27,6 +28,11 @@ from ..storage.repos import AgentRepo, AuditRepo, AuthError, JobRepo, NotFound, 
 from .errors import Code, ServiceError
 
 LAST_SEEN_EVERY_S = 30.0  # agents.last_seen_at is informational (REST); liveness has its own TTL keys
+# ReportMetrics: bounded so one agent cannot grow a round's row without limit
+MAX_METRICS = 32
+MAX_METRIC_KEY = 64
+REGISTER_PER_PEER = (30, 60.0)  # Register calls per peer per window (s)
+REGISTER_PER_TOKEN = (120, 60.0)  # ... per enrolment token
 RESOURCE_KEYS = {
     "device_type": str,
     "device_name": str,
@@ -99,6 +105,15 @@ def clean_resources(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def peer_host(peer: str) -> str:
+    """gRPC's peer string (`ipv4:1.2.3.4:5678`, `ipv6:[::1]:5678`, `unix:...`) without the
+    port, which changes per connection."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in rest:
+        rest = rest.rsplit(":", 1)[0]
+    return f"{kind}:{rest}"[:200]
+
+
 def owned_assignment(s: Session, agent_id: str, task_id: str) -> Assignment:
     """The task, which must exist (NOT_FOUND) and belong to this agent (PERMISSION_DENIED)."""
     try:
@@ -126,14 +141,22 @@ class AgentService:
         self.settings = settings
 
     # ---------------------------------------------------------------- identity
-    def register(self, token: str, name: str, resources: dict[str, Any]) -> tuple[str, str]:
+    def register(self, token: str, name: str, resources: dict[str, Any], peer: str = "") -> tuple[str, str]:
         if not token:
             raise ServiceError(Code.INVALID_ARGUMENT, "enrolment_token is required")
+        if len(token) > 200:
+            raise ServiceError(Code.INVALID_ARGUMENT, "enrolment_token longer than 200 characters")
         if len(name) > 200:
             raise ServiceError(Code.INVALID_ARGUMENT, "name longer than 200 characters")
         res = clean_resources(resources)
-        if not self.deps.coordination.rate_limiter.allow("register", limit=600, window_s=60):
-            raise ServiceError(Code.RESOURCE_EXHAUSTED, "too many registrations; retry later")
+        # after the cheap checks; one bucket per peer and one per token (hashed: never a plaintext
+        # key), so one caller spends only its own budget and cannot block others' enrolment
+        limiter = self.deps.coordination.rate_limiter
+        token_key = hashlib.sha256(token.encode()).hexdigest()[:32]
+        if not limiter.allow(f"register:peer:{peer_host(peer)}", *REGISTER_PER_PEER) or not limiter.allow(
+            f"register:token:{token_key}", *REGISTER_PER_TOKEN
+        ):
+            raise ServiceError(Code.RESOURCE_EXHAUSTED, "too many registrations from this peer or token; retry later")
         try:
             with transaction(self.deps.sessions) as s:
                 agent, credential = AgentRepo(s).redeem(token, name, res)
@@ -255,7 +278,7 @@ class AgentService:
         return (
             size,
             key,
-            _counted(self.deps.blobs.read_chunks(key, offset, self.settings.chunk_bytes), metrics.DOWNLOAD_BYTES),
+            _counted(self.deps.blobs.read_chunks(key, offset, self.settings.chunk_bytes), prom.DOWNLOAD_BYTES),
         )
 
     # ---------------------------------------------------------------- uploads
@@ -269,7 +292,8 @@ class AgentService:
 
     def _check_open(self, agent_id: str, h: UploadHeader) -> Expected:
         """The assignment this header names must be this agent's, current, and not yet uploaded
-        (checked again, under the write lock, when the upload is accepted)."""
+        (checked again, under the write lock, when the upload is accepted); the data size it
+        claims must be within the job's bound (JobSpec.defence)."""
         with transaction(self.deps.sessions, read_only=True) as s:
             a = owned_assignment(s, agent_id, h.task_id)
             rnd, job = a.round, a.round.job
@@ -290,27 +314,47 @@ class AgentService:
             if utcnow() > rnd.deadline:
                 raise ServiceError(Code.FAILED_PRECONDITION, "the round's deadline has passed; late upload rejected")
             spec = JobRepo(s).spec(job)
-            return Expected(spec.module_shapes, a.rank, {k: tuple(v) for k, v in spec.extra_shapes.items()})
+            agent = AgentRepo(s).get(agent_id)
+            bound, what = spec.defence.examples_bound(agent_id, agent.name)
+            job_id, number = job.id, rnd.number
+            exp = Expected(spec.module_shapes, a.rank, {k: tuple(v) for k, v in spec.extra_shapes.items()})
+        if h.n_examples > bound:
+            message = f"n_examples {h.n_examples} exceeds {what} = {bound}"
+            self._refuse(agent_id, job_id, number, "n_examples_above_bound", message)
+        return exp
+
+    def _refuse(self, agent_id: str, job_id: str, number: int, reason: str, message: str) -> NoReturn:
+        """Refuse an upload at the edge: nothing stored; the refusal is audit-logged by agent and
+        reason, counted, and counts a strike (JobSpec.defence quarantine)."""
+        with transaction(self.deps.sessions) as s:
+            d = JobRepo(s).spec(JobRepo(s).get(job_id)).defence
+            audit = AuditRepo(s)
+            audit.record(f"agent:{agent_id}", "upload_refused", job_id, round=number, reason=reason, detail=message)
+            if AgentRepo(s).strike(agent_id, d.quarantine_after, d.quarantine_rounds):
+                audit.record("coordinator", "agent_quarantined", job_id, agent_id=agent_id, rounds=d.quarantine_rounds)
+                prom.QUARANTINES.inc()
+        prom.DEFENCE_ACTIONS.labels("refused", reason).inc()
+        raise ServiceError(Code.INVALID_ARGUMENT, message)
 
     def upload(self, agent_id: str, h: UploadHeader, chunks: Iterable[bytes]) -> UploadResult:
         try:
             res = self._upload(agent_id, h, chunks)
         except ServiceError as e:
-            metrics.UPLOADS.labels(e.code.value.lower()).inc()
+            prom.UPLOADS.labels(e.code.value.lower()).inc()
             raise
-        metrics.UPLOADS.labels("accepted" if res.accepted else "partial").inc()
+        prom.UPLOADS.labels("accepted" if res.accepted else "partial").inc()
         return res
 
     def _upload(self, agent_id: str, h: UploadHeader, chunks: Iterable[bytes]) -> UploadResult:
         """Append chunks to the task's staging area; when complete, verify, validate and accept
         exactly once. Any rejection leaves the database and the global state unchanged."""
-        if h.n_examples <= 0:
-            raise ServiceError(Code.INVALID_ARGUMENT, "n_examples must be positive")
+        if not 0 < h.n_examples <= INT64_MAX:  # the wire's uint64 goes beyond what the database holds
+            raise ServiceError(Code.INVALID_ARGUMENT, f"n_examples must be in [1, {INT64_MAX}], got {h.n_examples}")
+        if not 0 <= h.offset <= INT64_MAX:
+            raise ServiceError(Code.INVALID_ARGUMENT, f"offset must be in [0, {INT64_MAX}]")
         if len(h.sha256) != 64 or any(c not in "0123456789abcdef" for c in h.sha256):
             raise ServiceError(Code.INVALID_ARGUMENT, "sha256 must be 64 lowercase hex characters")
-        bad = [k for k, v in h.metrics.items() if not math.isfinite(v) or len(k) > 100]
-        if bad or len(h.metrics) > 100:
-            raise ServiceError(Code.INVALID_ARGUMENT, f"metrics must be ≤ 100 finite values, bad: {bad[:5]}")
+        check_metrics(h.metrics)
         exp = self._check_open(agent_id, h)
         limit = min(exp.max_bytes(), self.settings.max_upload_bytes)
         if h.size <= 0 or h.size > limit:
@@ -319,12 +363,18 @@ class AgentService:
             )
         blobs = self.deps.blobs
         have = blobs.staging_size(h.task_id)
+        if h.offset == 0 and have > 0:
+            # an agent that restarted mid-upload starts over (its bytes may differ): drop the
+            # stale staged part, unless another stream is writing it right now
+            try:
+                blobs.staging_discard(h.task_id)
+            except UploadInProgress:
+                raise ServiceError(Code.ABORTED, "another stream is uploading this task; retry") from None
+            have = 0
         if h.offset != have:
             raise ServiceError(Code.FAILED_PRECONDITION, f"resume from offset {have}, not {h.offset}")
         try:
-            received = blobs.staging_append(
-                h.task_id, h.offset, _counted(chunks, metrics.UPLOAD_BYTES), max_size=h.size
-            )
+            received = blobs.staging_append(h.task_id, h.offset, _counted(chunks, prom.UPLOAD_BYTES), max_size=h.size)
         except UploadInProgress:
             raise ServiceError(Code.ABORTED, "another stream is uploading this task; retry") from None
         except BlobTooLarge:
@@ -343,7 +393,7 @@ class AgentService:
                 "staged data discarded, upload again from offset 0",
             ) from None
         except PayloadError as e:
-            raise ServiceError(Code.INVALID_ARGUMENT, str(e)) from None
+            self._refuse(agent_id, h.job_id, h.round, "invalid_payload", str(e))
         except UploadInProgress:
             raise ServiceError(Code.ABORTED, "another stream is uploading this task; retry") from None
         return self._accept(agent_id, h, key, received)
@@ -387,12 +437,33 @@ class AgentService:
         return UploadResult(update_id, size, True)
 
     # ---------------------------------------------------------------- metrics
-    def report_metrics(self, agent_id: str, task_id: str, metrics: dict[str, float], step: int) -> None:
-        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-        if bad or len(metrics) > 100:
-            raise ServiceError(Code.INVALID_ARGUMENT, f"metrics must be ≤ 100 finite values, bad: {bad[:5]}")
+    def report_metrics(self, agent_id: str, task_id: str, values: dict[str, float], step: int) -> None:
+        """Progress of a running task: bounded, refused once the round is closed, and written
+        under a row lock on the round so concurrent reports never lose each other's keys."""
+        check_metrics(values)
+        if not 0 <= step <= INT64_MAX:
+            raise ServiceError(Code.INVALID_ARGUMENT, f"step must be in [0, {INT64_MAX}]")
         with transaction(self.deps.sessions) as s:
-            rnd = owned_assignment(s, agent_id, task_id).round
-            progress = dict(rnd.metrics)
-            progress[agent_id] = {"step": step, **metrics}
-            rnd.metrics = json.loads(json.dumps(progress))
+            a = owned_assignment(s, agent_id, task_id)
+            rnd = RoundRepo(s).get(a.round_id, lock=True)
+            if rnd.state not in (RoundState.OPEN, RoundState.COLLECTING) or a.state not in (
+                AssignmentState.ISSUED,
+                AssignmentState.RUNNING,
+                AssignmentState.UPLOADED,
+            ):
+                raise ServiceError(Code.FAILED_PRECONDITION, f"round {rnd.number} is closed ({rnd.state.value})")
+            rnd.metrics = {**rnd.metrics, agent_id: {"step": step, **values}}
+
+
+def check_metrics(values: dict[str, float]) -> None:
+    """At most MAX_METRICS finite values under short printable keys (INVALID_ARGUMENT)."""
+    if len(values) > MAX_METRICS:
+        raise ServiceError(Code.INVALID_ARGUMENT, f"at most {MAX_METRICS} metrics, got {len(values)}")
+    bad = [k[:MAX_METRIC_KEY] for k, v in values.items() if not (0 < len(k) <= MAX_METRIC_KEY and k.isprintable())]
+    if bad:
+        raise ServiceError(
+            Code.INVALID_ARGUMENT, f"metric keys must be 1..{MAX_METRIC_KEY} printable characters: {bad[:3]}"
+        )
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise ServiceError(Code.INVALID_ARGUMENT, f"metric values must be finite: {bad[:5]}")

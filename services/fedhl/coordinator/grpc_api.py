@@ -68,7 +68,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
 
     def Register(self, request: Any, context: grpc.ServicerContext) -> Any:
         agent_id, cred = self._call(
-            context, lambda: self.svc.register(request.enrolment_token, request.name, resources_dict(request.resources))
+            context,
+            lambda: self.svc.register(
+                request.enrolment_token, request.name, resources_dict(request.resources), peer=context.peer()
+            ),
         )
         return agent_pb2.RegisterResponse(agent_id=agent_id, credential=cred)
 

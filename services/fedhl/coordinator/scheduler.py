@@ -135,7 +135,8 @@ class Scheduler:
         rounds = RoundRepo(s)
         agents = {a.id: a for a in AgentRepo(s).active()}
         live = self.deps.coordination.liveness.alive(agents)
-        available = sorted(live - rounds.busy_agents())
+        quarantined = AgentRepo(s).quarantined_ids()  # repeated offenders sit rounds out (issue 12)
+        available = sorted(live - rounds.busy_agents() - quarantined)
         attempt = rounds.attempts(job_id, number)
         chosen = select(spec.selection, available, seed=f"{spec.seed}:{job_id}:{number}:{attempt}")
         if chosen is None:
@@ -148,6 +149,8 @@ class Scheduler:
         rnd: Round = rounds.open(
             job_id, number, attempt, deadline, target, quorum(spec.selection, target), ranks, inputs=job
         )
+        if quarantined:
+            AgentRepo(s).pass_quarantine_round()
         AuditRepo(s).record(
             "scheduler",
             "round_opened",

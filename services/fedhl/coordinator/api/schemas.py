@@ -90,10 +90,20 @@ class RoundPublic(_Public):
     created_at: datetime
     closed_at: datetime | None
     committed_at: datetime | None
+    defence: dict[str, int] = Field(
+        default_factory=dict,
+        description="uploads the defences bounded in this round: `dropped` and `clipped` (per upload and module), "
+        "and `agents` named by either; details in `report.dropped` / `report.clipped`",
+    )
 
     @classmethod
     def of(cls, rnd: Round) -> RoundPublic:
-        return cls.model_validate(rnd)
+        out = cls.model_validate(rnd)
+        report = rnd.report or {}
+        dropped, clipped = report.get("dropped", []), report.get("clipped", [])
+        named = {d.get("client") for d in dropped} | {c.get("client") for c in clipped}
+        out.defence = {"dropped": len(dropped), "clipped": len(clipped), "agents": len(named)}
+        return out
 
 
 class AssignmentPublic(_Public):
@@ -144,6 +154,8 @@ class AgentPublic(_Public):
     alive: bool = Field(description="its heartbeat has not expired")
     created_at: datetime
     last_seen_at: datetime | None
+    strikes: int = Field(description="refused, dropped or clipped uploads since its last clean round")
+    quarantine_rounds: int = Field(description="rounds it is still left out of selection for (0: selectable)")
 
     @classmethod
     def of(cls, agent: Agent, *, alive: bool) -> AgentPublic:
@@ -156,6 +168,8 @@ class AgentPublic(_Public):
             alive=alive,
             created_at=agent.created_at,
             last_seen_at=agent.last_seen_at,
+            strikes=agent.strikes,
+            quarantine_rounds=agent.quarantine_rounds,
         )
 
 

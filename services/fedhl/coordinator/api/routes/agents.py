@@ -67,6 +67,15 @@ def revoke_agent(agent_id: IdPath, service: AgentAdminDep, admin: AdminDep, coor
     return AgentPublic.of(agent, alive=bool(coordinator.deps.coordination.liveness.alive([agent.id])))
 
 
+@router.post("/{agent_id}/clear-quarantine")
+def clear_quarantine(
+    agent_id: str, service: AgentAdminDep, admin: AdminDep, coordinator: CoordinatorDep
+) -> AgentPublic:
+    """Let a quarantined agent be selected again and reset its strike count."""
+    agent = service.clear_quarantine(agent_id, actor=admin.actor)
+    return AgentPublic.of(agent, alive=bool(coordinator.deps.coordination.liveness.alive([agent.id])))
+
+
 @router.put("/{agent_id}/rank-override")
 def set_rank_override(
     agent_id: IdPath, body: RankOverride, service: AgentAdminDep, admin: AdminDep, coordinator: CoordinatorDep

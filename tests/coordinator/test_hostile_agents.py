@@ -1,0 +1,227 @@
+"""One scripted attacker among honest agents, over real gRPC, on both backends (issue 12).
+
+Round 0: lying data sizes (just above the bound, 10**12, 2**64-1), a replayed header for
+another round, metric flooding, a restart mid-upload, then a ×1000-scaled update. The
+attacker is then quarantined (three strikes) and an admin clears it. Round 1: 1e20 factors.
+Round 2: a sign-flipped update. Round 3: the attacker uploads, is revoked before the merge,
+and its upload is withdrawn. Every round commits; the attacker's effective weight stays
+within `max_weight_ratio / N`; the report names it; the honest agents' uploads are merged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from sqlalchemy import select
+
+from fedhl.agent.client import AgentClient, Task
+from fedhl.agent.scripted import ScriptedAgent
+from fedhl.codec import decode_start, encode_update, load_state
+from fedhl.coordinator.admin import AgentAdmin
+from fedhl.coordinator.app import Coordinator
+from fedhl.core import LoRAFactors
+from fedhl.jobspec import JobSpec
+from fedhl.storage.db import transaction
+from fedhl.storage.models import Agent, AuditEvent, Job, Round, RoundState
+from fedhl.storage.repos import AgentRepo
+from fedhl.v1 import agent_pb2
+from stack import job_spec, running, settings_for
+
+BOUND = 1000  # defence.max_examples_per_agent
+RATIO = 1.5  # defence.max_weight_ratio: with 4 uploads no agent weighs more than 0.375
+SPEC = job_spec(
+    n_layers=1,
+    dim=8,
+    ranks=[2],
+    rounds=4,
+    selection={"count": 4, "min_clients": 4, "deadline_s": 60, "quorum": 0.5},
+    defence={"max_examples_per_agent": BOUND, "max_weight_ratio": RATIO, "quarantine_after": 3},
+)
+
+
+def rejected(fn: object, code: grpc.StatusCode, *words: str) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        fn()  # type: ignore[operator]
+    assert e.value.code() == code, e.value.details()
+    for w in words:
+        assert w in (e.value.details() or ""), e.value.details()
+
+
+def payload(start_bytes: bytes, scale: float, honest_seed: int = 99) -> bytes:
+    """The start factors moved by a small honest-looking step, times `scale`."""
+    start = decode_start(start_bytes)
+    g = torch.Generator().manual_seed(honest_seed)
+    out = {}
+    for m, f in start.factors.items():
+        dB, dA = 0.05 * torch.randn(f.B.shape, generator=g), 0.05 * torch.randn(f.A.shape, generator=g)
+        out[m] = LoRAFactors(f.B + scale * dB, f.A + scale * dA)
+    return encode_update(out, {k: v.clone() for k, v in start.extras.items()})
+
+
+def huge(start_bytes: bytes) -> bytes:
+    start = decode_start(start_bytes)
+    out = {m: LoRAFactors(torch.full_like(f.B, 1e20), torch.full_like(f.A, 1e20)) for m, f in start.factors.items()}
+    return encode_update(out, start.extras)
+
+
+def header(task: Task, data: bytes, n: int, offset: int = 0, round_: int | None = None) -> object:
+    return agent_pb2.UploadMessage(
+        header=agent_pb2.UploadHeader(
+            task_id=task.task_id,
+            job_id=task.job_id,
+            round=task.round if round_ is None else round_,
+            size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            offset=offset,
+            n_examples=n,
+        )
+    )
+
+
+def send(client: AgentClient, task: Task, data: bytes, n: int, upto: int | None = None, round_: int | None = None):  # type: ignore[no-untyped-def]
+    msgs = [header(task, data, n, round_=round_), agent_pb2.UploadMessage(data=data[: upto or len(data)])]
+    return client.stub.UploadUpdate(iter(msgs), metadata=client._md())
+
+
+def wait(c: Coordinator, job_id: str, number: int, states: set[RoundState], timeout: float = 90) -> Round:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with transaction(c.deps.sessions) as s:
+            r = s.scalars(
+                select(Round).where(Round.job_id == job_id, Round.number == number).order_by(Round.id.desc())
+            ).first()
+            if r is not None and r.state in states:
+                return r
+        time.sleep(0.05)
+    raise AssertionError(f"round {number} of job {job_id} did not reach {states}")
+
+
+def pull(client: AgentClient) -> Task:
+    for _ in range(60):
+        task = client.pull_task(2)
+        if task is not None:
+            return task
+    raise AssertionError("no task for the attacker")
+
+
+def named(report: dict[str, object]) -> set[str]:
+    return {d["client"] for d in report["dropped"]} | {c["client"] for c in report["clipped"]}  # type: ignore[index,union-attr]
+
+
+def check_round(c: Coordinator, rnd: Round, attacker: str, honest: list[str], *, must_name: bool) -> dict[str, object]:
+    assert rnd.state is RoundState.COMMITTED, rnd.error
+    report = rnd.report
+    assert report is not None
+    assert set(honest) <= set(report["clients"])  # honest agents are merged
+    eff = report["effective_weights"]
+    if attacker in report["clients"]:
+        assert eff[attacker] <= RATIO / len(report["clients"]) + 1e-9
+    if must_name:
+        assert attacker in named(report), report
+    for h in honest:
+        assert h not in named(report), (h, report["dropped"], report["clipped"])
+    with transaction(c.deps.sessions) as s:
+        job = s.get(Job, rnd.job_id)
+        assert job is not None and job.state_key is not None
+        key = job.state_key
+    with c.deps.blobs.local_path(key) as path:
+        for name, t in load_state(path).tensors().items():
+            assert bool(torch.isfinite(t).all()), name
+    return report
+
+
+@pytest.mark.parametrize("backend", ["sqlite+inprocess", "postgres+redis"])
+def test_one_hostile_agent_among_honest_ones(backend: str, tmp_path: Path) -> None:
+    with running(settings_for(backend, tmp_path)) as c:
+        job = c.jobs.create(JobSpec.model_validate(SPEC))
+        with transaction(c.deps.sessions) as s:
+            tok, _ = AgentRepo(s).create_token("test", 10, None)
+        address = f"127.0.0.1:{c.grpc_port}"
+        # the honest agents take a moment to "train", so the attacker's moves land first
+        good = [
+            ScriptedAgent(address, tok, f"honest-{i}", n_examples=40 + i, noise=0.05, seed=i, delay_s=1.0)
+            for i in range(3)
+        ]
+        stop = threading.Event()
+        threads = [threading.Thread(target=a.run, args=(stop, 1), daemon=True) for a in good]
+        evil = AgentClient(address)
+        attacker, _ = evil.register(tok, "attacker")
+        honest = [a.agent_id for a in good]
+        for t in threads:
+            t.start()
+        try:
+            # -- round 0: refusals at the edge, then a ×1000 update
+            task = pull(evil)
+            start = evil.download(task.blobs[0][0])
+            data = payload(start, 1000.0)
+            for n in (BOUND + 1, 10**12):
+                rejected(
+                    lambda n=n: send(evil, task, data, n), grpc.StatusCode.INVALID_ARGUMENT, "n_examples", str(BOUND)
+                )
+            rejected(lambda: send(evil, task, data, 2**64 - 1), grpc.StatusCode.INVALID_ARGUMENT, "n_examples")
+            rejected(
+                lambda: send(evil, task, data, 10, round_=task.round + 7), grpc.StatusCode.INVALID_ARGUMENT, "round"
+            )
+            flood = agent_pb2.ReportMetricsRequest(task_id=task.task_id, metrics={f"k{i}": 1.0 for i in range(1000)})
+            rejected(lambda: evil.stub.ReportMetrics(flood, metadata=evil._md()), grpc.StatusCode.INVALID_ARGUMENT)
+            long_key = agent_pb2.ReportMetricsRequest(task_id=task.task_id, metrics={"x" * 100_000: 1.0})
+            rejected(lambda: evil.stub.ReportMetrics(long_key, metadata=evil._md()), grpc.StatusCode.INVALID_ARGUMENT)
+            # a restart mid-upload: half the bytes, then a fresh process starts over from 0
+            res = send(evil, task, data, BOUND, upto=len(data) // 2)
+            assert not res.accepted and res.received == len(data) // 2
+            restarted = AgentClient(address, credential=evil.credential)
+            assert restarted.pull_task(1) is not None  # the same task again
+            restarted.upload(task, data, BOUND)
+            restarted.close()
+            rnd = wait(c, job.id, 0, {RoundState.COMMITTED, RoundState.FAILED})
+            report = check_round(c, rnd, attacker, honest, must_name=True)
+            assert any(x["client"] == attacker for x in report["clipped"])  # type: ignore[union-attr]
+            with transaction(c.deps.sessions) as s:
+                refusals = s.scalars(select(AuditEvent).where(AuditEvent.action == "upload_refused")).all()
+                assert {e.actor for e in refusals} == {f"agent:{attacker}"}
+                assert {e.details["reason"] for e in refusals} == {"n_examples_above_bound"}
+                agent = s.get(Agent, attacker)
+                assert agent is not None and agent.quarantine_rounds > 0  # 2 refusals + 1 clip
+            time.sleep(0.5)
+            with transaction(c.deps.sessions) as s:  # not selected while quarantined (4 needed)
+                assert s.scalars(select(Round).where(Round.job_id == job.id, Round.number == 1)).first() is None
+            AgentAdmin(c.deps).clear_quarantine(attacker)
+
+            # -- round 1: 1e20 factors are dropped (or clipped) by name
+            task = pull(evil)
+            evil.upload(task, huge(evil.download(task.blobs[0][0])), BOUND)
+            check_round(
+                c, wait(c, job.id, 1, {RoundState.COMMITTED, RoundState.FAILED}), attacker, honest, must_name=True
+            )
+
+            # -- round 2: a sign flip keeps its norm: merged, but with at most the capped weight
+            task = pull(evil)
+            evil.upload(task, payload(evil.download(task.blobs[0][0]), -1.0), BOUND)
+            check_round(
+                c, wait(c, job.id, 2, {RoundState.COMMITTED, RoundState.FAILED}), attacker, honest, must_name=False
+            )
+
+            # -- round 3: upload, then revocation before the merge withdraws it
+            task = pull(evil)
+            evil.upload(task, payload(evil.download(task.blobs[0][0]), 1.0), BOUND)
+            AgentAdmin(c.deps).revoke_agent(attacker)
+            rejected(lambda: evil.pull_task(1), grpc.StatusCode.PERMISSION_DENIED)
+            rnd = wait(c, job.id, 3, {RoundState.COMMITTED, RoundState.FAILED})
+            report = check_round(c, rnd, attacker, honest, must_name=False)
+            assert attacker not in report["clients"]
+            with transaction(c.deps.sessions) as s:
+                withdrawn = s.scalars(select(AuditEvent).where(AuditEvent.action == "upload_withdrawn")).all()
+                assert [e.details["agent_id"] for e in withdrawn] == [attacker]
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+            for a in good:
+                a.close()
+            evil.close()
