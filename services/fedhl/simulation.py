@@ -31,7 +31,7 @@ import torch
 from .agent.trainer import prepare, train
 from .artifacts import initial_state, next_round_artifacts
 from .codec import encode_update
-from .core import ClientStart, ClientUpdate, GlobalState, RoundPlan
+from .core import AggregationError, ClientStart, ClientUpdate, GlobalState, RoundPlan
 from .core.scaling import LoRAScaling
 from .data import Example
 from .evaluation import evaluate
@@ -43,6 +43,8 @@ from .round_report import RoundReport
 __all__ = ["SimClient", "client_seed", "select_clients", "simulate"]
 
 RoundCallback = Callable[[dict[str, Any]], None]
+# (round, the client's start, its update) → the update as uploaded, or None: refused at the edge
+Tamper = Callable[[int, ClientStart, ClientUpdate], "ClientUpdate | None"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ def simulate(
     participation: float = 1.0,
     device: str = "cpu",
     on_round: RoundCallback | None = None,
+    tamper: Tamper | None = None,
+    keep_going: bool = False,
 ) -> tuple[GlobalState, list[dict[str, Any]]]:
     """Run `spec.rounds` rounds; return the final global state and one row per round (the
     demo's `results.json` row shape, plus `bytes_uploaded`: the agents' upload payloads, and
@@ -98,7 +102,11 @@ def simulate(
 
     `spec.module_shapes`/`extra_shapes` are resolved from the base model when empty, as the
     coordinator does at job creation. Evaluation on `test` runs every
-    `spec.evaluation.every` rounds (accuracy/loss, or loss/perplexity for causal LM)."""
+    `spec.evaluation.every` rounds (accuracy/loss, or loss/perplexity for causal LM).
+
+    `tamper` rewrites (or refuses, with None) an update before the merge: bench/robustness.py's
+    hostile agent. `keep_going`: a round whose merge fails keeps the previous state and its row
+    says why (`failed`), as the coordinator does; else the AggregationError propagates."""
     _check(spec, clients)
     if not spec.module_shapes:
         shapes, extras = resolve_shapes(spec.base_model, spec.target_modules, spec.task_type, spec.num_labels)
@@ -123,11 +131,24 @@ def simulate(
             result = train(model, tok, c.examples, spec.train, spec.task_type, device, seed=client_seed(spec.seed, t))
             train_s.append(time.perf_counter() - t_c)
             sent += len(encode_update(result.factors, result.extras))
-            updates.append(ClientUpdate(c.name, result.factors, result.n_examples, result.extras, result.metrics))
+            upd = ClientUpdate(c.name, result.factors, result.n_examples, result.extras, result.metrics)
+            uploaded = upd if tamper is None else tamper(t, start, upd)
+            if uploaded is not None:
+                updates.append(uploaded)
             del model
         t_agg = time.perf_counter()
         plan = RoundPlan(round=t, ranks={c.name: dict.fromkeys(modules, c.rank) for c in chosen}, spectra=spectra)
-        state, report = strategy.aggregate(state, plan, updates, inplace=True)
+        try:
+            state, report = strategy.aggregate(state, plan, updates, inplace=not keep_going)
+        except AggregationError as e:
+            if not keep_going:
+                raise
+            state = GlobalState(state.round + 1, state.dense, state.factors, state.extras)  # previous model kept
+            row = {"round": t, "failed": str(e), "accuracy": rows[-1]["accuracy"] if rows else float("nan")}
+            rows.append(row)
+            if on_round is not None:
+                on_round(row)
+            continue
         aggregate_s = time.perf_counter() - t_agg
         ev: dict[str, float] = {}
         t_ev = time.perf_counter()

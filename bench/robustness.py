@@ -1,0 +1,164 @@
+"""Robustness of the global model to one hostile agent (issue 12), on `fedhl simulate`'s demo
+setting: MiniLM-L6, the vendored review corpus, 6 agents (ranks 2, 4, 8, 16 in turn), agent-0
+hostile. Each attack runs against each strategy with the defences on (the job's defaults:
+`max_examples_per_agent`, weights ≤ `max_weight_ratio / N`, update bound 3 × median, clip)
+and off (no size bound, no weight cap, no update bound), next to a clean run of the same
+strategy and defence setting.
+
+The hostile agent trains honestly, then rewrites its upload (`simulate(tamper=...)`):
+  size_above_bound  n_examples = max_examples_per_agent + 1
+  size_1e12         n_examples = 10**12
+  size_2p64         n_examples = 2**64 - 1
+  factors_1e20      every factor entry 1e20
+  scale_x1000       start + 1000 × (trained − start), per factor
+  sign_flip         start − (trained − start)
+With the defences on, a size above the bound is refused as the coordinator's edge refuses it
+(the agent is left out of that round); 2**64-1 is refused by the core in any case (beyond int64).
+Control-plane attacks (replay, revocation, restart mid-upload, metric flooding) do not touch
+the model and are covered by tests/coordinator/test_hostile_agents.py.
+
+Prints one JSON line per run and a final summary line with `attacks` and
+`worst_drop_pt_with_defence`. Resumable: a run whose JSON exists under --out is not run again.
+
+    python bench/robustness.py                                  # the full grid (~90 min, 2 idle cores)
+    python bench/robustness.py --rounds 4 --local-steps 4 --strategies fedhl,flexlora \\
+        --attacks size_1e12,factors_1e20,scale_x1000,sign_flip   # the reduced run in bench/README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedhl.core import ClientStart, ClientUpdate, LoRAFactors
+from fedhl.core.types import UploadError
+from fedhl.demo.run import add_arguments as demo_arguments
+from fedhl.demo.run import job_spec, model_path, split_corpus
+from fedhl.jobspec import JobSpec
+from fedhl.simulation import SimClient, simulate
+
+ATTACKS = ["size_above_bound", "size_1e12", "size_2p64", "factors_1e20", "scale_x1000", "sign_flip"]
+STRATEGIES = ["fedhl", "flexlora", "hetlora"]
+HOSTILE = "agent-0"
+DEFENCE_OFF = {"clip_k": None, "max_weight_ratio": 1e6, "max_examples_per_agent": 2**63 - 1}
+
+
+def _scaled(start: ClientStart, upd: ClientUpdate, k: float) -> ClientUpdate:
+    out = {}
+    for m, f in upd.factors.items():
+        s = start.factors[m]
+        out[m] = LoRAFactors(s.B + k * (f.B - s.B), s.A + k * (f.A - s.A))
+    return dataclasses.replace(upd, factors=out)
+
+
+def tamperer(attack: str, spec: JobSpec, defence: bool) -> Any:
+    bound = spec.defence.max_examples_per_agent
+
+    def tamper(round_: int, start: ClientStart, upd: ClientUpdate) -> ClientUpdate | None:
+        if upd.client_id != HOSTILE or attack == "clean":
+            return upd
+        if attack.startswith("size_"):
+            n = {"size_above_bound": 1_000_000 + 1, "size_1e12": 10**12, "size_2p64": 2**64 - 1}[attack]
+            if defence and n > bound:
+                return None  # the coordinator refuses it at the edge: INVALID_ARGUMENT, nothing stored
+            try:
+                return dataclasses.replace(upd, n_examples=n)
+            except UploadError:
+                return None  # beyond int64: refused by the core (and the edge) whatever the job says
+        if attack == "factors_1e20":
+            huge = {
+                m: LoRAFactors(torch.full_like(f.B, 1e20), torch.full_like(f.A, 1e20)) for m, f in upd.factors.items()
+            }
+            return dataclasses.replace(upd, factors=huge)
+        if attack == "scale_x1000":
+            return _scaled(start, upd, 1000.0)
+        if attack == "sign_flip":
+            return _scaled(start, upd, -1.0)
+        raise ValueError(f"unknown attack {attack!r}")
+
+    return tamper
+
+
+def run_one(args: argparse.Namespace, strategy: str, attack: str, defence: bool, path: Path) -> dict[str, Any]:
+    if path.exists():
+        return dict(json.loads(path.read_text()))
+    ns = argparse.Namespace(**{**vars(args), "strategy": strategy, "strategy_options": "{}"})
+    ns.train_options = json.dumps({"hetlora_gamma": 0.99, "hetlora_lambda": 1e-3} if strategy == "hetlora" else {})
+    ranks = [int(r) for r in args.ranks.split(",")]
+    train, test, shards = split_corpus(ns)
+    raw = job_spec(ns, model_path(args.model), ranks, None)
+    raw["defence"] = {} if defence else DEFENCE_OFF
+    spec = JobSpec.model_validate(raw)
+    clients = [SimClient(f"agent-{i}", ranks[i % len(ranks)], [train[j] for j in idx]) for i, idx in enumerate(shards)]
+    t0 = time.monotonic()
+    _, rows = simulate(spec, clients, test, tamper=tamperer(attack, spec, defence), keep_going=True)
+    acc = [r["accuracy"] for r in rows]
+    last = acc[-min(5, len(acc)) :]
+    named = 0
+    for r in rows:
+        rep = r.get("report") or {}
+        named += any(d["client"] == HOSTILE for d in rep.get("dropped", []) + rep.get("clipped", []))
+    hostile_w = [r["report"]["effective_weights"].get(HOSTILE, 0.0) for r in rows if "report" in r]
+    res = {
+        "attack": attack,
+        "strategy": strategy,
+        "defence": "on" if defence else "off",
+        "last5_accuracy": statistics.fmean(last),
+        "curve": acc,
+        "rounds_failed": sum(1 for r in rows if "failed" in r),
+        "failures": [r["failed"] for r in rows if "failed" in r],
+        "rounds_naming_hostile": named,
+        "hostile_effective_weight_max": max(hostile_w, default=0.0),
+        "wall_s": round(time.monotonic() - t0, 1),
+        "config": {k: getattr(args, k) for k in ("rounds", "local_steps", "agents", "ranks", "seed", "test_size")},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res))
+    return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo_arguments(p)
+    p.set_defaults(out="bench/results/robustness", test_size=400)
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--attacks", default=",".join(ATTACKS))
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    tag = f"r{args.rounds}-s{args.local_steps}-seed{args.seed}"
+    results = []
+    for strategy in args.strategies.split(","):
+        for defence in (True, False):
+            d = "on" if defence else "off"
+            clean = run_one(args, strategy, "clean", defence, out / tag / strategy / d / "clean.json")
+            print(json.dumps(clean), flush=True)
+            for attack in args.attacks.split(","):
+                res = run_one(args, strategy, attack, defence, out / tag / strategy / d / f"{attack}.json")
+                res["clean_last5_accuracy"] = clean["last5_accuracy"]
+                res["drop_pt"] = 100 * (clean["last5_accuracy"] - res["last5_accuracy"])
+                print(json.dumps(res), flush=True)
+                results.append(res)
+    keys = ("attack", "strategy", "defence", "last5_accuracy", "clean_last5_accuracy", "drop_pt", "rounds_failed")
+    attacks = [{k: r[k] for k in keys} for r in results]
+    on = [r["drop_pt"] for r in results if r["defence"] == "on"]
+    summary = {"attacks": attacks, "worst_drop_pt_with_defence": max(on, default=None)}
+    print(json.dumps(summary), flush=True)
+    (out / tag / "summary.json").write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
