@@ -5,6 +5,7 @@ leaves every stored state unchanged."""
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,10 +19,12 @@ from safetensors.torch import save
 from fedhl.agent.client import AgentClient, Task
 from fedhl.codec import decode_start, encode_update
 from fedhl.coordinator.app import Coordinator
+from fedhl.coordinator.errors import Code, ServiceError
 from fedhl.core import LoRAFactors
 from fedhl.jobspec import JobSpec
 from fedhl.storage.db import transaction
-from fedhl.storage.repos import AgentRepo
+from fedhl.storage.models import RoundState
+from fedhl.storage.repos import AgentRepo, RoundRepo
 from fedhl.v1 import agent_pb2, agent_pb2_grpc
 from stack import (
     BACKENDS,
@@ -291,3 +294,69 @@ def test_upload_resumes_after_a_dropped_stream(world: tuple[Coordinator, str]) -
     assert client.upload_status(task.task_id) == half
     res = stub.UploadUpdate(_stream({**h, "offset": half}, [data[half:]]), metadata=md)
     assert res.accepted and res.received == len(data)
+
+
+def test_register_rate_limits_are_per_peer_and_per_token(world: tuple[Coordinator, str]) -> None:
+    """A caller flooding Register with bad tokens spends its own budget only: other peers still
+    enrol; malformed requests are refused before any budget is spent."""
+    c, addr = world
+    svc = c.agents
+    for _ in range(5):  # cheap validation first: no bucket spent
+        with pytest.raises(ServiceError) as e:
+            svc.register("", "x", {}, peer="ipv4:10.0.0.1:1000")
+        assert e.value.code is Code.INVALID_ARGUMENT
+    codes = []
+    for i in range(40):
+        try:
+            svc.register(f"fedhl-enrol-bad{i}", "x", {}, peer=f"ipv4:10.0.0.1:{2000 + i}")  # new port each time
+        except ServiceError as e:
+            codes.append(e.code)
+    assert codes[:30] == [Code.PERMISSION_DENIED] * 30 and set(codes[30:]) == {Code.RESOURCE_EXHAUSTED}
+    client = AgentClient(addr)  # a different peer (loopback) still enrols
+    agent_id, _ = client.register(token(c), "good")
+    assert agent_id
+    client.close()
+
+
+def test_report_metrics_is_bounded_atomic_and_refused_on_closed_rounds(world: tuple[Coordinator, str]) -> None:
+    c, addr = world
+    job = c.jobs.create(JobSpec.model_validate(job_spec(selection={"count": 2, "min_clients": 2, "deadline_s": 60})))
+    tok = token(c)
+    clients = [AgentClient(addr) for _ in range(2)]
+    ids = [cl.register(tok, f"m{i}")[0] for i, cl in enumerate(clients)]
+    tasks = [wait_task(cl) for cl in clients]
+
+    def report(cl: AgentClient, task: Task, values: dict[str, float], step: int = 1) -> None:
+        req = agent_pb2.ReportMetricsRequest(task_id=task.task_id, metrics=values, step=step)
+        cl.stub.ReportMetrics(req, metadata=cl._md())
+
+    for bad in ({f"k{i}": 1.0 for i in range(33)}, {"k" * 65: 1.0}, {"loss": float("nan")}, {"": 1.0}):
+        with pytest.raises(grpc.RpcError) as e:
+            report(clients[0], tasks[0], bad)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # two agents reporting at once: neither loses the other's entry (row lock / serialised writer)
+    errors: list[BaseException] = []
+
+    def spam(k: int) -> None:
+        try:
+            for step in range(15):
+                report(clients[k], tasks[k], {"loss": float(step)}, step)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=spam, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    with transaction(c.deps.sessions) as s:
+        rnd = RoundRepo(s).active(job.id)
+        assert rnd is not None
+        assert {k: v["step"] for k, v in rnd.metrics.items()} == dict.fromkeys(ids, 14)
+        rnd.state = RoundState.FAILED
+    with pytest.raises(grpc.RpcError) as e:
+        report(clients[0], tasks[0], {"loss": 1.0})
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    for cl in clients:
+        cl.close()
