@@ -501,3 +501,46 @@ def test_leader_lock_is_exclusive_on_postgres_and_trivial_on_sqlite(sessions: Se
     finally:
         first.release()
         second.release()
+
+
+# ------------------------------------------------------------------------------ attribution (issue 12)
+
+
+def test_strikes_quarantine_and_rounds_passing(sessions: Sessions) -> None:
+    with transaction(sessions) as s:
+        a, _ = add_agent(s, "a")
+        b, _ = add_agent(s, "b")
+    with transaction(sessions) as s:
+        repo = AgentRepo(s)
+        assert [repo.strike(a.id, after=2, rounds=2) for _ in range(2)] == [False, True]
+        assert repo.strike(b.id, after=2, rounds=2) is False
+        assert repo.strike(b.id, after=2, rounds=0) is False  # quarantine off: no strike counted
+    with transaction(sessions) as s:
+        repo = AgentRepo(s)
+        assert repo.quarantined_ids() == {a.id}
+        repo.clear_strikes([b.id])
+        repo.pass_quarantine_round()
+    with transaction(sessions) as s:
+        assert (AgentRepo(s).get(a.id).quarantine_rounds, AgentRepo(s).get(b.id).strikes) == (1, 0)
+        AgentRepo(s).pass_quarantine_round()
+    with transaction(sessions) as s:
+        assert AgentRepo(s).quarantined_ids() == set()
+        assert AgentRepo(s).get(a.id).quarantine_rounds == 0
+
+
+def test_withdraw_unmerged_updates_only_from_collecting_rounds(sessions: Sessions) -> None:
+    with transaction(sessions) as s:
+        j1, j2 = add_job(s), add_job(s)
+        a, _ = add_agent(s, "a")
+        collecting = open_round(s, j1.id, [a.id])
+        aggregating = open_round(s, j2.id, [a.id])
+        add_upload(s, collecting, a.id)
+        add_upload(s, aggregating, a.id)
+        RoundRepo(s).transition(aggregating.id, [RoundState.OPEN], RoundState.AGGREGATING)
+        ids = (collecting.id, aggregating.id)
+    with transaction(sessions) as s:
+        assert RoundRepo(s).withdraw_unmerged_updates(a.id) == [(j1.id, 0, ids[0])]
+    with transaction(sessions) as s:
+        rounds = RoundRepo(s)
+        assert (rounds.update_count(ids[0]), rounds.update_count(ids[1])) == (0, 1)
+        assert rounds.get(ids[0]).assignments[0].state is AssignmentState.CANCELLED
