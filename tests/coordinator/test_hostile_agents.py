@@ -24,9 +24,11 @@ from fedhl.agent.client import AgentClient, Task
 from fedhl.agent.scripted import ScriptedAgent
 from fedhl.codec import decode_start, encode_update, load_state
 from fedhl.coordinator.admin import AgentAdmin
+from fedhl.coordinator.api.schemas import RoundPublic
 from fedhl.coordinator.app import Coordinator
 from fedhl.core import LoRAFactors
 from fedhl.jobspec import JobSpec
+from fedhl.metrics import REGISTRY
 from fedhl.storage.db import transaction
 from fedhl.storage.models import Agent, AuditEvent, Job, Round, RoundState
 from fedhl.storage.repos import AgentRepo
@@ -43,6 +45,10 @@ SPEC = job_spec(
     selection={"count": 4, "min_clients": 4, "deadline_s": 60, "quorum": 0.5},
     defence={"max_examples_per_agent": BOUND, "max_weight_ratio": RATIO, "quarantine_after": 3},
 )
+
+
+def counted(action: str, reason: str) -> float:
+    return REGISTRY.get_sample_value("fedhl_defence_actions_total", {"action": action, "reason": reason}) or 0.0
 
 
 def rejected(fn: object, code: grpc.StatusCode, *words: str) -> None:
@@ -157,6 +163,8 @@ def test_one_hostile_agent_among_honest_ones(backend: str, tmp_path: Path) -> No
             t.start()
         try:
             # -- round 0: refusals at the edge, then a ×1000 update
+            refused_before = counted("refused", "n_examples_above_bound")
+            clipped_before = counted("clipped", "update_norm_above_bound")
             task = pull(evil)
             start = evil.download(task.blobs[0][0])
             data = payload(start, 1000.0)
@@ -182,6 +190,9 @@ def test_one_hostile_agent_among_honest_ones(backend: str, tmp_path: Path) -> No
             rnd = wait(c, job.id, 0, {RoundState.COMMITTED, RoundState.FAILED})
             report = check_round(c, rnd, attacker, honest, must_name=True)
             assert any(x["client"] == attacker for x in report["clipped"])  # type: ignore[union-attr]
+            assert counted("refused", "n_examples_above_bound") == refused_before + 2
+            assert counted("clipped", "update_norm_above_bound") >= clipped_before + 1
+            assert RoundPublic.of(rnd).defence["agents"] == 1  # REST: the round's counts
             with transaction(c.deps.sessions) as s:
                 refusals = s.scalars(select(AuditEvent).where(AuditEvent.action == "upload_refused")).all()
                 assert {e.actor for e in refusals} == {f"agent:{attacker}"}
@@ -212,6 +223,8 @@ def test_one_hostile_agent_among_honest_ones(backend: str, tmp_path: Path) -> No
             evil.upload(task, payload(evil.download(task.blobs[0][0]), 1.0), BOUND)
             AgentAdmin(c.deps).revoke_agent(attacker)
             rejected(lambda: evil.pull_task(1), grpc.StatusCode.PERMISSION_DENIED)
+            again = payload(start, 1.0)
+            rejected(lambda: send(evil, task, again, BOUND), grpc.StatusCode.PERMISSION_DENIED)  # upload after revocation
             rnd = wait(c, job.id, 3, {RoundState.COMMITTED, RoundState.FAILED})
             report = check_round(c, rnd, attacker, honest, must_name=False)
             assert attacker not in report["clients"]
