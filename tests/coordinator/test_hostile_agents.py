@@ -224,7 +224,7 @@ def test_one_hostile_agent_among_honest_ones(backend: str, tmp_path: Path) -> No
             AgentAdmin(c.deps).revoke_agent(attacker)
             rejected(lambda: evil.pull_task(1), grpc.StatusCode.PERMISSION_DENIED)
             again = payload(start, 1.0)
-            rejected(lambda: send(evil, task, again, BOUND), grpc.StatusCode.PERMISSION_DENIED)  # upload after revocation
+            rejected(lambda: send(evil, task, again, BOUND), grpc.StatusCode.PERMISSION_DENIED)  # after revocation
             rnd = wait(c, job.id, 3, {RoundState.COMMITTED, RoundState.FAILED})
             report = check_round(c, rnd, attacker, honest, must_name=False)
             assert attacker not in report["clients"]
