@@ -94,8 +94,8 @@ class DefenceConfig(Strict):
     clip_action: Literal["clip", "reject"] = "clip"
     # no client weighs more than max_weight_ratio / N; None: the strategy's default (4)
     max_weight_ratio: float | None = Field(default=None, ge=1, le=1e6)
-    # an agent with a refused, dropped or clipped upload in this many rounds in a row is not
-    # selected for quarantine_rounds rounds (0: never quarantined)
+    # an agent with this many refused or dropped uploads (clips do not count) since its last
+    # clean round is not selected for quarantine_rounds rounds (0: never quarantined)
     quarantine_after: int = Field(default=3, ge=1, le=1000)
     quarantine_rounds: int = Field(default=5, ge=0, le=100_000)
 

@@ -116,14 +116,16 @@ def commit_round(deps: Deps, inp: RoundInputs, shard_keys: list[tuple[str, float
 
 
 def attribute(s: Session, inp: RoundInputs, report: RoundReport, worker: str) -> None:
-    """Every dropped or clipped upload goes to the audit log by agent and reason and counts a
-    strike; repeated offenders are quarantined (JobSpec.defence); a clean round clears them."""
+    """Every dropped or clipped upload goes to the audit log by agent and reason. A drop counts a
+    strike (repeated offenders are quarantined, JobSpec.defence); a clip does not: an honest
+    agent at a larger rank can sit above k × median round after round. A clean round clears
+    the count."""
     d = inp.spec.defence
     agents, audit = AgentRepo(s), AuditRepo(s)
     offences = report.offences()
     for agent_id, reasons in offences.items():
         audit.record(worker, "upload_bounded", inp.job_id, agent_id=agent_id, round=inp.number, reasons=reasons)
-        if agents.strike(agent_id, d.quarantine_after, d.quarantine_rounds):
+        if reasons != ["clipped"] and agents.strike(agent_id, d.quarantine_after, d.quarantine_rounds):
             audit.record(worker, "agent_quarantined", inp.job_id, agent_id=agent_id, rounds=d.quarantine_rounds)
             metrics.QUARANTINES.inc()
     agents.clear_strikes([c for c in report.clients if c not in offences])

@@ -161,7 +161,7 @@ class AgentRepo:
         return True
 
     def strike(self, agent_id: str, after: int, rounds: int) -> bool:
-        """One more offence (a refused, dropped or clipped upload). At `after` strikes the agent
+        """One more offence (a refused or dropped upload). At `after` strikes the agent
         is left out of selection for `rounds` rounds and its count restarts; True then."""
         agent = self.s.get(Agent, agent_id, with_for_update=True)
         if agent is None or rounds <= 0:

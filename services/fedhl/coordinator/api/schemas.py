@@ -154,7 +154,7 @@ class AgentPublic(_Public):
     alive: bool = Field(description="its heartbeat has not expired")
     created_at: datetime
     last_seen_at: datetime | None
-    strikes: int = Field(description="refused, dropped or clipped uploads since its last clean round")
+    strikes: int = Field(description="refused or dropped uploads since its last clean round (clips do not count)")
     quarantine_rounds: int = Field(description="rounds it is still left out of selection for (0: selectable)")
 
     @classmethod
