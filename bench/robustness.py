@@ -21,8 +21,9 @@ Prints one JSON line per run and a final summary line with `attacks` and
 `worst_drop_pt_with_defence`. Resumable: a run whose JSON exists under --out is not run again.
 
     python bench/robustness.py                                  # the full grid (~90 min, 2 idle cores)
-    python bench/robustness.py --rounds 4 --local-steps 4 --strategies fedhl,flexlora \\
-        --attacks size_1e12,factors_1e20,scale_x1000,sign_flip   # the reduced run in bench/README.md
+    python bench/robustness.py --rounds 5 --local-steps 4 --test-size 200 --strategies fedhl \\
+        --attacks scale_x1000,factors_1e20 [--defences on|off]   # the reduced run in bench/README.md
+    python bench/robustness.py --rounds 5 --local-steps 4 --summary-only    # the summary line from the runs on disk
 """
 
 from __future__ import annotations
@@ -132,7 +133,9 @@ def main() -> int:
     p.set_defaults(out="bench/results/robustness", test_size=400)
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--attacks", default=",".join(ATTACKS))
+    p.add_argument("--defences", default="on,off", help="on, off or both (a second process can take the other)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--summary-only", action="store_true", help="summarise the runs on disk; run nothing")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -140,8 +143,18 @@ def main() -> int:
     out = Path(args.out)
     tag = f"r{args.rounds}-s{args.local_steps}-seed{args.seed}"
     results = []
-    for strategy in args.strategies.split(","):
-        for defence in (True, False):
+    if args.summary_only:
+        for clean_path in sorted((out / tag).glob("*/*/clean.json")):
+            clean = json.loads(clean_path.read_text())
+            for f in sorted(clean_path.parent.glob("*.json")):
+                if f.name != "clean.json":
+                    res = json.loads(f.read_text())
+                    res["clean_last5_accuracy"] = clean["last5_accuracy"]
+                    res["drop_pt"] = 100 * (clean["last5_accuracy"] - res["last5_accuracy"])
+                    results.append(res)
+        args.strategies, args.defences = "", "on,off"
+    for strategy in filter(None, args.strategies.split(",")):
+        for defence in [d == "on" for d in args.defences.split(",")]:
             d = "on" if defence else "off"
             clean = run_one(args, strategy, "clean", defence, out / tag / strategy / d / "clean.json")
             print(json.dumps(clean), flush=True)
@@ -156,7 +169,7 @@ def main() -> int:
     on = [r["drop_pt"] for r in results if r["defence"] == "on"]
     summary = {"attacks": attacks, "worst_drop_pt_with_defence": max(on, default=None)}
     print(json.dumps(summary), flush=True)
-    (out / tag / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / tag / f"summary-{args.defences.replace(',', '-')}.json").write_text(json.dumps(summary, indent=2))
     return 0
 
 
