@@ -20,7 +20,7 @@ the model and are covered by tests/coordinator/test_hostile_agents.py.
 Prints one JSON line per run and a final summary line with `attacks` and
 `worst_drop_pt_with_defence`. Resumable: a run whose JSON exists under --out is not run again.
 
-    python bench/robustness.py   # the full grid: 42 runs of 10 rounds, ≈ 7 min each on an idle core (≈ 2.5 h two at a time)
+    python bench/robustness.py   # the full grid: 42 runs of 10 rounds, ≈ 7 min each on one idle core
     python bench/robustness.py --rounds 5 --local-steps 4 --test-size 200 --strategies fedhl \\
         --attacks scale_x1000,factors_1e20 [--defences on|off]   # the reduced run in bench/README.md
     python bench/robustness.py --rounds 5 --local-steps 4 --summary-only    # the summary line from the runs on disk
