@@ -19,8 +19,11 @@ Cursor = Annotated[
     str | None,
     Query(max_length=19, pattern=r"^[0-9]{1,18}$", description=f"the previous page's {NEXT_CURSOR} header"),
 ]
-# Identifiers in paths: bounded strings (ids are short) and integers that fit the database.
-IdPath = Annotated[str, Path(min_length=1, max_length=128)]
+# Identifiers: bounded strings of id characters (ids are uuid hex; a NUL byte or other control
+# character would otherwise reach the database and fail there: a 500) and integers that fit it.
+ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+IdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN)]
+IdQuery = Annotated[str | None, Query(min_length=1, max_length=128, pattern=ID_PATTERN)]
 RoundIdPath = Annotated[int, Path(ge=1, le=MAX_DB_INT)]
 RoundNumberPath = Annotated[int, Path(ge=0, le=MAX_DB_INT)]
 

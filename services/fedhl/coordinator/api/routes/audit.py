@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Response
 
 from ....storage.repos import AuditRepo
 from ..deps import SessionDep
-from ..paging import MAX_PAGE, PAGE_RESPONSE, Cursor, page
+from ..paging import MAX_PAGE, PAGE_RESPONSE, Cursor, IdQuery, page
 from ..schemas import AuditEventPublic
 
 router = APIRouter(prefix="/audit", tags=["audit"])
@@ -18,7 +18,7 @@ router = APIRouter(prefix="/audit", tags=["audit"])
 def list_audit_events(
     session: SessionDep,
     response: Response,
-    job_id: Annotated[str | None, Query(max_length=128)] = None,
+    job_id: IdQuery = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 200,
     cursor: Cursor = None,
 ) -> list[AuditEventPublic]:
