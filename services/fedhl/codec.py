@@ -8,7 +8,9 @@
 - spectra: `U::<m>`, `S::<m>`, `Vh::<m>` with `spectrum::<m>` metadata.
 - shard result (one aggregation task's output): the state under `state::`, the next round's
   spectra under `next::` and each rank's start package under `start::<rank>::`, tensors that
-  share memory stored once (`aliases`), the partial report as JSON metadata.
+  share memory stored once (`aliases`), the partial report, round and rank set as metadata.
+  Written module by module (`ShardWriter`); the round's artifacts are written from the shard
+  files byte range by byte range (`assemble_files`).
 """
 
 from __future__ import annotations
