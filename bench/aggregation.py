@@ -34,6 +34,7 @@ from fedhl.core import (
     LoRAFactors,
     LoRAScaling,
     RoundPlan,
+    Spectrum,
     SVDConfig,
     WeightConfig,
 )
@@ -128,6 +129,40 @@ def naive_round(
     return out, truncs, time.perf_counter() - t0
 
 
+def f64_check(
+    strategy: FedHL,
+    plan: RoundPlan,
+    updates: list[ClientUpdate],
+    old: dict[str, torch.Tensor],
+    merged: GlobalState,
+    modules: list[str],
+) -> float:
+    """Largest relative error of the merged modules against a float64 CPU merge of the same
+    inputs (same uploads, same spectra: the round's weights see every module)."""
+    ref = FedHL(strategy.scaling, seed=strategy.seed, device="cpu", compute_dtype=torch.float64, svd=strategy.svd)
+    spectra = {
+        m: Spectrum(s.U.cpu().double(), s.S.cpu().double(), s.Vh.cpu().double(), s.total_energy, s.method, s.residual)
+        for m, s in plan.spectra.items()
+    }
+    plan64 = RoundPlan(round=plan.round, ranks=plan.ranks, spectra=spectra)
+    state = GlobalState(round=plan.round, dense={m: old[m].cpu().double() for m in modules})
+    ups = [
+        ClientUpdate(
+            u.client_id,
+            {m: LoRAFactors(u.factors[m].B.cpu().double(), u.factors[m].A.cpu().double()) for m in modules},
+            u.n_examples,
+        )
+        for u in updates
+    ]
+    new64, _ = ref.aggregate(state, plan64, ups)
+    err = 0.0
+    for m in modules:
+        want = new64.dense[m]
+        got = merged.dense[m].cpu().double()
+        err = max(err, float(torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want)))
+    return err
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI-sized: 2 layers at 2048×2048, naive on 1 module")
@@ -136,6 +171,9 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--ranks", default="4,8,16,32,64")
     ap.add_argument("--naive-modules", type=int, default=2)
+    ap.add_argument(
+        "--f64-check", type=int, default=0, help="compare this many merged modules with a float64 CPU merge"
+    )
     ap.add_argument("--spectrum", choices=["stepped", "power"], default="stepped")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -144,6 +182,7 @@ def main() -> None:
         action="store_true",
         help="time a full aggregation job through `fedhl aggregator` (1 vs 2 workers; Postgres + Redis)",
     )
+    ap.add_argument("--worker-counts", default="1,2", help="with --worker: the worker counts to run, in order")
     ap.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/9")
     args = ap.parse_args()
@@ -191,7 +230,10 @@ def main() -> None:
         for m in modules:
             u.factors[m]
     t_gen = time.perf_counter() - t0
-    old = {m: state.dense[m].clone() for m in modules[: args.naive_modules]}
+    n_keep = max(args.naive_modules, args.f64_check)
+    old = {m: state.dense[m].clone() for m in modules[:n_keep]}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     t0 = time.perf_counter()
     new_state, report = strategy.aggregate(state, plan, updates, inplace=True)
@@ -199,6 +241,8 @@ def main() -> None:
     t_merge = time.perf_counter() - t0 - t_gen
     fast_seconds = t_start + t_merge
     fast_rss = peak_rss_mb()
+    peak_device_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    f64_err = f64_check(strategy, plan, updates, old, new_state, modules[: args.f64_check]) if args.f64_check else None
     print(
         f"fast: start factors {t_start:.2f}s + merge {t_merge:.2f}s = {fast_seconds:.2f}s "
         f"(upload generation {t_gen:.2f}s excluded); svd {report.svd}",
@@ -247,6 +291,9 @@ def main() -> None:
         "peak_rss_mb": round(fast_rss, 1),
         "rss_before_round_mb": round(rss_before, 1),
         "n_eff": round(report.n_eff, 2),
+        "peak_device_mb": None if peak_device_mb is None else round(peak_device_mb, 1),
+        "f64_rel_error": f64_err,
+        "f64_checked_modules": args.f64_check,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "torch_threads": torch.get_num_threads(),
     }

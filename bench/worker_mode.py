@@ -110,6 +110,7 @@ def run_job(args: argparse.Namespace, workers: int, shards: int, tmp: Path) -> d
         )
         assert c.agents.upload(a, h, [payload]).accepted
     t_up = time.perf_counter() - t_up
+    state_mb = 4 * sum(o * i for o, i in modules.values()) / 2**20  # float32 dense W_t
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDHL_")}
     env.update(
         FEDHL_ENV="development",
@@ -159,6 +160,8 @@ def run_job(args: argparse.Namespace, workers: int, shards: int, tmp: Path) -> d
         "max_shard_s": round(t["max_shard_s"], 3),
         "merge_fraction": round(t["merge_s"] / wall, 3),
         "worker_peak_rss_mb": round(max(rss.values()), 1),
+        "state_mb": round(state_mb, 1),
+        "rss_over_state": round(max(rss.values()) / state_mb, 2),
         "upload_bytes": n_bytes,
         "upload_validation_s": round(t_up, 2),
         "device": t["device"],
@@ -168,27 +171,30 @@ def run_job(args: argparse.Namespace, workers: int, shards: int, tmp: Path) -> d
 def main(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT / "services"))
     results = []
+    counts = [int(w) for w in args.worker_counts.split(",")]
     with tempfile.TemporaryDirectory(prefix="fedhl-wbench-") as d:
-        for workers, shards in ((1, 1), (2, 2)):
+        for workers, shards in ((w, w) for w in counts):
             tmp = Path(d) / f"w{workers}"
             tmp.mkdir()
             res = run_job(args, workers, shards, tmp)
             print(json.dumps(res), flush=True)
             results.append(res)
-    one, two = results
-    print(
-        json.dumps(
-            {
-                "mode": "worker",
-                "modules": 2 * args.layers,
-                "shape": [args.dim, args.dim],
-                "clients": args.clients,
-                "seconds_1_worker": one["job_wall_s"],
-                "seconds_2_workers": two["job_wall_s"],
-                "speedup_2_workers": round(one["job_wall_s"] / two["job_wall_s"], 2),
-                "merge_fraction_1_worker": one["merge_fraction"],
-                "worker_peak_rss_mb": one["worker_peak_rss_mb"],
-                "device": one["device"],
-            }
-        )
-    )
+    one = results[0]
+    summary = {
+        "mode": "worker",
+        "modules": 2 * args.layers,
+        "shape": [args.dim, args.dim],
+        "clients": args.clients,
+        f"seconds_{one['workers']}_worker": one["job_wall_s"],
+        "merge_fraction_1_worker": one["merge_fraction"],
+        "worker_peak_rss_mb": one["worker_peak_rss_mb"],
+        "state_mb": one["state_mb"],
+        "rss_over_state": one["rss_over_state"],
+        "device": one["device"],
+    }
+    if len(results) > 1:
+        two = results[1]
+        summary[f"seconds_{two['workers']}_workers"] = two["job_wall_s"]
+        summary[f"worker_peak_rss_mb_{two['workers']}_workers"] = two["worker_peak_rss_mb"]
+        summary["speedup_2_workers"] = round(one["job_wall_s"] / two["job_wall_s"], 2)
+    print(json.dumps(summary))

@@ -8,12 +8,15 @@
 - spectra: `U::<m>`, `S::<m>`, `Vh::<m>` with `spectrum::<m>` metadata.
 - shard result (one aggregation task's output): the state under `state::`, the next round's
   spectra under `next::` and each rank's start package under `start::<rank>::`, tensors that
-  share memory stored once (`aliases`), the partial report as JSON metadata.
+  share memory stored once (`aliases`), the partial report, round and rank set as metadata.
+  Written module by module (`ShardWriter`); the round's artifacts are written from the shard
+  files byte range by byte range (`assemble_files`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,7 @@ from torch import Tensor
 
 from .core.svd import Spectrum
 from .core.types import ClientStart, GlobalState, LoRAFactors
+from .tensorfile import AppendWriter, Entry, PlannedWriter, TensorFileError, encode, read_header, read_into
 
 STATE_FORMAT = "fedhl-state/1"
 ALLOWED_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
@@ -48,58 +52,99 @@ def _cpu(t: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ state
+def state_metadata(round_: int) -> dict[str, str]:
+    # one metadata entry: safetensors keeps metadata in a hash map whose order varies per process
+    return {"fedhl": json.dumps({"format": STATE_FORMAT, "round": round_})}
+
+
 def save_state(state: GlobalState, path: str | Path) -> None:
     # sorted: the same state is the same bytes, hence the same content address
     tensors = {k: _cpu(v) for k, v in sorted(state.tensors().items())}
-    # one metadata entry: safetensors keeps metadata in a hash map whose order varies per process
-    save_file(tensors, str(path), metadata={"fedhl": json.dumps({"format": STATE_FORMAT, "round": state.round})})
+    save_file(tensors, str(path), metadata=state_metadata(state.round))
+
+
+class StateReader:
+    """A stored state, read one module at a time: the header is checked when the reader opens,
+    each module is read from the file when asked for (into memory of its own, so releasing it
+    releases it), so a worker need not hold the whole state."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:  # validates offsets and sizes
+                meta = f.metadata() or {}
+            self.entries, _ = read_header(path)
+        except (SafetensorError, TensorFileError, OSError) as e:
+            raise StateFileError(f"{path}: not a readable safetensors file ({e})") from None
+        try:
+            info = json.loads(meta.get("fedhl", "{}"))
+        except json.JSONDecodeError:
+            info = {}
+        if not isinstance(info, dict) or info.get("format") != STATE_FORMAT:
+            raise StateFileError(f"{path}: not a {STATE_FORMAT!r} file")
+        if not isinstance(info.get("round"), int) or info["round"] < 0:
+            raise StateFileError(f"{path}: metadata has no valid round")
+        self.round: int = info["round"]
+        by_kind: dict[str, set[str]] = {"dense": set(), "lora_B": set(), "lora_A": set(), "extra": set()}
+        for key in self.entries:
+            kind, _, name = key.partition("::")
+            if kind not in by_kind:
+                raise StateFileError(f"{path}: unexpected tensor {key!r}")
+            by_kind[kind].add(name)
+        if by_kind["lora_B"] != by_kind["lora_A"]:
+            raise StateFileError(f"{path}: unpaired LoRA factors {sorted(by_kind['lora_B'] ^ by_kind['lora_A'])}")
+        if by_kind["dense"] and by_kind["lora_B"]:
+            raise StateFileError(f"{path}: both dense and factor modules")
+        self.dense = bool(by_kind["dense"])
+        self.modules = sorted(by_kind["dense"] | by_kind["lora_B"])
+        self.extra_names = sorted(by_kind["extra"])
+
+    def _read(self, key: str) -> Tensor:
+        e = self.entries[key]
+        t = torch.empty(e.shape, dtype=e.dtype)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            read_into(fd, e, t)
+        finally:
+            os.close(fd)
+        return t
+
+    def module(self, name: str) -> Tensor | LoRAFactors:
+        """Module `name`: its dense W_t, or its factors."""
+        if self.dense:
+            return self._read(f"dense::{name}")
+        try:
+            return LoRAFactors(self._read(f"lora_B::{name}"), self._read(f"lora_A::{name}"))
+        except ValueError as e:
+            raise StateFileError(f"{self.path}: module {name!r}: {e}") from None
+
+    def placeholder(self, name: str) -> Tensor | LoRAFactors:
+        """Module `name` with its shape and dtype but no data (device "meta"), to stand in for
+        it until it is read."""
+
+        def meta(key: str) -> Tensor:
+            e = self.entries[key]
+            return torch.empty(e.shape, dtype=e.dtype, device="meta")
+
+        if self.dense:
+            return meta(f"dense::{name}")
+        return LoRAFactors(meta(f"lora_B::{name}"), meta(f"lora_A::{name}"))
+
+    def extras(self) -> dict[str, Tensor]:
+        return {k: self._read(f"extra::{k}") for k in self.extra_names}
 
 
 def load_state(path: str | Path, modules: Collection[str] | None = None) -> GlobalState:
     """The state in `path`; with `modules`, only those modules (and every extra) are read."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if modules is None:
-                tensors = load_file(str(path))
-            else:
-                keep = set(modules)
-                names = list(f.keys())  # a safe_open handle is not a mapping
-                tensors = {k: f.get_tensor(k) for k in names if k.partition("::")[2] in keep or k.startswith("extra::")}
-    except (SafetensorError, OSError) as e:
-        raise StateFileError(f"{path}: not a readable safetensors file ({e})") from None
-    try:
-        info = json.loads(meta.get("fedhl", "{}"))
-    except json.JSONDecodeError:
-        info = {}
-    if not isinstance(info, dict) or info.get("format") != STATE_FORMAT:
-        raise StateFileError(f"{path}: not a {STATE_FORMAT!r} file")
-    if not isinstance(info.get("round"), int) or info["round"] < 0:
-        raise StateFileError(f"{path}: metadata has no valid round")
-    state = GlobalState(round=info["round"])
-    B: dict[str, Tensor] = {}
-    A: dict[str, Tensor] = {}
-    for key, t in tensors.items():
-        kind, _, name = key.partition("::")
-        if kind == "dense":
-            state.dense[name] = t
-        elif kind == "lora_B":
-            B[name] = t
-        elif kind == "lora_A":
-            A[name] = t
-        elif kind == "extra":
-            state.extras[name] = t
+    reader = StateReader(path)
+    state = GlobalState(round=reader.round, extras=reader.extras())
+    keep = reader.modules if modules is None else [m for m in reader.modules if m in set(modules)]
+    for m in keep:
+        t = reader.module(m)
+        if isinstance(t, Tensor):
+            state.dense[m] = t
         else:
-            raise StateFileError(f"{path}: unexpected tensor {key!r}")
-    if set(B) != set(A):
-        raise StateFileError(f"{path}: unpaired LoRA factors {sorted(set(B) ^ set(A))}")
-    if state.dense and B:
-        raise StateFileError(f"{path}: both dense and factor modules")
-    for name in B:
-        try:
-            state.factors[name] = LoRAFactors(B[name], A[name])
-        except ValueError as e:
-            raise StateFileError(f"{path}: module {name!r}: {e}") from None
+            state.factors[m] = t
     return state
 
 
@@ -244,7 +289,7 @@ def start_tensors(start: ClientStart, *, as_float32: bool = True) -> dict[str, T
 
 
 def encode_start(start: ClientStart, metadata: Mapping[str, str] | None = None) -> bytes:
-    return save(start_tensors(start), metadata=dict(metadata or {}))
+    return encode(start_tensors(start), dict(metadata or {}))
 
 
 def _start_from(names: Iterable[str], get: Callable[[str], Tensor]) -> ClientStart:
@@ -303,7 +348,7 @@ def read_spectra(h: Any, meta: Mapping[str, str], prefix: str = "") -> dict[str,
 
 def encode_spectra(spectra: Mapping[str, Spectrum]) -> bytes:
     tensors, meta = spectra_tensors(spectra)
-    return save(tensors, metadata=meta)
+    return encode(tensors, meta)
 
 
 def load_spectra(path: str | Path) -> dict[str, Spectrum]:
@@ -322,18 +367,42 @@ class ShardResult:
     report: dict[str, Any] = field(default_factory=dict)  # partial report (JSON-safe)
 
 
+class ShardWriter:
+    """A shard result written part by part as the merge produces it — one module's new state,
+    next-round spectra and start factors at a time, then the extras — so the worker never holds
+    the shard's whole result (same layout as `save_shard`; `load_shard` reads either)."""
+
+    def __init__(self, path: str | Path, round_: int, ranks: Iterable[int]) -> None:
+        self.out = AppendWriter(path)
+        self.meta: dict[str, str] = {"round": str(round_), "ranks": json.dumps(sorted(ranks))}
+        self.aliases: dict[str, str] = {}
+
+    def add(self, state: GlobalState, spectra: Mapping[str, Spectrum], starts: Mapping[int, ClientStart]) -> None:
+        """Some modules' results (with their extras, if `state` has any). Tensors that share
+        memory within one call are stored once."""
+        tensors = {f"state::{k}": _cpu(v) for k, v in state.tensors().items()}
+        spec_t, meta = spectra_tensors(spectra)
+        tensors.update({f"next::{k}": v for k, v in spec_t.items()})
+        for r, start in starts.items():
+            lean = ClientStart(start.factors, start.base_residual)  # extras are the state's, published once
+            tensors.update({f"start::{r}::{k}": v for k, v in start_tensors(lean, as_float32=False).items()})
+        kept, aliases = _store_shared_once(tensors)
+        for name in sorted(kept):
+            self.out.write(name, kept[name])
+        self.meta.update(meta)
+        self.aliases.update(aliases)
+
+    def close(self, report: Mapping[str, Any]) -> None:
+        self.out.close({**self.meta, "aliases": json.dumps(self.aliases), "report": json.dumps(report)})
+
+    def discard(self) -> None:
+        self.out.discard()
+
+
 def save_shard(res: ShardResult, path: str | Path) -> None:
-    tensors = {f"state::{k}": _cpu(v) for k, v in res.state.tensors().items()}
-    spec_t, meta = spectra_tensors(res.spectra)
-    tensors.update({f"next::{k}": v for k, v in spec_t.items()})
-    for r, start in res.starts.items():
-        lean = ClientStart(start.factors, start.base_residual)  # extras are the state's, published once
-        tensors.update({f"start::{r}::{k}": v for k, v in start_tensors(lean, as_float32=False).items()})
-    tensors, aliases = _store_shared_once(tensors)
-    meta["aliases"] = json.dumps(aliases)
-    meta["report"] = json.dumps(res.report)
-    meta["round"] = str(res.state.round)
-    save_file(tensors, str(path), metadata=meta)
+    w = ShardWriter(path, res.state.round, res.starts)
+    w.add(res.state, res.spectra, res.starts)
+    w.close(res.report)
 
 
 def _store_shared_once(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -369,7 +438,7 @@ def load_shard(path: str | Path) -> ShardResult:
 
         names = [*h.keys(), *aliases]
         state = _state_from(_under("state::", names), _prefixed(get, "state::"), int(meta["round"]))
-        by_rank: dict[int, list[str]] = {}
+        by_rank: dict[int, list[str]] = {r: [] for r in json.loads(meta.get("ranks", "[]"))}
         for name in _under("start::", names):
             r_s, _, rest = name.partition("::")
             by_rank.setdefault(int(r_s), []).append(rest)
@@ -384,3 +453,79 @@ def _under(prefix: str, names: Iterable[str]) -> list[str]:
 
 def _prefixed(get: Callable[[str], Tensor], prefix: str) -> Callable[[str], Tensor]:
     return lambda name: get(prefix + name)
+
+
+# --------------------------------------------------------------- shard results → artifacts
+@dataclass
+class AssembledFiles:
+    """The round's artifacts, written from its shard results: the new state, the next round's
+    spectra (None for strategies without) and one start package per rank."""
+
+    round: int
+    state: Path
+    spectra: Path | None
+    starts: dict[int, Path]
+    reports: list[dict[str, Any]]
+
+
+def assemble_files(shards: list[Path], out_dir: Path, start_meta: Mapping[str, str]) -> AssembledFiles:
+    """Write the artifacts tensor by tensor, copying byte ranges between files (a start factor
+    stored in another dtype than the published float32 is converted one tensor at a time). The
+    state has the bytes `save_state` gives, spectra and start packages those of `encode_spectra`
+    and `encode_start`."""
+    srcs: dict[str, tuple[int, Entry]] = {}  # name in the shard files (aliases resolved) -> (fd, range)
+    meta_all: dict[str, str] = {}
+    reports: list[dict[str, Any]] = []
+    ranks: set[int] = set()
+    fds: list[int] = []
+    try:
+        for path in shards:
+            entries, meta = read_header(path)
+            fds.append(os.open(path, os.O_RDONLY))
+            aliases: dict[str, str] = json.loads(meta.get("aliases", "{}"))
+            for name in [*entries, *aliases]:
+                srcs[name] = (fds[-1], entries[aliases.get(name, name)])
+            meta_all.update({k: v for k, v in meta.items() if k.startswith("spectrum::")})
+            reports.append(json.loads(meta["report"]))
+            ranks.update(json.loads(meta.get("ranks", "[]")))
+            round_ = int(meta["round"])
+        state = {n[len("state::") :]: s for n, s in srcs.items() if n.startswith("state::")}
+        out = AssembledFiles(round_, out_dir / "state.safetensors", None, {}, reports)
+        _write_from(out.state, state, state_metadata(round_))
+        spectra = {n[len("next::") :]: s for n, s in srcs.items() if n.startswith("next::")}
+        if spectra:
+            out.spectra = out_dir / "spectra.safetensors"
+            _write_from(out.spectra, spectra, meta_all)
+        ranks.update(int(n.split("::")[1]) for n in srcs if n.startswith("start::"))
+        extras = {n: s for n, s in state.items() if n.startswith("extra::")}
+        for r in sorted(ranks):
+            prefix = f"start::{r}::"
+            factors = {n[len(prefix) :]: s for n, s in srcs.items() if n.startswith(prefix)}
+            out.starts[r] = out_dir / f"start-{r}.safetensors"
+            _write_from(out.starts[r], {**factors, **extras}, {**start_meta, "rank": str(r)}, float32=set(factors))
+        return out
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _write_from(
+    path: Path,
+    srcs: Mapping[str, tuple[int, Entry]],
+    metadata: Mapping[str, str],
+    float32: Collection[str] = (),
+) -> None:
+    """A file of the tensors `srcs` (name -> range in an open file); names in `float32` are
+    stored as float32 whatever their dtype in the source."""
+
+    def dtype(name: str) -> torch.dtype:
+        return torch.float32 if name in float32 else srcs[name][1].dtype
+
+    with PlannedWriter(path, {n: (dtype(n), e.shape) for n, (_, e) in srcs.items()}, metadata) as w:
+        for name, (fd, e) in srcs.items():
+            if dtype(name) == e.dtype:
+                w.copy(name, fd, e)
+            else:
+                t = torch.empty(e.shape, dtype=e.dtype)
+                read_into(fd, e, t)
+                w.write(name, t.float())

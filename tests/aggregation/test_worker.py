@@ -13,20 +13,39 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save
 from sqlalchemy import select
 
 from fedhl.agent.scripted import ScriptedAgent
-from fedhl.aggregation.compute import compute_shard
-from fedhl.aggregation.inputs import load_inputs
-from fedhl.aggregation.shards import assemble, get_shard, put_shard
-from fedhl.artifacts import put_state
-from fedhl.codec import ShardResult, decode_start, encode_update, load_state
+from fedhl.aggregation.commit import run_task
+from fedhl.aggregation.compute import compute_shard, compute_shard_file
+from fedhl.aggregation.inputs import RoundInputs, load_inputs
+from fedhl.aggregation.shards import assemble, get_shard, publish, put_shard
+from fedhl.artifacts import (
+    get_spectra,
+    initial_state,
+    next_round_artifacts,
+    put_spectra,
+    put_start_packages,
+    put_state,
+    start_meta,
+)
+from fedhl.codec import (
+    ShardResult,
+    UploadFactors,
+    decode_start,
+    encode_update,
+    load_state,
+    read_update_extras,
+    state_metadata,
+)
 from fedhl.coordinator.app import Coordinator
-from fedhl.core import LoRAFactors
+from fedhl.core import ClientUpdate, LoRAFactors, RoundPlan
 from fedhl.jobspec import JobSpec
 from fedhl.storage.db import transaction
 from fedhl.storage.models import Checkpoint, Job, Round, RoundState
@@ -136,6 +155,82 @@ def _same_as_read_back(kept: ShardResult, read: ShardResult) -> None:
             same(kept.starts[r].factors[m].B, f.B, f"start {r} {m} B")
             same(kept.starts[r].factors[m].A, f.A, f"start {r} {m} A")
         assert kept.starts[r].base_residual.keys() == st.base_residual.keys()
+
+
+def _same_spectra(c: Coordinator, key: str, ref_key: str) -> None:
+    got, ref = get_spectra(c.deps.blobs, key), get_spectra(c.deps.blobs, ref_key)
+    assert got.keys() == ref.keys()
+    for m, sp in ref.items():
+        for part in ("U", "S", "Vh"):
+            a, b = getattr(got[m], part), getattr(sp, part)
+            assert a.dtype == b.dtype and a.numpy().tobytes() == b.numpy().tobytes(), (m, part)
+        assert (got[m].total_energy, got[m].method, got[m].residual) == (sp.total_energy, sp.method, sp.residual)
+
+
+def _published_in_memory(c: Coordinator, inp: RoundInputs) -> tuple[str, str | None, dict[str, str]]:
+    """What the worker published before streaming, computed here the same way: the whole state in
+    memory, one `aggregate`, next-round artifacts of the whole new state, stock writers."""
+    spec = inp.spec
+    strategy = spec.build_strategy()
+    if inp.state_key is None:
+        state = initial_state(strategy, spec)
+    else:
+        with c.deps.blobs.local_path(inp.state_key) as path:
+            state = load_state(path)
+    spectra = get_spectra(c.deps.blobs, inp.plan_key) if inp.plan_key else {}
+    ranks = {a: dict.fromkeys(spec.module_shapes, inp.rank_of[a]) for a, _, _ in inp.uploads}
+    plan = RoundPlan(round=inp.number, ranks=ranks, spectra=spectra)
+    with ExitStack() as stack:
+        updates = []
+        for agent_id, key, n in inp.uploads:
+            p = stack.enter_context(c.deps.blobs.local_path(key))
+            updates.append(
+                ClientUpdate(agent_id, UploadFactors(p, list(state.modules)), n, extras=read_update_extras(p))
+            )
+        new, _ = strategy.aggregate(state, plan, updates)
+    next_spectra, starts = next_round_artifacts(strategy, new, spec.rank_set)
+    tensors = {k: v.contiguous() for k, v in sorted(new.tensors().items())}
+    state_key = c.deps.blobs.put_bytes(save(tensors, metadata=state_metadata(new.round)))  # the stock writer
+    plan_key = put_spectra(c.deps.blobs, next_spectra) if next_spectra else None
+    meta = start_meta(inp.job_id, new.round, strategy, spec)
+    return state_key, plan_key, put_start_packages(c.deps.blobs, starts, new.extras, meta)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "view"), [("fedhl", "truncated"), ("fedhl", "full"), ("flora", None), ("hetlora", None)]
+)
+def test_streamed_shards_publish_the_bytes_of_the_in_memory_merge(
+    strategy: str, view: str | None, tmp_path: Path
+) -> None:
+    """Module by module, over 2 shards, the published state, spectra and start packages have the
+    content addresses of the whole-state merge (dense per-rank residuals and FLoRA's shared
+    tensors included)."""
+    settings = settings_for("sqlite+inprocess", tmp_path, inprocess_aggregator=False, aggregation_shards=2)
+    options = {"client_view": view} if view else {}
+    with running(settings) as c:
+        job = c.jobs.create(JobSpec.model_validate({**SPEC, "strategy": strategy, "strategy_options": options}))
+        team = crew(f"127.0.0.1:{c.grpc_port}", token(c), 4)
+        try:
+            for number in (0, 1):  # the initial state, then one read from the blob store
+                rnd = wait_round(c, job.id, {RoundState.AGGREGATING})
+                inp = load_inputs(c.deps, rnd.id)
+                assert inp is not None and inp.number == number and inp.shards == 2
+                assert number == 0 or inp.state_key is not None
+                keys = []
+                for k in range(2):
+                    path = tmp_path / f"shard{k}.safetensors"
+                    compute_shard_file(c.deps, inp, k, path)
+                    keys.append(c.deps.blobs.put_file(path))
+                meta = start_meta(inp.job_id, inp.number + 1, inp.spec.build_strategy(), inp.spec)
+                out = publish(c.deps.blobs, keys, meta)
+                state_key, plan_key, start_keys = _published_in_memory(c, inp)
+                assert (out.state_key, out.start_keys) == (state_key, start_keys)
+                assert (out.plan_key is None) == (plan_key is None)
+                if plan_key is not None and out.plan_key is not None:  # the metadata names each SVD's seconds
+                    _same_spectra(c, out.plan_key, plan_key)
+                assert [run_task(c.deps, rnd.id, k) for k in range(2)] == ["partial", "committed"]
+        finally:
+            team.close()
 
 
 class PoisonAgent(ScriptedAgent):

@@ -4,25 +4,27 @@ is in, with a conditional transition (AGGREGATING → COMMITTED) so nothing appl
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
+from pathlib import Path
 from typing import Literal
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .. import metrics
-from ..artifacts import put_spectra, put_start_packages, put_state, start_meta
+from ..artifacts import start_meta
 from ..backends import SCHEDULER_EVENTS, Deps
-from ..codec import CodecError
+from ..codec import CodecError, load_state
 from ..core import AggregationError
 from ..round_report import RoundReport
 from ..storage.db import transaction
 from ..storage.models import JobStatus, RoundState, utcnow
 from ..storage.repos import AgentRepo, AuditRepo, CheckpointRepo, JobRepo, RoundRepo, ShardRepo
-from .compute import compute_shard
+from .compute import compute_shard_file
 from .evaluate import evaluate_state
 from .inputs import RoundInputs, load_inputs
-from .shards import assemble, get_shard, put_shard
+from .shards import publish
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +43,14 @@ def run_task(deps: Deps, round_id: int, shard: int = 0, worker: str = "aggregato
         done = ShardRepo(s).get(round_id, shard) is not None
     if not done:
         t0 = time.perf_counter()
-        try:
-            result = compute_shard(deps, inp, shard)
-        except (AggregationError, CodecError) as e:  # the round's inputs cannot be merged
-            fail_round(deps, round_id, inp.job_id, f"aggregation failed: {e}", worker)
-            return "failed"
-        key = put_shard(deps.blobs, result)
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "shard.safetensors"
+            try:
+                compute_shard_file(deps, inp, shard, path)
+            except (AggregationError, CodecError) as e:  # the round's inputs cannot be merged
+                fail_round(deps, round_id, inp.job_id, f"aggregation failed: {e}", worker)
+                return "failed"
+            key = deps.blobs.put_file(path)
         try:
             with transaction(deps.sessions) as s:
                 ShardRepo(s).add(round_id, shard, key, worker, time.perf_counter() - t0)
@@ -61,17 +65,18 @@ def run_task(deps: Deps, round_id: int, shard: int = 0, worker: str = "aggregato
 
 def commit_round(deps: Deps, inp: RoundInputs, shard_keys: list[tuple[str, float]], worker: str) -> Outcome:
     t0 = time.perf_counter()
-    parts = [get_shard(deps.blobs, k) for k, _ in shard_keys]
-    state, spectra, starts = assemble(parts)
     strategy = inp.spec.build_strategy()
-    new_key = put_state(deps.blobs, state)
-    plan_key = put_spectra(deps.blobs, spectra) if spectra else None
-    start_keys = put_start_packages(
-        deps.blobs, starts, state.extras, start_meta(inp.job_id, state.round, strategy, inp.spec)
-    )
-    report = RoundReport.combine([p.report for p in parts], [sec for _, sec in shard_keys])
+    meta = start_meta(inp.job_id, inp.number + 1, strategy, inp.spec)
+    out = publish(deps.blobs, [k for k, _ in shard_keys], meta)
+    if out.round != inp.number + 1:
+        raise RuntimeError(f"shard results of round {inp.round_id} are for version {out.round}, not {inp.number + 1}")
+    new_key, plan_key, start_keys = out.state_key, out.plan_key, out.start_keys
+    report = RoundReport.combine(out.reports, [sec for _, sec in shard_keys])
     report.timings["publish_s"] = time.perf_counter() - t0
-    report.evaluation = evaluate_state(strategy, state, inp.spec)
+    ev = inp.spec.evaluation
+    if ev.path is not None and out.round % ev.every == 0:  # the state is read only when evaluated
+        with deps.blobs.local_path(new_key) as path:
+            report.evaluation = evaluate_state(strategy, load_state(path), inp.spec)
     report.timings["total_s"] = sum(sec for _, sec in shard_keys) + report.timings["publish_s"]
     with transaction(deps.sessions) as s:
         rounds = RoundRepo(s)
@@ -99,7 +104,7 @@ def commit_round(deps: Deps, inp: RoundInputs, shard_keys: list[tuple[str, float
             round_id=inp.round_id,
             round=inp.number,
             participants=len(inp.uploads),
-            shards=len(parts),
+            shards=len(shard_keys),
         )
     metrics.ROUNDS.labels("committed").inc()
     for d in report.dropped:
@@ -110,7 +115,11 @@ def commit_round(deps: Deps, inp: RoundInputs, shard_keys: list[tuple[str, float
         SCHEDULER_EVENTS, {"type": "round_committed", "job_id": inp.job_id, "round_id": inp.round_id}
     )
     log.info(
-        "round %s of job %s committed: %d uploads in %d shard(s)", inp.number, inp.job_id, len(inp.uploads), len(parts)
+        "round %s of job %s committed: %d uploads in %d shard(s)",
+        inp.number,
+        inp.job_id,
+        len(inp.uploads),
+        len(shard_keys),
     )
     return "committed"
 

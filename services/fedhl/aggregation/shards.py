@@ -1,12 +1,16 @@
 """Shard results in the blob store (layout: `fedhl.codec`), and their assembly into the
-round's new state and next-round artifacts."""
+round's new state and next-round artifacts: file to file, tensor by tensor."""
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..codec import ShardResult, load_shard, save_shard
+from ..codec import ShardResult, assemble_files, load_shard, save_shard
 from ..core import ClientStart, GlobalState, Spectrum
 from ..storage.blobs import BlobStore
 
@@ -23,7 +27,35 @@ def get_shard(blobs: BlobStore, key: str) -> ShardResult:
         return load_shard(path)
 
 
+@dataclass(frozen=True)
+class Published:
+    """Keys of the round's new artifacts, and the shards' partial reports."""
+
+    round: int
+    state_key: str
+    plan_key: str | None
+    start_keys: dict[str, str]  # rank (str) -> start package key
+    reports: list[dict[str, Any]]
+
+
+def publish(blobs: BlobStore, shard_keys: list[str], start_meta: Mapping[str, str]) -> Published:
+    """Write the new state, the next round's spectra and the start packages from the stored
+    shard results, never holding a whole state (`fedhl.codec.assemble_files`)."""
+    with ExitStack() as stack:
+        paths = [stack.enter_context(blobs.local_path(k)) for k in shard_keys]
+        d = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        files = assemble_files(paths, d, start_meta)
+        return Published(
+            files.round,
+            blobs.put_file(files.state),
+            blobs.put_file(files.spectra) if files.spectra else None,
+            {str(r): blobs.put_file(p) for r, p in sorted(files.starts.items())},
+            files.reports,
+        )
+
+
 def assemble(parts: list[ShardResult]) -> tuple[GlobalState, dict[str, Spectrum], dict[int, ClientStart]]:
+    """The round's state and next-round artifacts from shard results in memory (tests, tools)."""
     state = GlobalState(round=parts[0].state.round)
     spectra: dict[str, Spectrum] = {}
     starts: dict[int, ClientStart] = {}

@@ -8,7 +8,7 @@ from ..defence import ClipConfig
 from ..scaling import LoRAScaling, ScaleRule
 from ..svd import SVDConfig
 from ..weights import WeightConfig
-from .base import RoundPlan, Strategy, module_seed, uniform_ranks
+from .base import ModuleStream, RoundPlan, Strategy, module_seed, uniform_ranks
 from .factored import FedIT, HetLoRA, ZeroPadding, hetlora_pruned_rank, hetlora_tail_penalty
 from .fedhl import FedHL
 from .flexlora import FlexLoRA
@@ -86,6 +86,7 @@ __all__ = [
     "FedIT",
     "FlexLoRA",
     "HetLoRA",
+    "ModuleStream",
     "RoundPlan",
     "Strategy",
     "ZeroPadding",

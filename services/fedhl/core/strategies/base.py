@@ -23,7 +23,7 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -102,6 +102,17 @@ class _Screened:
     ranks: list[int]
     clip: list[float]  # update-size scale per kept client (1.0 within the bound)
     update_sq: dict[int, float]  # ‖Δ_i‖²_F as sent (product space), by position
+
+
+class ModuleStream(Protocol):
+    """Lets `aggregate` run with one module of the state in memory at a time: `load` puts the
+    module's current value into `state` just before its merge (the state may hold placeholders
+    until then), `emit` receives the merged module in `new` right after it is stored, and may
+    write it out and release it."""
+
+    def load(self, state: GlobalState, module: ModuleName) -> None: ...
+
+    def emit(self, new: GlobalState, module: ModuleName) -> None: ...
 
 
 class Strategy(ABC):
@@ -269,6 +280,7 @@ class Strategy(ABC):
         updates: Sequence[ClientUpdate],
         *,
         inplace: bool = False,
+        stream: ModuleStream | None = None,
     ) -> tuple[GlobalState, AggregationReport]:
         """New global state and the round's report.
 
@@ -282,7 +294,8 @@ class Strategy(ABC):
         parameters) and `AggregationError` when a module has no upload left or its merge is
         not finite; the input state is then unchanged, except with `inplace=True`
         (memory-saving for workers that reload state from the blob store), where it must be
-        discarded after an error.
+        discarded after an error. With `stream`, modules are loaded and handed out one at a
+        time (`ModuleStream`); the merge is the same.
         """
         if plan.round != state.round:
             raise AggregationError(f"plan is for round {plan.round}, state is at round {state.round}")
@@ -306,6 +319,8 @@ class Strategy(ABC):
         dropped: list[DropRecord] = []
         clipped: list[ClipRecord] = []
         for m in state.modules:
+            if stream is not None:
+                stream.load(state, m)
             sc = self._screen_module(state, plan, m, updates, dropped, clipped)
             if not sc.index:
                 raise AggregationError(f"module {m!r}: no upload left to merge ({_reasons(dropped, m)})")
@@ -335,6 +350,8 @@ class Strategy(ABC):
                 update_sq[clients[i]] += sc.update_sq[i]
             change_sq += change
             self._store(state, new, m, result)
+            if stream is not None:
+                stream.emit(new, m)
         new.extras = {k: self._merge_extra(state, k, updates, n, dropped, clipped) for k in state.extras}
         new.round = state.round + 1
 
