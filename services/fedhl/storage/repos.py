@@ -324,6 +324,29 @@ class RoundRepo:
         n = self.s.scalar(select(func.count()).select_from(Round).where(Round.job_id == job_id, Round.number == number))
         return int(n or 0)
 
+    def failed_attempts(self, job_id: str, number: int, since: datetime) -> int:
+        """FAILED attempts of round `number` opened at or after `since`."""
+        n = self.s.scalar(
+            select(func.count())
+            .select_from(Round)
+            .where(
+                Round.job_id == job_id,
+                Round.number == number,
+                Round.state == RoundState.FAILED,
+                Round.created_at >= since,
+            )
+        )
+        return int(n or 0)
+
+    def last_error(self, job_id: str, number: int) -> str | None:
+        """The error of the latest FAILED attempt of round `number`."""
+        return self.s.scalar(
+            select(Round.error)
+            .where(Round.job_id == job_id, Round.number == number, Round.state == RoundState.FAILED)
+            .order_by(Round.id.desc())
+            .limit(1)
+        )
+
     def open(
         self,
         job_id: str,
