@@ -195,6 +195,67 @@ def validate_update(tensors: Mapping[str, Tensor], exp: Expected) -> tuple[dict[
     return factors, extras
 
 
+HEADER_DTYPES = {"F32", "F16", "BF16"}  # ALLOWED_DTYPES as the safetensors header names them
+MAX_HEADER_BYTES = 64 << 20
+
+
+def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The tensors a safetensors file declares, name -> (dtype, shape), read from its header
+    alone (no values). Raises PayloadError on a malformed header."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise PayloadError("not a valid safetensors payload: shorter than its header length")
+            n = int.from_bytes(raw, "little")
+            if n > MAX_HEADER_BYTES:
+                raise PayloadError(f"not a valid safetensors payload: header of {n} bytes")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise PayloadError(f"not a valid safetensors payload: {e}") from None
+    if not isinstance(header, dict):
+        raise PayloadError("not a valid safetensors payload: the header is not an object")
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or not isinstance(info.get("shape"), list):
+            raise PayloadError(f"not a valid safetensors payload: bad header entry {name!r}")
+        out[name] = (str(info.get("dtype")), tuple(int(d) for d in info["shape"]))
+    return out
+
+
+def validate_update_file(path: Path, exp: Expected) -> None:
+    """What `validate_update` checks, streamed from the file: names, dtypes and shapes from the
+    header first (a wrong payload is refused before any value is read), then each tensor's
+    values through safe_open's memory map, one tensor at a time, so memory holds at most the
+    largest tensor, never the whole payload."""
+    declared = read_header(path)
+    expected: dict[str, tuple[int, ...]] = {}
+    for m, (d_out, d_in) in exp.shapes.items():
+        expected[f"lora_B::{m}"] = (d_out, exp.rank)
+        expected[f"lora_A::{m}"] = (exp.rank, d_in)
+    for k, shape in exp.extras.items():
+        expected[f"extra::{k}"] = tuple(shape)
+    missing, unknown = expected.keys() - declared.keys(), declared.keys() - expected.keys()
+    if missing:
+        raise PayloadError(f"missing tensors: {sorted(missing)[:5]}")
+    if unknown:
+        raise PayloadError(f"unexpected tensors: {sorted(unknown)[:5]}")
+    for key, (dtype, shape) in sorted(declared.items()):
+        if dtype not in HEADER_DTYPES:
+            raise PayloadError(f"{key}: dtype {dtype} not allowed (float32, float16, bfloat16)")
+        if shape != expected[key]:
+            raise PayloadError(f"{key}: expected shape {expected[key]} for the assigned rank, got {shape}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in sorted(declared):
+                if not bool(torch.isfinite(f.get_tensor(key)).all()):
+                    raise PayloadError(f"{key}: contains NaN or Inf")
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise PayloadError(f"not a valid safetensors payload: {e}") from None
+
+
 class UploadFactors(Mapping[str, LoRAFactors]):
     """One stored upload's factors read module by module from its file, so the merge holds one
     module of every upload at a time rather than whole uploads."""

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from .redact import redact
-
 from sqlalchemy import Engine
 
 from .backends import WorkerOptions
+from .redact import redact
 from .storage.coordination import Coordination, open_coordination
 from .storage.db import make_engine
 
@@ -115,6 +114,7 @@ class Settings:
     chunk_bytes: int = 1 << 20
     max_upload_bytes: int = 4 << 30
     max_request_bytes: int = 1 << 20  # REST request bodies (job specs, tokens): 413 above
+    max_concurrent_validations: int = 4  # uploads hashed and validated at once; more wait, then RESOURCE_EXHAUSTED
     inprocess_aggregator: bool = True  # run the aggregation worker loop inside the coordinator
     aggregation_shards: int = 1  # aggregation tasks per round (module shards), for several workers
     aggregator_reclaim_idle_s: float = 60.0  # a task pending this long on a silent worker is taken over
@@ -196,6 +196,7 @@ class Settings:
             "chunk_bytes",
             "max_upload_bytes",
             "max_request_bytes",
+            "max_concurrent_validations",
         )
         for name in positive:
             if not getattr(self, name) > 0:
