@@ -25,6 +25,7 @@ from .backends import WorkerOptions
 from .redact import redact
 from .storage.coordination import Coordination, open_coordination
 from .storage.db import make_engine
+from .storage.gc import Retention
 
 DEV_ADMIN_TOKEN = "dev-admin-token"
 GENERATE_SECRET = 'generate one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
@@ -125,6 +126,10 @@ class Settings:
     db_statement_timeout_s: float = 30.0  # Postgres statement_timeout of every query
     redis_connect_timeout_s: float = 5.0
     redis_socket_timeout_s: float = 10.0  # every Redis call; must exceed the worker's 1 s blocking read
+    blob_keep_checkpoints: int = 5  # per job, with the rounds that produced them; older blobs are deleted
+    blob_min_age_s: float = 3600.0  # the blob GC never deletes anything younger
+    staging_max_age_s: float = 86400.0  # partial uploads untouched this long are removed
+    blob_gc_interval_s: float = 3600.0  # how often the leader collects; 0: never (use `fedhl gc`)
     aggregator_device: str | None = None  # "cuda", "cpu"; unset: CUDA when present
     aggregator_metrics_port: int = 0  # Prometheus endpoint of an aggregator worker; 0: none
     s3_endpoint_url: str | None = None  # see S3Settings
@@ -186,6 +191,8 @@ class Settings:
             "aggregator_max_deliveries",
             "max_round_attempts",
             "loop_stale_s",
+            "blob_keep_checkpoints",
+            "staging_max_age_s",
             "db_connect_timeout_s",
             "db_statement_timeout_s",
             "redis_connect_timeout_s",
@@ -201,6 +208,8 @@ class Settings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"FEDHL_{name.upper()} must be positive, got {getattr(self, name)}")
+        if not (self.blob_min_age_s >= 0 and self.blob_gc_interval_s >= 0):
+            raise SettingsError("FEDHL_BLOB_MIN_AGE_S and FEDHL_BLOB_GC_INTERVAL_S must be >= 0")
         if not self.redis_socket_timeout_s > 1.0:
             raise SettingsError("FEDHL_REDIS_SOCKET_TIMEOUT_S must exceed 1 s (the worker's blocking read)")
         if self.chunk_bytes > 3 << 20:
@@ -224,6 +233,10 @@ class Settings:
     @property
     def worker_options(self) -> WorkerOptions:
         return WorkerOptions(self.aggregator_reclaim_idle_s, self.aggregator_max_deliveries, 1.0, self.loop_stale_s)
+
+    @property
+    def retention(self) -> Retention:
+        return Retention(self.blob_keep_checkpoints, self.blob_min_age_s, self.staging_max_age_s)
 
     def engine(self) -> Engine:
         """The database engine with this configuration's timeouts."""

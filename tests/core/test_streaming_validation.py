@@ -56,7 +56,7 @@ def test_a_bad_update_is_refused_with_a_precise_error(case: str, change: object,
 def test_a_malformed_file_is_not_a_safetensors_payload(raw: bytes, tmp_path: Path) -> None:
     path = tmp_path / "u.safetensors"
     path.write_bytes(raw)
-    with pytest.raises(PayloadError, match="not a valid safetensors payload|missing tensors"):
+    with pytest.raises(PayloadError, match=r"not a valid safetensors payload|missing tensors"):
         validate_update_file(path, EXP)
 
 

@@ -17,7 +17,8 @@ from ..backends import Deps, WorkerLoop
 from ..settings import Settings
 from ..storage.blobs import open_blob_store, resolve_blob_url
 from ..storage.db import migrate, schema_is_current, session_factory
-from ..supervise import LoopRegistry
+from ..storage.gc import collect
+from ..supervise import LoopRegistry, LoopState, supervise
 from .agents import AgentService
 from .grpc_api import build_server
 from .jobs import JobService
@@ -81,11 +82,24 @@ class Coordinator:
         if events_loop is not None:
             self.loops.add(events_loop)
         self._thread("scheduler", lambda: self.scheduler.run(self.stop, self.loops))
+        if self.settings.blob_gc_interval_s > 0:
+            gc_loop = self.loops.register(
+                "blob-gc", max(self.settings.loop_stale_s, 2 * self.settings.blob_gc_interval_s)
+            )
+            self._thread("blob-gc", lambda: supervise(gc_loop, self._collect_blobs, self.stop))
         if self.settings.inprocess_aggregator and self.aggregator is not None:
             loop, consumer = self.aggregator, f"{socket.gethostname()}-inproc-{id(self):x}"
             options = self.settings.worker_options
             self._thread("aggregator", lambda: loop(self.deps, consumer, self.stop, options, self.loops))
         log.info("coordinator: gRPC on port %d", self.grpc_port)
+
+    def _collect_blobs(self, state: LoopState) -> None:
+        """Blob GC on the scheduler leader only (one collector per cluster)."""
+        while not self.stop.is_set():
+            if self.scheduler.role == "leader":
+                collect(self.deps.sessions, self.deps.blobs, self.settings.retention)
+            state.tick()
+            self.stop.wait(self.settings.blob_gc_interval_s)
 
     def _thread(self, name: str, target: Callable[[], None]) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
