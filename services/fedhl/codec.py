@@ -263,8 +263,8 @@ def validate_update_file(path: Path, exp: Expected) -> None:
     try:  # the reader the merge uses must accept the layout too (it checks offsets on open; no values read)
         with safe_open(str(path), framework="pt"):
             pass
-    except (SafetensorError, RuntimeError, OSError) as e:
-        raise PayloadError(f"not a valid safetensors payload: {e}") from None
+    except (SafetensorError, RuntimeError, OSError) as err:
+        raise PayloadError(f"not a valid safetensors payload: {err}") from None
     with path.open("rb") as f:
         for key, e in sorted(declared.items(), key=lambda kv: kv[1].begin):
             f.seek(data_start + e.begin)
