@@ -5,10 +5,12 @@ dead-lettered, its round FAILED and its job PAUSED with the reason until an admi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,14 +24,27 @@ from fedhl.jobspec import JobSpec
 from fedhl.storage.db import transaction
 from fedhl.storage.models import JobStatus, RoundState
 from fedhl.storage.repos import JobRepo, RoundRepo
+from private_backends import PrivateRedis
 from stack import job_spec, settings_for
 
 SPEC = job_spec(rounds=1, selection={"count": 2, "min_clients": 2, "deadline_s": 120})
 COMPUTE_S = 8.0  # > reclaim idle (1 s) and > the scheduler's re-enqueue check (5 s)
 
 
-def test_a_long_task_is_computed_exactly_once_by_two_workers(tmp_path: Path) -> None:
-    settings = settings_for("postgres+redis", tmp_path, inprocess_aggregator=False)
+@pytest.fixture
+def private_redis() -> Iterator[str]:
+    """A Redis of this test's own: tasks of other test processes on the shared one must not
+    reach these workers."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def test_a_long_task_is_computed_exactly_once_by_two_workers(tmp_path: Path, private_redis: str) -> None:
+    settings = settings_for("postgres+redis", tmp_path, inprocess_aggregator=False, redis_url=private_redis)
     c = Coordinator.from_settings(settings, auto_migrate=True)
     c.start()
     computed: Counter[tuple[int, int]] = Counter()
@@ -66,7 +81,9 @@ def test_a_long_task_is_computed_exactly_once_by_two_workers(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("backend", ["postgres+redis", "sqlite+inprocess"])
-def test_a_task_that_keeps_failing_is_dead_lettered_and_pauses_its_job(backend: str, tmp_path: Path) -> None:
+def test_a_task_that_keeps_failing_is_dead_lettered_and_pauses_its_job(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     attempts: list[int] = []
 
     def oom(deps: Deps, round_id: int, shard: int, worker: str) -> Outcome:
@@ -74,6 +91,8 @@ def test_a_task_that_keeps_failing_is_dead_lettered_and_pauses_its_job(backend: 
         raise RuntimeError("CUDA out of memory (simulated)")
 
     settings = settings_for(backend, tmp_path, aggregator_reclaim_idle_s=0.3, aggregator_max_deliveries=2)
+    if backend == "postgres+redis":
+        settings = dataclasses.replace(settings, redis_url=request.getfixturevalue("private_redis"))
     c = Coordinator.from_settings(settings, auto_migrate=True, aggregator=functools.partial(run_worker, runner=oom))
     c.start()
     try:
