@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .storage.blobs import BlobStore
 from .storage.coordination import Coordination
+from .supervise import LoopRegistry
 
 ROUND_EVENTS = "rounds"  # a round opened or changed: wakes long-polling agents
 SCHEDULER_EVENTS = "scheduler"  # uploads, commits, job changes: wake the scheduler
@@ -46,5 +47,15 @@ class AggregationTask:
             raise ValueError(f"malformed aggregation task {fields!r}") from e
 
 
-# (deps, consumer name, stop event, reclaim_idle_s): consume aggregation tasks until stopped.
-WorkerLoop = Callable[[Deps, str, threading.Event, float], None]
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How an aggregation worker treats its queue (from settings)."""
+
+    reclaim_idle_s: float = 60.0  # a task pending this long without a heartbeat is taken over
+    max_deliveries: int = 5  # deliveries of one task before it is dead-lettered and its job paused
+    block_s: float = 1.0  # longest wait for a new task per read
+    stale_after_s: float = 30.0  # /readyz: the loop counts as stuck past this without a tick
+
+
+# (deps, consumer name, stop event, options, loop registry): consume aggregation tasks until stopped.
+WorkerLoop = Callable[[Deps, str, threading.Event, WorkerOptions, LoopRegistry | None], None]

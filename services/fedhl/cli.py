@@ -81,6 +81,28 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gc(args: argparse.Namespace) -> int:
+    import json
+
+    from .storage.blobs import open_blob_store, resolve_blob_url
+    from .storage.db import session_factory
+    from .storage.gc import collect
+
+    settings = _settings()
+    engine = settings.engine()
+    try:
+        blobs = open_blob_store(resolve_blob_url(settings.blob_url), settings.s3)
+        report = collect(session_factory(engine), blobs, settings.retention, dry_run=args.dry_run)
+    finally:
+        engine.dispose()
+    for key in report.deleted:
+        print(f"{'would delete' if args.dry_run else 'deleted'} blob {key}")
+    for upload_id in report.staging_deleted:
+        print(f"{'would delete' if args.dry_run else 'deleted'} staged upload {upload_id}")
+    print(json.dumps(report.summary()))
+    return 0
+
+
 def _coordinator(args: argparse.Namespace) -> int:
     # The process wiring: the coordinator gets the aggregation worker loop from here, so the
     # two services never import each other.
@@ -139,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "migrate", help="bring the database schema to the latest migration (FEDHL_DATABASE_URL)"
     ).set_defaults(func=_migrate)
+    gc = sub.add_parser(
+        "gc", help="delete blobs no job, round or recent checkpoint references, and stale partial uploads"
+    )
+    gc.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
+    gc.set_defaults(func=_gc)
     c = sub.add_parser("coordinator", help="run the coordinator: gRPC for agents, REST admin API, scheduler")
     c.add_argument("--migrate", action="store_true", help="run migrations first (embedded deployments)")
     c.set_defaults(func=_coordinator)

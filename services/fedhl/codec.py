@@ -240,6 +240,87 @@ def validate_update(tensors: Mapping[str, Tensor], exp: Expected) -> tuple[dict[
     return factors, extras
 
 
+HEADER_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # = ALLOWED_DTYPES
+MAX_HEADER_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as a safetensors header declares it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # byte offsets in the data section
+    end: int
+
+
+def read_header(path: Path) -> tuple[int, dict[str, TensorEntry]]:
+    """(start of the data section, name -> entry) from a safetensors file's header alone.
+    Raises PayloadError on a malformed header."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise PayloadError("not a valid safetensors payload: shorter than its header length")
+            n = int.from_bytes(raw, "little")
+            if n > MAX_HEADER_BYTES:
+                raise PayloadError(f"not a valid safetensors payload: header of {n} bytes")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise PayloadError("not a valid safetensors payload: the header is not an object")
+        out: dict[str, TensorEntry] = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            out[name] = TensorEntry(str(info["dtype"]), tuple(int(d) for d in info["shape"]), int(begin), int(end))
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise PayloadError(f"not a valid safetensors payload: {e}") from None
+    return 8 + n, out
+
+
+def validate_update_file(path: Path, exp: Expected) -> None:
+    """What `validate_update` checks, streamed from the file: names, dtypes, shapes and byte
+    ranges from the header first (a wrong payload is refused before any value is read), then
+    each tensor's values read and checked one at a time, so memory holds one tensor, never the
+    whole payload (plain reads, not a memory map: mapped pages would count in the RSS)."""
+    data_start, declared = read_header(path)
+    expected: dict[str, tuple[int, ...]] = {}
+    for m, (d_out, d_in) in exp.shapes.items():
+        expected[f"lora_B::{m}"] = (d_out, exp.rank)  # (d_out, r)
+        expected[f"lora_A::{m}"] = (exp.rank, d_in)  # (r, d_in)
+    for k, shape in exp.extras.items():
+        expected[f"extra::{k}"] = tuple(shape)
+    missing, unknown = expected.keys() - declared.keys(), declared.keys() - expected.keys()
+    if missing:
+        raise PayloadError(f"missing tensors: {sorted(missing)[:5]}")
+    if unknown:
+        raise PayloadError(f"unexpected tensors: {sorted(unknown)[:5]}")
+    size = path.stat().st_size
+    for key, e in sorted(declared.items()):
+        if e.dtype not in HEADER_DTYPES:
+            raise PayloadError(f"{key}: dtype {e.dtype} not allowed (float32, float16, bfloat16)")
+        if e.shape != expected[key]:
+            raise PayloadError(f"{key}: expected shape {expected[key]} for the assigned rank, got {e.shape}")
+        nbytes = int(torch.Size(e.shape).numel()) * HEADER_DTYPES[e.dtype].itemsize
+        if e.end - e.begin != nbytes or e.begin < 0 or data_start + e.end > size:
+            raise PayloadError(f"not a valid safetensors payload: {key} has bad data offsets")
+    try:  # the reader the merge uses must accept the layout too (it checks offsets on open; no values read)
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, RuntimeError, OSError) as err:
+        raise PayloadError(f"not a valid safetensors payload: {err}") from None
+    with path.open("rb") as f:
+        for key, e in sorted(declared.items(), key=lambda kv: kv[1].begin):
+            f.seek(data_start + e.begin)
+            buf = bytearray(e.end - e.begin)
+            if f.readinto(buf) != len(buf):
+                raise PayloadError(f"not a valid safetensors payload: {key} is truncated")
+            if buf and not bool(torch.isfinite(torch.frombuffer(buf, dtype=HEADER_DTYPES[e.dtype])).all()):
+                raise PayloadError(f"{key}: contains NaN or Inf")
+            del buf
+
+
 class UploadFactors(Mapping[str, LoRAFactors]):
     """One stored upload's factors read module by module from its file, so the merge holds one
     module of every upload at a time rather than whole uploads."""

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from sqlalchemy import Engine
+
+from .backends import WorkerOptions
 from .redact import redact
+from .storage.coordination import Coordination, open_coordination
+from .storage.db import make_engine
+from .storage.gc import Retention
 
 DEV_ADMIN_TOKEN = "dev-admin-token"
 GENERATE_SECRET = 'generate one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
@@ -109,9 +115,21 @@ class Settings:
     chunk_bytes: int = 1 << 20
     max_upload_bytes: int = 4 << 30
     max_request_bytes: int = 1 << 20  # REST request bodies (job specs, tokens): 413 above
+    max_concurrent_validations: int = 4  # uploads hashed and validated at once; more wait, then RESOURCE_EXHAUSTED
     inprocess_aggregator: bool = True  # run the aggregation worker loop inside the coordinator
     aggregation_shards: int = 1  # aggregation tasks per round (module shards), for several workers
     aggregator_reclaim_idle_s: float = 60.0  # a task pending this long on a silent worker is taken over
+    aggregator_max_deliveries: int = 5  # deliveries of one aggregation task before dead-letter + job pause
+    max_round_attempts: int = 5  # failed attempts of one round in a row before the job pauses
+    loop_stale_s: float = 30.0  # /readyz fails for a background loop without a tick this long
+    db_connect_timeout_s: float = 5.0  # Postgres connect and pool checkout
+    db_statement_timeout_s: float = 30.0  # Postgres statement_timeout of every query
+    redis_connect_timeout_s: float = 5.0
+    redis_socket_timeout_s: float = 10.0  # every Redis call; must exceed the worker's 1 s blocking read
+    blob_keep_checkpoints: int = 5  # per job, with the rounds that produced them; older blobs are deleted
+    blob_min_age_s: float = 3600.0  # the blob GC never deletes anything younger
+    staging_max_age_s: float = 86400.0  # partial uploads untouched this long are removed
+    blob_gc_interval_s: float = 3600.0  # how often the leader collects; 0: never (use `fedhl gc`)
     aggregator_device: str | None = None  # "cuda", "cpu"; unset: CUDA when present
     aggregator_metrics_port: int = 0  # Prometheus endpoint of an aggregator worker; 0: none
     s3_endpoint_url: str | None = None  # see S3Settings
@@ -170,6 +188,14 @@ class Settings:
         positive = (
             "aggregation_shards",
             "aggregator_reclaim_idle_s",
+            "aggregator_max_deliveries",
+            "max_round_attempts",
+            "loop_stale_s",
+            "blob_keep_checkpoints",
+            "staging_max_age_s",
+            "db_connect_timeout_s",
+            "db_statement_timeout_s",
+            "redis_connect_timeout_s",
             "grpc_max_workers",
             "heartbeat_ttl_s",
             "pull_wait_max_s",
@@ -177,10 +203,15 @@ class Settings:
             "chunk_bytes",
             "max_upload_bytes",
             "max_request_bytes",
+            "max_concurrent_validations",
         )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"FEDHL_{name.upper()} must be positive, got {getattr(self, name)}")
+        if not (self.blob_min_age_s >= 0 and self.blob_gc_interval_s >= 0):
+            raise SettingsError("FEDHL_BLOB_MIN_AGE_S and FEDHL_BLOB_GC_INTERVAL_S must be >= 0")
+        if not self.redis_socket_timeout_s > 1.0:
+            raise SettingsError("FEDHL_REDIS_SOCKET_TIMEOUT_S must exceed 1 s (the worker's blocking read)")
         if self.chunk_bytes > 3 << 20:
             raise SettingsError("FEDHL_CHUNK_BYTES must stay under gRPC's 4 MiB message limit")
 
@@ -198,6 +229,28 @@ class Settings:
             raise SettingsError(
                 f"FEDHL_ADMIN_TOKEN is required ({GENERATE_SECRET}; or set FEDHL_ENV=development for a dev token)"
             )
+
+    @property
+    def worker_options(self) -> WorkerOptions:
+        return WorkerOptions(self.aggregator_reclaim_idle_s, self.aggregator_max_deliveries, 1.0, self.loop_stale_s)
+
+    @property
+    def retention(self) -> Retention:
+        return Retention(self.blob_keep_checkpoints, self.blob_min_age_s, self.staging_max_age_s)
+
+    def engine(self) -> Engine:
+        """The database engine with this configuration's timeouts."""
+        return make_engine(
+            self.database_url,
+            connect_timeout_s=self.db_connect_timeout_s,
+            statement_timeout_s=self.db_statement_timeout_s,
+        )
+
+    def coordination(self) -> Coordination:
+        """Redis (or in-process) coordination with this configuration's timeouts."""
+        return open_coordination(
+            self.redis_url, socket_timeout_s=self.redis_socket_timeout_s, connect_timeout_s=self.redis_connect_timeout_s
+        )
 
     @property
     def s3(self) -> S3Settings:

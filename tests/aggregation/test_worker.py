@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import save
 from sqlalchemy import select
 
+from crew import crew, token, wait_round
 from fedhl.agent.scripted import ScriptedAgent
 from fedhl.aggregation.commit import run_task
 from fedhl.aggregation.compute import compute_shard, compute_shard_file
@@ -48,51 +48,8 @@ from fedhl.coordinator.app import Coordinator
 from fedhl.core import ClientUpdate, LoRAFactors, RoundPlan
 from fedhl.jobspec import JobSpec
 from fedhl.storage.db import transaction
-from fedhl.storage.models import Checkpoint, Job, Round, RoundState
-from fedhl.storage.repos import AgentRepo
+from fedhl.storage.models import Checkpoint, Job, RoundState
 from stack import env_for, free_port, job_spec, running, settings_for
-
-
-def token(c: Coordinator, uses: int = 10) -> str:
-    with transaction(c.deps.sessions) as s:
-        tok, _ = AgentRepo(s).create_token("test", uses, None)
-    return tok
-
-
-@dataclasses.dataclass
-class Crew:
-    agents: list[ScriptedAgent]
-    stop: threading.Event
-    threads: list[threading.Thread]
-
-    def close(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(10)
-        for a in self.agents:
-            a.close()
-
-
-def crew(address: str, tok: str, n: int, cls: type[ScriptedAgent] = ScriptedAgent) -> Crew:
-    agents = [cls(address, tok, f"agent-{i}", n_examples=40 + 7 * i, noise=0.05, seed=i) for i in range(n)]
-    stop = threading.Event()
-    threads = [threading.Thread(target=a.run, args=(stop, 1), daemon=True) for a in agents]
-    for t in threads:
-        t.start()
-    return Crew(agents, stop, threads)
-
-
-def wait_round(c: Coordinator, job_id: str, states: set[RoundState], timeout: float = 60) -> Round:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with transaction(c.deps.sessions) as s:
-            rounds = s.scalars(select(Round).where(Round.job_id == job_id).order_by(Round.id)).all()
-            hit = [r for r in rounds if r.state in states]
-            if hit:
-                return hit[-1]
-        time.sleep(0.05)
-    raise AssertionError(f"no round of job {job_id} reached {states}")
-
 
 SPEC = job_spec(
     n_layers=3,

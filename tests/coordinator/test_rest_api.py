@@ -24,7 +24,7 @@ from fedhl.storage.models import Assignment, AssignmentState, RoundState, Update
 from fedhl.storage.repos import AgentRepo, CheckpointRepo, RoundRepo
 
 API = "/api/v1"
-PUBLIC_PATHS = {"/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
+PUBLIC_PATHS = {"/healthz", "/livez", "/readyz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
 
 
 class Response(Protocol):
@@ -168,10 +168,34 @@ def test_service_error_codes_map_to_http_statuses(app: FastAPI, client: TestClie
 # -- health and metrics -----------------------------------------------------------------
 
 
-def test_healthz_reports_the_backends(anon: TestClient) -> None:
-    r = anon.get("/healthz")
+def test_readyz_reports_the_backends_the_loops_and_the_role(coordinator: Coordinator, anon: TestClient) -> None:
+    coordinator.loops.register("scheduler", 30.0).tick()
+    r = anon.get("/readyz")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "database": True, "redis": "in-process"}
+    assert r.json() == {
+        "status": "ok",
+        "role": "standby",  # the (unstarted) scheduler does not hold the leader lock
+        "database": True,
+        "redis": "in-process",
+        "checks": {"database": "ok", "redis": "ok", "loop:scheduler": "ok"},
+        "failing": [],
+    }
+    assert anon.get("/healthz").json() == r.json()  # an alias
+    assert anon.get("/livez").json() == {"status": "ok"}
+
+
+def test_readyz_names_a_stuck_loop_and_a_failing_one(coordinator: Coordinator, anon: TestClient) -> None:
+    # Prepare: one loop without a tick for an hour, one backing off after an error
+    coordinator.loops.register("scheduler", 30.0).last_tick -= 3600
+    coordinator.loops.register("aggregator:x", 30.0).error = "ConnectionError: refused"
+    # Execute
+    r = anon.get("/readyz")
+    # Assert
+    assert r.status_code == 503, r.text
+    assert r.json()["failing"] == ["loop:scheduler", "loop:aggregator:x"]
+    assert r.json()["checks"]["loop:scheduler"] == "no tick for 3600s"
+    assert r.json()["checks"]["loop:aggregator:x"] == "failing for 0s: ConnectionError: refused"
+    assert anon.get("/livez").status_code == 200  # liveness does not depend on loops or backends
 
 
 def test_healthz_is_503_when_redis_does_not_answer(coordinator: Coordinator, anon: TestClient) -> None:
@@ -190,7 +214,8 @@ def test_healthz_is_503_when_redis_does_not_answer(coordinator: Coordinator, ano
     r = anon.get("/healthz")
     # Assert
     assert r.status_code == 503
-    assert r.json() == {"status": "unavailable", "database": True, "redis": False}
+    body = r.json()
+    assert (body["status"], body["database"], body["redis"], body["failing"]) == ("unavailable", True, False, ["redis"])
 
 
 def test_metrics_expose_the_fedhl_series(client: TestClient, coordinator: Coordinator) -> None:

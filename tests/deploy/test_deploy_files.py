@@ -146,7 +146,7 @@ def test_compose_config_is_valid(variant: str) -> None:
     coordinator = services["coordinator"]
     assert coordinator["command"] == ["coordinator"]
     assert {int(p["target"]) for p in coordinator["ports"]} >= {50051, 8080}
-    assert "/healthz" in " ".join(coordinator["healthcheck"]["test"])
+    assert "/readyz" in " ".join(coordinator["healthcheck"]["test"])
 
     aggregator = services["aggregator"]
     assert aggregator["command"] == ["aggregator"]  # no --name: one consumer per replica
@@ -461,8 +461,8 @@ def test_k8s_wiring() -> None:
     coordinator = pods["fedhl-coordinator"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in coordinator["ports"]}
     assert ports == {"grpc": 50051, "http": 8080}
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert coordinator[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert coordinator["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert coordinator["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
     service = by_kind[("Service", "fedhl-coordinator")]["spec"]
     assert {p["port"] for p in service["ports"]} == {50051, 8080}
     assert by_kind[("Deployment", "fedhl-aggregator")]["spec"]["replicas"] == 2
@@ -635,7 +635,7 @@ def test_compose_stack_runs_as_processes(stack_tmp: tuple[Path, list[Service]]) 
     services.extend(aggregators)
 
     base = f"http://127.0.0.1:{http_port}"
-    wait_http(f"{base}/healthz", coordinator)
+    wait_http(f"{base}/readyz", coordinator)  # what the compose healthcheck of the coordinator probes
     for agg in aggregators:  # what the compose healthcheck of the aggregator probes
         wait_http(f"http://127.0.0.1:{agg.env['FEDHL_AGGREGATOR_METRICS_PORT']}/metrics", agg)
 

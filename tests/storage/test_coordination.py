@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from unittest.mock import ANY
 
 import pytest
 import redis
@@ -153,6 +154,44 @@ def test_queue_reclaims_entry_of_dead_consumer(coordination: Coordination) -> No
     assert q.reclaim("other", min_idle_s=TTL) == []  # the reclaim restarted its idle clock
     q.ack(entry)
     assert q.pending_count() == 0
+
+
+def test_queue_touch_keeps_a_live_entry_from_being_reclaimed(coordination: Coordination) -> None:
+    q = coordination.queue
+    entry = q.publish({"round_id": "3"})
+    q.consume("busy", block_s=0.5)
+    past_ttl()
+    assert q.touch("busy", entry)  # the owner's heartbeat: idle clock restarts, no delivery counted
+    assert q.reclaim("rescuer", min_idle_s=TTL) == []
+    assert q.delivery_count(entry) == 1
+    assert not q.touch("stranger", entry)  # only the consumer holding it can touch it
+    past_ttl()
+    assert [e for e, _ in q.reclaim("rescuer", min_idle_s=TTL)] == [entry]
+    assert not q.touch("busy", entry)  # taken over: the old owner learns it lost the entry
+    q.ack(entry)
+    assert not q.touch("rescuer", entry)
+
+
+def test_queue_outstanding_lists_pending_and_undelivered_entries(coordination: Coordination) -> None:
+    q = coordination.queue
+    a, b, c = (q.publish({"n": str(i)}) for i in range(3))
+    q.consume("w", block_s=0.5)  # a: pending
+    q.consume("w", block_s=0.5)
+    q.ack(b)  # b: done
+    assert q.outstanding() == [(a, {"n": "0"}), (c, {"n": "2"})]
+    assert q.outstanding(count=1) == [(a, {"n": "0"})]
+
+
+def test_queue_dead_letter_moves_an_entry_out_of_the_queue(coordination: Coordination) -> None:
+    q = coordination.queue
+    entry, other = q.publish({"round_id": "3"}), q.publish({"round_id": "4"})
+    q.consume("w", block_s=0.5)
+    q.dead_letter(entry, "delivered 6 times")
+    q.dead_letter("1-0", "unknown ids are ignored")
+    assert q.pending_count() == 0
+    assert q.outstanding() == [(other, {"round_id": "4"})]
+    assert q.reclaim("w2", min_idle_s=0) == []
+    assert q.dead_letters() == [(ANY, {"round_id": "3", "reason": "delivered 6 times", "entry_id": entry})]
 
 
 def test_queue_acked_entries_never_reclaimed(coordination: Coordination) -> None:

@@ -150,3 +150,20 @@ def fail_round(deps: Deps, round_id: int, job_id: str, reason: str, actor: str) 
     metrics.ROUNDS.labels("failed").inc()
     deps.coordination.events.publish(SCHEDULER_EVENTS, {"type": "round_failed", "job_id": job_id, "round_id": round_id})
     log.warning("round %s failed: %s", round_id, reason)
+
+
+def dead_letter_round(deps: Deps, round_id: int, reason: str, actor: str) -> None:
+    """A task that keeps failing: its round fails and its job pauses with `reason` (shown in
+    the job's `error`), until an admin resumes it. Nothing else changes."""
+    with transaction(deps.sessions) as s:
+        rounds = RoundRepo(s)
+        job_id = rounds.get(round_id).job_id
+        failed = rounds.transition(
+            round_id, [RoundState.AGGREGATING], RoundState.FAILED, error=reason, closed_at=utcnow()
+        )
+        paused = JobRepo(s).transition(job_id, [JobStatus.RUNNING], JobStatus.PAUSED, error=reason)
+        AuditRepo(s).record(actor, "task_dead_lettered", job_id, round_id=round_id, reason=reason, paused=paused)
+    if failed:
+        metrics.ROUNDS.labels("failed").inc()
+    deps.coordination.events.publish(SCHEDULER_EVENTS, {"type": "round_failed", "job_id": job_id, "round_id": round_id})
+    log.error("round %s failed and job %s paused: %s", round_id, job_id, reason)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from .. import metrics as prom
 from ..backends import ROUND_EVENTS, SCHEDULER_EVENTS, Deps
-from ..codec import Expected, PayloadError, decode_file, validate_update
+from ..codec import Expected, PayloadError, validate_update_file
 from ..jobspec import INT64_MAX
 from ..settings import Settings
 from ..storage.blobs import BlobIntegrityError, BlobNotFound, BlobTooLarge, OffsetMismatch, UploadInProgress
@@ -125,6 +126,10 @@ def owned_assignment(s: Session, agent_id: str, task_id: str) -> Assignment:
     return a
 
 
+VALIDATION_QUEUE_S = 2.0  # how long an upload waits for a validation slot before RESOURCE_EXHAUSTED
+VALIDATION_RETRY_S = 5
+
+
 def _counted(chunks: Iterable[bytes], counter: Counter) -> Iterator[bytes]:
     for c in chunks:
         counter.inc(len(c))
@@ -132,13 +137,14 @@ def _counted(chunks: Iterable[bytes], counter: Counter) -> Iterator[bytes]:
 
 
 def _validate_file(path: Path, exp: Expected) -> None:
-    validate_update(decode_file(path), exp)
+    validate_update_file(path, exp)  # tensor by tensor from the file, never the whole payload
 
 
 class AgentService:
     def __init__(self, deps: Deps, settings: Settings) -> None:
         self.deps = deps
         self.settings = settings
+        self._validations = threading.BoundedSemaphore(settings.max_concurrent_validations)
 
     # ---------------------------------------------------------------- identity
     def register(self, token: str, name: str, resources: dict[str, Any], peer: str = "") -> tuple[str, str]:
@@ -384,6 +390,14 @@ class AgentService:
             raise ServiceError(Code.FAILED_PRECONDITION, str(e)) from None
         if received < h.size:
             return UploadResult("", received, False)  # resumable: the agent continues from `received`
+        # Bounded: hashing and validating a large upload costs memory and CPU; past the bound the
+        # agent retries later and the staged bytes stay (it resumes at offset == size).
+        if not self._validations.acquire(timeout=VALIDATION_QUEUE_S):
+            raise ServiceError(
+                Code.RESOURCE_EXHAUSTED,
+                f"too many uploads are being validated; retry in {VALIDATION_RETRY_S} s (received bytes are kept)",
+                retry_after_s=VALIDATION_RETRY_S,
+            )
         try:
             key = blobs.staging_commit(h.task_id, h.sha256, validate=lambda p: _validate_file(p, exp))
         except BlobIntegrityError:
@@ -396,6 +410,8 @@ class AgentService:
             self._refuse(agent_id, h.job_id, h.round, "invalid_payload", str(e))
         except UploadInProgress:
             raise ServiceError(Code.ABORTED, "another stream is uploading this task; retry") from None
+        finally:
+            self._validations.release()
         return self._accept(agent_id, h, key, received)
 
     def _accept(self, agent_id: str, h: UploadHeader, key: str, size: int) -> UploadResult:

@@ -16,8 +16,9 @@ import grpc
 from ..backends import Deps, WorkerLoop
 from ..settings import Settings
 from ..storage.blobs import open_blob_store, resolve_blob_url
-from ..storage.coordination import open_coordination
-from ..storage.db import make_engine, migrate, schema_is_current, session_factory
+from ..storage.db import migrate, schema_is_current, session_factory
+from ..storage.gc import collect
+from ..supervise import LoopRegistry, LoopState, supervise
 from .agents import AgentService
 from .grpc_api import build_server
 from .jobs import JobService
@@ -38,13 +39,14 @@ class Coordinator:
     grpc_server: grpc.Server | None = None
     grpc_port: int = 0
     threads: list[threading.Thread] = field(default_factory=list)
+    loops: LoopRegistry = field(default_factory=LoopRegistry)  # what /readyz checks
 
     @classmethod
     def from_settings(
         cls, settings: Settings, *, auto_migrate: bool = False, aggregator: WorkerLoop | None = None
     ) -> Coordinator:
         settings.require_admin_token()  # the admin API refuses every call without one
-        engine = make_engine(settings.database_url)
+        engine = settings.engine()
         if auto_migrate:
             migrate(settings.database_url)
         elif not schema_is_current(engine):
@@ -52,7 +54,7 @@ class Coordinator:
         deps = Deps(
             session_factory(engine),
             open_blob_store(resolve_blob_url(settings.blob_url), settings.s3),
-            open_coordination(settings.redis_url),
+            settings.coordination(),
             settings.aggregator_device,
         )
         return cls(
@@ -60,7 +62,13 @@ class Coordinator:
             deps,
             AgentService(deps, settings),
             JobService(deps),
-            Scheduler(deps, settings.scheduler_interval_s, settings.aggregation_shards),
+            Scheduler(
+                deps,
+                settings.scheduler_interval_s,
+                settings.aggregation_shards,
+                max_round_attempts=settings.max_round_attempts,
+                stale_after_s=settings.loop_stale_s,
+            ),
             aggregator,
         )
 
@@ -70,13 +78,28 @@ class Coordinator:
             raise RuntimeError("inprocess_aggregator is set but no worker loop was given (Coordinator aggregator=)")
         self.grpc_server, self.grpc_port = build_server(self.agents, self.settings)
         self.grpc_server.start()
-        self._thread("scheduler", lambda: self.scheduler.run(self.stop))
+        events_loop = self.deps.coordination.events.health
+        if events_loop is not None:
+            self.loops.add(events_loop)
+        self._thread("scheduler", lambda: self.scheduler.run(self.stop, self.loops))
+        if self.settings.blob_gc_interval_s > 0:
+            gc_loop = self.loops.register(
+                "blob-gc", max(self.settings.loop_stale_s, 2 * self.settings.blob_gc_interval_s)
+            )
+            self._thread("blob-gc", lambda: supervise(gc_loop, self._collect_blobs, self.stop))
         if self.settings.inprocess_aggregator and self.aggregator is not None:
             loop, consumer = self.aggregator, f"{socket.gethostname()}-inproc-{id(self):x}"
-            self._thread(
-                "aggregator", lambda: loop(self.deps, consumer, self.stop, self.settings.aggregator_reclaim_idle_s)
-            )
+            options = self.settings.worker_options
+            self._thread("aggregator", lambda: loop(self.deps, consumer, self.stop, options, self.loops))
         log.info("coordinator: gRPC on port %d", self.grpc_port)
+
+    def _collect_blobs(self, state: LoopState) -> None:
+        """Blob GC on the scheduler leader only (one collector per cluster)."""
+        while not self.stop.is_set():
+            if self.scheduler.role == "leader":
+                collect(self.deps.sessions, self.deps.blobs, self.settings.retention)
+            state.tick()
+            self.stop.wait(self.settings.blob_gc_interval_s)
 
     def _thread(self, name: str, target: Callable[[], None]) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)

@@ -21,10 +21,11 @@ class Code(enum.StrEnum):
 
 
 class ServiceError(Exception):
-    def __init__(self, code: Code, message: str) -> None:
+    def __init__(self, code: Code, message: str, *, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s  # sent as `retry-after` metadata (gRPC) / header (HTTP)
 
 
 def new_error_id() -> str:

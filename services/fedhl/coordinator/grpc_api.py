@@ -57,6 +57,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         try:
             return fn()
         except ServiceError as e:
+            if e.retry_after_s is not None:
+                context.set_trailing_metadata((("retry-after", str(e.retry_after_s)),))
             context.abort(STATUS[e.code], e.message)
             raise  # unreachable: abort raises
 

@@ -3,6 +3,8 @@ resume, cancel. One transaction per transition."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..artifacts import initial_state, publish_round_artifacts, put_state
 from ..backends import SCHEDULER_EVENTS, Deps
 from ..jobspec import JobSpec
@@ -58,7 +60,8 @@ class JobService:
         self._transition(job_id, [JobStatus.RUNNING], JobStatus.PAUSED, "job_paused", actor)
 
     def resume(self, job_id: str, actor: str = "admin") -> None:
-        self._transition(job_id, [JobStatus.PAUSED], JobStatus.RUNNING, "job_resumed", actor)
+        # Clears the pause reason; the failed-round count starts again from here (scheduler).
+        self._transition(job_id, [JobStatus.PAUSED], JobStatus.RUNNING, "job_resumed", actor, error=None)
 
     def cancel(self, job_id: str, actor: str = "admin") -> None:
         with transaction(self.deps.sessions) as s:
@@ -84,10 +87,12 @@ class JobService:
             AuditRepo(s).record(actor, "job_cancelled", job_id)
         self.deps.coordination.events.publish(SCHEDULER_EVENTS, {"type": "job_cancelled", "job_id": job_id})
 
-    def _transition(self, job_id: str, allowed: list[JobStatus], to: JobStatus, action: str, actor: str) -> None:
+    def _transition(
+        self, job_id: str, allowed: list[JobStatus], to: JobStatus, action: str, actor: str, **values: Any
+    ) -> None:
         with transaction(self.deps.sessions) as s:
             job = JobRepo(s).get(job_id, lock=True)
-            if not JobRepo(s).transition(job_id, allowed, to):
+            if not JobRepo(s).transition(job_id, allowed, to, **values):
                 raise ServiceError(
                     Code.FAILED_PRECONDITION, f"job {job_id} is {job.status.value}; cannot move to {to.value}"
                 )

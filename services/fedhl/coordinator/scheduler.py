@@ -15,21 +15,25 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Literal
 
 from sqlalchemy.orm import Session
 
 from ..backends import ROUND_EVENTS, SCHEDULER_EVENTS, AggregationTask, Deps
 from ..jobspec import JobSpec
+from ..storage.coordination import Subscription
 from ..storage.db import transaction
 from ..storage.leader import LeaderLock
 from ..storage.models import AssignmentState, Job, JobStatus, Round, RoundState, utcnow
-from ..storage.repos import AgentRepo, AuditRepo, JobRepo, RoundRepo
+from ..storage.repos import AgentRepo, AuditRepo, JobRepo, RoundRepo, ShardRepo
+from ..supervise import LoopRegistry, LoopState, supervise
 from .ranks import AgentInfo, assign_ranks
 from .selection import quorum, select
 
 log = logging.getLogger(__name__)
 
-REENQUEUE_AFTER_S = 60.0
+REQUEUE_CHECK_S = 5.0  # how often an AGGREGATING round's queue entries are checked
+RESUBSCRIBE_S = 5.0  # how often a leader without an event subscription tries again
 
 
 class Scheduler:
@@ -39,6 +43,8 @@ class Scheduler:
         interval_s: float = 0.2,
         shards: int = 1,
         *,
+        max_round_attempts: int = 5,
+        stale_after_s: float = 30.0,
         clock: Callable[[], datetime] = utcnow,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -47,29 +53,63 @@ class Scheduler:
         self.shards = shards  # aggregation jobs per round (module shards), capped by the module count
         self.clock = clock  # wall time for deadlines (injected by tests)
         self.monotonic = monotonic  # for re-enqueue timing
-        self._enqueued: dict[int, float] = {}
+        self.max_round_attempts = max_round_attempts  # failed attempts of one round before the job pauses
+        self.stale_after_s = stale_after_s  # /readyz: the loop is stuck past this without a tick
+        self.role: Literal["leader", "standby"] = "standby"
+        self._enqueued: dict[int, float] = {}  # round id -> when its queue entries were last checked
 
-    def run(self, stop: threading.Event) -> None:
-        """Loop until stopped: become leader, then tick on every round event or interval."""
+    def run(self, stop: threading.Event, loops: LoopRegistry | None = None) -> None:
+        """Until stopped: wait to become leader, then tick on every round event or interval.
+        Supervised: a backend error steps down, backs off and tries again; never returns early."""
+        state = (loops or LoopRegistry()).register("scheduler", self.stale_after_s)
         leader = LeaderLock(self.deps.sessions.kw["bind"])
         try:
-            while not stop.is_set():
-                if leader.acquire():
-                    break
+            supervise(state, lambda st: self._lead(st, leader, stop), stop)
+        finally:
+            self.role = "standby"
+            leader.release()
+
+    def _lead(self, state: LoopState, leader: LeaderLock, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set() and not leader.acquire():
+                state.tick()  # a standby that reaches the database is healthy
                 stop.wait(1.0)
             if stop.is_set():
                 return
+            self.role = "leader"
             log.info("scheduler is the leader")
-            self._enqueued.clear()  # a new leader re-enqueues every AGGREGATING round once
-            with self.deps.coordination.events.subscribe(SCHEDULER_EVENTS) as sub:
+            self._enqueued.clear()  # a new leader checks every AGGREGATING round's queue entries at once
+            sub: Subscription | None = None
+            next_subscribe = 0.0
+            try:
                 while not stop.is_set():
-                    try:
-                        self.tick()
-                    except Exception:
-                        log.exception("scheduler tick failed")
-                    sub.get(timeout_s=self.interval_s)
+                    if not leader.held():  # e.g. the database restarted: the lock went with the session
+                        log.warning("scheduler lost the leader lock; stepping down")
+                        return
+                    self.tick()
+                    state.tick()
+                    if sub is None and self.monotonic() >= next_subscribe:
+                        sub = self._subscribe()
+                        next_subscribe = self.monotonic() + RESUBSCRIBE_S
+                    if sub is None:
+                        stop.wait(self.interval_s)  # events are hints: poll while they are away
+                    else:
+                        sub.get(timeout_s=self.interval_s)
+            finally:
+                if sub is not None:
+                    sub.close()
         finally:
+            if self.role == "leader":
+                log.info("scheduler steps down")
+            self.role = "standby"
             leader.release()
+
+    def _subscribe(self) -> Subscription | None:
+        try:
+            return self.deps.coordination.events.subscribe(SCHEDULER_EVENTS)
+        except Exception as e:  # Redis away: tick on the interval until it is back
+            log.warning("scheduler cannot subscribe to events (%s); polling every %.2fs", e, self.interval_s)
+            return None
 
     def tick(self) -> None:
         with transaction(self.deps.sessions, read_only=True) as s:
@@ -78,7 +118,8 @@ class Scheduler:
             self.advance(job_id)
 
     def advance(self, job_id: str) -> None:
-        enqueue: tuple[int, int] | None = None  # (round id, shards)
+        enqueue: tuple[int, list[int]] | None = None  # (round id, shards to publish)
+        check: tuple[int, int] | None = None  # (round id, shards): re-publish what has no queue entry
         opened = False
         with transaction(self.deps.sessions) as s:
             jobs = JobRepo(s)
@@ -107,7 +148,7 @@ class Scheduler:
                         shards=shards,
                     )
                     AuditRepo(s).record("scheduler", "round_closed", job_id, round=rnd.number, uploads=n)
-                    enqueue = (rnd.id, shards)
+                    enqueue = (rnd.id, list(range(shards)))
                 elif now >= rnd.deadline or not expected:
                     rounds.expire_open_assignments(rnd.id)
                     rounds.transition(
@@ -120,19 +161,51 @@ class Scheduler:
                     AuditRepo(s).record("scheduler", "round_failed", job_id, round=rnd.number, uploads=n)
             elif rnd.state is RoundState.AGGREGATING:
                 last = self._enqueued.get(rnd.id)
-                if last is None or self.monotonic() - last > REENQUEUE_AFTER_S:
-                    enqueue = (rnd.id, rnd.shards)  # after a leader change or a lost queue: duplicates are harmless
+                if last is None or self.monotonic() - last > REQUEUE_CHECK_S:
+                    check = (rnd.id, rnd.shards)  # after a leader change or a lost queue
+        if check is not None:
+            round_id, shards = check
+            self._enqueued[round_id] = self.monotonic()
+            missing = self._unqueued_shards(round_id, shards)
+            if missing:
+                log.warning("round %s: shard(s) %s have no queue entry and no result; re-enqueued", round_id, missing)
+                enqueue = (round_id, missing)
         if enqueue is not None:
-            round_id, shards = enqueue
-            for shard in range(shards):
+            round_id, shard_list = enqueue
+            for shard in shard_list:
                 self.deps.coordination.queue.publish(AggregationTask(round_id, shard).to_fields())
             self._enqueued[round_id] = self.monotonic()
         if opened or enqueue is not None:
             self.deps.coordination.events.publish(ROUND_EVENTS, {"type": "round_changed", "job_id": job_id})
 
+    def _unqueued_shards(self, round_id: int, shards: int) -> list[int]:
+        """Shards of an AGGREGATING round with neither a queue entry (pending with a worker, or
+        not yet delivered) nor a recorded result. The queue is read before the database: a
+        worker records its shard before it acks, so a shard in neither is really lost."""
+        queued: set[int] = set()
+        for _, fields in self.deps.coordination.queue.outstanding():
+            try:
+                task = AggregationTask.from_fields(fields)
+            except ValueError:
+                continue
+            if task.round_id == round_id:
+                queued.add(task.shard)
+        with transaction(self.deps.sessions, read_only=True) as s:
+            done = {r.shard for r in ShardRepo(s).for_round(round_id)}
+        return [i for i in range(shards) if i not in queued and i not in done]
+
     def _open(self, s: Session, job: Job, spec: JobSpec, now: datetime) -> bool:
         job_id, number = job.id, job.current_round
         rounds = RoundRepo(s)
+        # Failed attempts since the job last changed status (an admin resume starts a new count).
+        failed = rounds.failed_attempts(job_id, number, since=job.updated_at)
+        if failed >= self.max_round_attempts:
+            last = rounds.last_error(job_id, number) or "unknown error"
+            reason = f"round {number} failed {failed} times in a row (last: {last}); resume the job to retry"
+            if JobRepo(s).transition(job_id, [JobStatus.RUNNING], JobStatus.PAUSED, error=reason):
+                AuditRepo(s).record("scheduler", "job_paused", job_id, round=number, reason=reason)
+                log.warning("job %s paused: %s", job_id, reason)
+            return False
         agents = {a.id: a for a in AgentRepo(s).active()}
         live = self.deps.coordination.liveness.alive(agents)
         quarantined = AgentRepo(s).quarantined_ids()  # repeated offenders sit rounds out (issue 12)

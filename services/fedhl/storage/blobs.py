@@ -102,6 +102,18 @@ class BlobStore(Protocol):
 
     def staging_discard(self, upload_id: str) -> None: ...
 
+    def list_objects(self) -> Iterator[tuple[str, float]]:
+        """Every stored key with its write time (unix seconds), for garbage collection."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove an object; a missing one is ignored."""
+        ...
+
+    def list_staging(self) -> Iterator[tuple[str, float]]:
+        """Every staged (unfinished) upload id with the time of its last write."""
+        ...
+
 
 def check_range(store: BlobStore, key: str, offset: int, chunk_size: int) -> int:
     """The blob's size, after checking a read from `offset` in `chunk_size` pieces makes sense."""
@@ -149,7 +161,7 @@ class FileBlobStore:
 
     def put_bytes(self, data: bytes) -> str:
         key = hashlib.sha256(data).hexdigest()
-        if not self.exists(key):
+        if not self._present(key):
             with self._temp_file() as (fd, tmp):
                 _write_all(fd, data)
                 os.fsync(fd)
@@ -164,7 +176,7 @@ class FileBlobStore:
                 _write_all(fd, chunk)
             os.fsync(fd)
             key = digest.hexdigest()
-            if not self.exists(key):
+            if not self._present(key):
                 self._install(tmp, key)
         return key
 
@@ -279,6 +291,25 @@ class FileBlobStore:
             if fd is not None:
                 os.unlink(self._staging_path(upload_id))
 
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def list_objects(self) -> Iterator[tuple[str, float]]:
+        for fan in sorted(self._objects.iterdir()):
+            for f in sorted(fan.iterdir()):
+                key = fan.name + f.name
+                if _KEY_RE.fullmatch(key):
+                    with contextlib.suppress(FileNotFoundError):
+                        yield key, f.stat().st_mtime
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._object_path(key))
+
+    def list_staging(self) -> Iterator[tuple[str, float]]:
+        for f in sorted(self._staging.iterdir()):
+            with contextlib.suppress(FileNotFoundError):
+                yield f.name, f.stat().st_mtime
+
     # -- internals ----------------------------------------------------------------------
 
     def _object_path(self, key: str) -> Path:
@@ -289,10 +320,19 @@ class FileBlobStore:
         return self._staging / check_upload_id(upload_id)
 
     def _store_staged(self, path: Path, key: str) -> None:
-        if self.exists(key):
+        if self._present(key):
             os.unlink(path)  # already stored (identical bytes): nothing to move
         else:
             self._install(path, key)
+
+    def _present(self, key: str) -> bool:
+        """Whether `key` is stored; if so its write time is refreshed, so that content written
+        again (deduplicated) gets the garbage collector's full grace period for its new reference."""
+        try:
+            os.utime(self._object_path(key))
+            return True
+        except FileNotFoundError:
+            return False
 
     def _install(self, src: Path, key: str) -> None:
         """Atomically rename `src` (same filesystem) to the object path of `key`."""

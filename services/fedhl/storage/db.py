@@ -3,6 +3,7 @@ before services start; services refuse to run on a schema that is not at head.""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,10 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, **kw: Any) -> Engine:
+def make_engine(url: str, *, connect_timeout_s: float = 5.0, statement_timeout_s: float = 30.0, **kw: Any) -> Engine:
+    """An engine whose every call is bounded: Postgres gets a connect timeout and a server-side
+    `statement_timeout` (a hung query fails with QueryCanceled instead of holding a request
+    thread; 0 disables it), SQLite a busy timeout. A pool checkout waits at most `connect_timeout_s` too."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kw)
@@ -53,9 +57,12 @@ def make_engine(url: str, **kw: Any) -> Engine:
 
         return engine
     if "poolclass" not in kw:
-        kw.update(pool_size=20, max_overflow=20)
-    # a bounded connect timeout, so /healthz and startup fail fast when Postgres is away
-    connect_args = {"connect_timeout": 5, **kw.pop("connect_args", {})}
+        kw.update(pool_size=20, max_overflow=20, pool_timeout=max(connect_timeout_s, 1.0))
+    # a bounded connect timeout, so /readyz and startup fail fast when Postgres is away
+    connect_args = {"connect_timeout": max(1, math.ceil(connect_timeout_s)), **kw.pop("connect_args", {})}
+    if statement_timeout_s > 0:  # 0: none (migrations)
+        timeout = f"-c statement_timeout={math.ceil(statement_timeout_s * 1000)}"
+        connect_args["options"] = f"{timeout} {connect_args['options']}" if "options" in connect_args else timeout
     return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **kw)
 
 

@@ -324,6 +324,29 @@ class RoundRepo:
         n = self.s.scalar(select(func.count()).select_from(Round).where(Round.job_id == job_id, Round.number == number))
         return int(n or 0)
 
+    def failed_attempts(self, job_id: str, number: int, since: datetime) -> int:
+        """FAILED attempts of round `number` opened at or after `since`."""
+        n = self.s.scalar(
+            select(func.count())
+            .select_from(Round)
+            .where(
+                Round.job_id == job_id,
+                Round.number == number,
+                Round.state == RoundState.FAILED,
+                Round.created_at >= since,
+            )
+        )
+        return int(n or 0)
+
+    def last_error(self, job_id: str, number: int) -> str | None:
+        """The error of the latest FAILED attempt of round `number`."""
+        return self.s.scalar(
+            select(Round.error)
+            .where(Round.job_id == job_id, Round.number == number, Round.state == RoundState.FAILED)
+            .order_by(Round.id.desc())
+            .limit(1)
+        )
+
     def open(
         self,
         job_id: str,
@@ -528,3 +551,42 @@ class ShardRepo:
         self.s.add(row)
         self.s.flush()
         return row
+
+
+class BlobRefRepo:
+    """Which blobs the tables still reference, for the blob garbage collector."""
+
+    def __init__(self, s: Session) -> None:
+        self.s = s
+
+    def referenced(self, keep_checkpoints: int) -> set[str]:
+        """Every key a job, an unfinished round, one of each job's last `keep_checkpoints`
+        rounds (inputs, uploads, shard results) or last `keep_checkpoints` checkpoints
+        references. What an export reads is a checkpoint, so it is kept with them."""
+        keys: set[str] = set()
+        for job in self.s.scalars(select(Job)).all():
+            keys.update(k for k in (job.state_key, job.plan_key) if k)
+            keys.update(str(v) for v in job.start_keys.values())
+            floor = job.current_round - keep_checkpoints  # rounds numbered >= floor are kept
+            rounds = self.s.scalars(
+                select(Round).where(
+                    Round.job_id == job.id,
+                    (Round.number >= floor) | Round.state.notin_([RoundState.COMMITTED, RoundState.FAILED]),
+                )
+            ).all()
+            ids = [r.id for r in rounds]
+            for r in rounds:
+                keys.update(k for k in (r.input_state_key, r.input_plan_key) if k)
+                keys.update(str(v) for v in r.start_keys.values())
+            if ids:
+                keys.update(self.s.scalars(select(Update.blob_key).where(Update.round_id.in_(ids))).all())
+                keys.update(self.s.scalars(select(RoundShard.blob_key).where(RoundShard.round_id.in_(ids))).all())
+            keys.update(
+                self.s.scalars(
+                    select(Checkpoint.state_key)
+                    .where(Checkpoint.job_id == job.id)
+                    .order_by(Checkpoint.round_number.desc())
+                    .limit(keep_checkpoints)
+                ).all()
+            )
+        return keys

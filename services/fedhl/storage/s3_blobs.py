@@ -37,7 +37,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError("s3:// blob stores need boto3 (pip install boto3)") from e
 
 from ..settings import S3Settings
-from .blobs import BlobNotFound, FileBlobStore, check_key, check_range
+from .blobs import _KEY_RE, BlobNotFound, FileBlobStore, check_key, check_range
 
 # S3's bucket naming rules (also MinIO's); checked early so a typo fails with a clear message.
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -197,6 +197,22 @@ class S3BlobStore:
 
     def staging_discard(self, upload_id: str) -> None:
         self._local.staging_discard(upload_id)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def list_objects(self) -> Iterator[tuple[str, float]]:
+        root = self._object_key("0" * 64)[:-64]
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root):
+            for obj in page.get("Contents", []):
+                key = obj["Key"][len(root) :]
+                if _KEY_RE.fullmatch(key):
+                    yield key, obj["LastModified"].timestamp()
+
+    def delete(self, key: str) -> None:
+        self._call(key, self.client.delete_object, Key=self._object_key(key))
+
+    def list_staging(self) -> Iterator[tuple[str, float]]:
+        return self._local.list_staging()
 
     # -- internals ----------------------------------------------------------------------
 

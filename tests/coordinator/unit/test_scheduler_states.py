@@ -17,7 +17,8 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedhl.backends import ROUND_EVENTS, AggregationTask, Deps
-from fedhl.coordinator.scheduler import REENQUEUE_AFTER_S, Scheduler
+from fedhl.coordinator.jobs import JobService
+from fedhl.coordinator.scheduler import REQUEUE_CHECK_S, Scheduler
 from fedhl.jobspec import JobSpec
 from fedhl.storage.blobs import FileBlobStore
 from fedhl.storage.coordination import open_coordination
@@ -274,20 +275,25 @@ def test_close_decision(
         assert queued == []
 
 
-def test_an_aggregating_round_is_queued_once_then_again_after_the_reenqueue_delay(world: World) -> None:
+def test_an_aggregating_round_is_requeued_only_for_shards_without_a_queue_entry(world: World) -> None:
     (a,) = world.agents(1)
     job_id = world.job(count=1)
     world.scheduler.tick()
     world.upload(job_id, a)
     world.scheduler.tick()
     rnd_id = world.round(job_id).id
-    assert len(world.drain_queue()) == 2
-    world.clock.advance(REENQUEUE_AFTER_S)  # not yet: strictly more than the delay
+    queue = world.deps.coordination.queue
+    # a worker holds shard 0 (pending, unacked); shard 1 is lost (consumed and acked, no result)
+    (e0,) = queue.consume("w", block_s=0)
+    (e1,) = queue.consume("w", block_s=0)
+    queue.ack(e1[0])
+    world.clock.advance(REQUEUE_CHECK_S)  # not yet: strictly more than the check interval
     world.scheduler.tick()
     assert world.drain_queue() == []
     world.clock.advance(0.001)
     world.scheduler.tick()
-    assert world.drain_queue() == [AggregationTask(rnd_id, 0), AggregationTask(rnd_id, 1)]
+    assert world.drain_queue() == [AggregationTask(rnd_id, 1)]  # never shard 0: a worker has it
+    assert queue.outstanding() == [e0]
     assert world.round(job_id).state is RoundState.AGGREGATING  # the scheduler never commits
 
 
@@ -321,6 +327,28 @@ def test_a_failed_round_is_retried_as_the_next_attempt_of_the_same_number(world:
             (0, 1, RoundState.OPEN),
         ]
         assert rounds[1].deadline == world.clock.now + timedelta(seconds=DEADLINE_S)
+
+
+def test_a_round_that_keeps_failing_pauses_its_job_until_an_admin_resumes_it(world: World) -> None:
+    world.agents(2)
+    job_id = world.job(count=2, quorum=1.0)
+    world.scheduler.max_round_attempts = 2
+    for _ in range(2):
+        world.scheduler.tick()  # opens an attempt
+        world.clock.advance(DEADLINE_S)
+        world.scheduler.tick()  # no upload at the deadline: FAILED
+    world.scheduler.tick()  # a third attempt would pass the limit: the job pauses instead
+    job = world.job_row(job_id)
+    assert job.status is JobStatus.PAUSED
+    assert job.error == (
+        "round 0 failed 2 times in a row (last: deadline passed with 0 of 2 uploads needed); resume the job to retry"
+    )
+    with transaction(world.sessions) as s:
+        assert [r.attempt for r in RoundRepo(s).for_job(job_id)] == [0, 1]
+    JobService(world.deps).resume(job_id)  # the count starts again from the resume
+    world.scheduler.tick()
+    assert (world.job_row(job_id).status, world.job_row(job_id).error) == (JobStatus.RUNNING, None)
+    assert (world.round(job_id).attempt, world.round(job_id).state) == (2, RoundState.OPEN)
 
 
 @pytest.mark.parametrize(

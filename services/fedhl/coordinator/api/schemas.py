@@ -242,6 +242,15 @@ class AuditEventPublic(_Public):
 
 
 class Health(BaseModel):
+    """Readiness: every check by name ("ok" or why it fails) and the failing ones."""
+
     status: Literal["ok", "unavailable"]
+    role: Literal["leader", "standby"]  # this replica's scheduler
     database: bool
     redis: bool | Literal["in-process"]
+    checks: dict[str, str]
+    failing: list[str]
+
+
+class Liveness(BaseModel):
+    status: Literal["ok"]

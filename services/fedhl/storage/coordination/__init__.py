@@ -68,9 +68,17 @@ class Coordination:
         self.close()
 
 
-def open_coordination(redis_url: str | None, prefix: str = "fedhl:") -> Coordination:
+def open_coordination(
+    redis_url: str | None,
+    prefix: str = "fedhl:",
+    *,
+    socket_timeout_s: float = 10.0,
+    connect_timeout_s: float = 5.0,
+) -> Coordination:
     """Redis-backed coordination at `redis_url`, or the in-process twin when it is None.
-    Connects lazily: use `ping()` to check the server."""
+    Connects lazily: use `ping()` to check the server. Every call is bounded by
+    `socket_timeout_s` (raises redis.TimeoutError), which must exceed the longest
+    `consume(block_s=...)`."""
     if redis_url is None:
         return Coordination(
             liveness=InProcessLiveness(),
@@ -79,10 +87,13 @@ def open_coordination(redis_url: str | None, prefix: str = "fedhl:") -> Coordina
             events=InProcessEvents(),
             rate_limiter=InProcessRateLimiter(),
         )
-    # URL query options (e.g. ?socket_timeout=5) override these defaults; a socket_timeout
-    # must exceed the longest `consume(block_s=...)`.
+    # URL query options (e.g. ?socket_timeout=5) override these defaults.
     client = redis.Redis.from_url(
-        redis_url, decode_responses=True, socket_connect_timeout=5.0, health_check_interval=30
+        redis_url,
+        decode_responses=True,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=connect_timeout_s,
+        health_check_interval=30,
     )
     return Coordination(
         liveness=RedisLiveness(client, prefix),

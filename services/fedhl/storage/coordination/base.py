@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
+from ...supervise import LoopState
+
 Entry = tuple[str, dict[str, str]]
 """A job queue entry: (entry id, fields)."""
 
@@ -81,6 +83,24 @@ class JobQueue(Protocol):
         """Entries delivered but not yet acked (not the undelivered backlog)."""
         ...
 
+    def touch(self, consumer: str, entry_id: str) -> bool:
+        """Reset the idle time of an entry pending with `consumer` (a worker still computing
+        it), without counting a delivery, so `reclaim` leaves it alone. False if the entry
+        is no longer pending with `consumer` (acked, or reclaimed by another worker)."""
+        ...
+
+    def outstanding(self, count: int = 10_000) -> list[Entry]:
+        """Up to `count` unacked entries, pending or not yet delivered, oldest first."""
+        ...
+
+    def dead_letter(self, entry_id: str, reason: str) -> None:
+        """Move an entry to the dead-letter list with `reason` and drop it from the queue."""
+        ...
+
+    def dead_letters(self, count: int = 100) -> list[Entry]:
+        """The last `count` dead-lettered entries (their fields plus `reason`), oldest first."""
+        ...
+
     def delivery_count(self, entry_id: str) -> int:
         """How often a pending entry was delivered (1 after consume, +1 per reclaim); 0 if it
         is not pending. Lets workers dead-letter an entry that keeps crashing them."""
@@ -90,6 +110,8 @@ class JobQueue(Protocol):
 class Events(Protocol):
     """Fire-and-forget JSON events (wake-up hints: a subscriber that was not listening, or
     lagged too far, misses them and must fall back to reading Postgres)."""
+
+    health: LoopState | None  # the background listener's health (None: there is no listener)
 
     def publish(self, channel: str, event: dict[str, Any]) -> None: ...
 

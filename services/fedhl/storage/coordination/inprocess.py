@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ...supervise import LoopState
 from .base import (
     Entry,
     Subscription,
@@ -95,6 +96,7 @@ class InProcessJobQueue:
         # updates its record in place.
         self._pending: dict[str, _Delivery] = {}
         self._last_id = (0, 0)
+        self._dead: deque[Entry] = deque(maxlen=10_000)  # capped like the Redis dead-letter stream
 
     def publish(self, fields: dict[str, str]) -> str:
         _check_fields(fields)
@@ -156,8 +158,39 @@ class InProcessJobQueue:
             d = self._pending.get(entry_id)
             return 0 if d is None else d.count
 
+    def touch(self, consumer: str, entry_id: str) -> bool:
+        with self._cond:
+            d = self._pending.get(entry_id)
+            if d is None or d.consumer != consumer:
+                return False
+            d.at = time.monotonic()
+            return True
+
+    def outstanding(self, count: int = 10_000) -> list[Entry]:
+        _check_count(count)
+        with self._cond:
+            ids = sorted(self._fields, key=lambda e: tuple(int(p) for p in e.split("-")))[:count]
+            return [(e, dict(self._fields[e])) for e in ids]
+
+    def dead_letter(self, entry_id: str, reason: str) -> None:
+        with self._cond:
+            fields = self._fields.pop(entry_id, None)
+            if fields is None:
+                return
+            self._pending.pop(entry_id, None)
+            if entry_id in self._undelivered:
+                self._undelivered.remove(entry_id)
+            self._dead.append((entry_id, {**fields, "reason": reason, "entry_id": entry_id}))
+
+    def dead_letters(self, count: int = 100) -> list[Entry]:
+        _check_count(count)
+        with self._cond:
+            return [(e, dict(f)) for e, f in list(self._dead)[-count:]]
+
 
 class InProcessEvents:
+    health: LoopState | None = None  # no listener thread: nothing to supervise
+
     def __init__(self) -> None:
         self._fanout = _Fanout()
 

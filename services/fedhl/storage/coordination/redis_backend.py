@@ -15,6 +15,7 @@ from typing import Any
 import redis
 from redis.client import PubSub
 
+from ...supervise import Backoff, LoopState
 from .base import (
     Entry,
     Subscription,
@@ -61,6 +62,31 @@ if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('XDEL', KEYS[1], ARGV[2])
 end
 return 0
+"""
+
+# Reset the idle time only while the entry is still pending with this consumer: a worker that
+# was presumed dead and lost its entry to another must not take it back. JUSTID: no delivery.
+_TOUCH = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if p[1] and p[1][2] == ARGV[2] then
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+  return 1
+end
+return 0
+"""
+# Copy to the dead-letter stream, then ack and drop, in one step.
+_DEAD_LETTER = """
+local e = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+if not e[1] then return 0 end
+local f = e[1][2]
+table.insert(f, 'reason')
+table.insert(f, ARGV[3])
+table.insert(f, 'entry_id')
+table.insert(f, ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, '*', unpack(f))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
 """
 
 
@@ -121,7 +147,10 @@ class RedisJobQueue:
         self._r = client
         self._stream = prefix + stream
         self._group = group
+        self._dead = prefix + stream + ":dead"
         self._ack = client.register_script(_ACK)
+        self._touch = client.register_script(_TOUCH)
+        self._dead_letter = client.register_script(_DEAD_LETTER)
         self._group_ready = False
 
     def publish(self, fields: dict[str, str]) -> str:
@@ -178,6 +207,21 @@ class RedisJobQueue:
         rows = self._with_group(lambda: self._r.xpending_range(self._stream, self._group, entry_id, entry_id, 1))
         return int(rows[0]["times_delivered"]) if rows else 0
 
+    def touch(self, consumer: str, entry_id: str) -> bool:
+        return bool(self._with_group(lambda: self._touch(keys=[self._stream], args=[self._group, consumer, entry_id])))
+
+    def outstanding(self, count: int = 10_000) -> list[Entry]:
+        _check_count(count)
+        # Acked entries are deleted (see _ACK), so the stream holds exactly the unacked ones.
+        return _entries(self._r.xrange(self._stream, "-", "+", count=count) or [])
+
+    def dead_letter(self, entry_id: str, reason: str) -> None:
+        self._dead_letter(keys=[self._stream, self._dead], args=[self._group, entry_id, reason])
+
+    def dead_letters(self, count: int = 100) -> list[Entry]:
+        _check_count(count)
+        return list(reversed(_entries(self._r.xrevrange(self._dead, "+", "-", count=count) or [])))
+
     def _ensure_group(self, force: bool = False) -> None:
         if self._group_ready and not force:
             return
@@ -202,9 +246,12 @@ class RedisJobQueue:
 class RedisEvents:
     """Redis pub/sub fanned out locally: one connection and one listener thread per
     process, subscribed to the pattern of all event channels, however many long-polls wait.
-    Channel messages published while the connection is down are lost (events are hints)."""
+    Channel messages published while the connection is down are lost (events are hints).
+    The listener survives Redis restarts (it backs off and redis-py re-subscribes on
+    reconnect) and reports its last successful read in `health`."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "fedhl:") -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "fedhl:", stale_after_s: float = 30.0) -> None:
+        self.health: LoopState | None = LoopState("events", stale_after_s)
         self._r = client
         self._prefix = prefix + "events:"
         self._fanout = _Fanout()
@@ -249,15 +296,20 @@ class RedisEvents:
             self._listener.start()
 
     def _listen(self, pubsub: PubSub) -> None:
+        health, backoff = self.health, Backoff(0.2, 5.0)
+        assert health is not None
         try:
             while not self._stop.is_set():
                 try:
                     msg = pubsub.get_message(timeout=0.2)
-                except redis.RedisError as e:
+                except Exception as e:  # never let the one listener of the process die
                     # redis-py reconnects and re-subscribes on the next read.
+                    health.failures += 1
+                    health.error = f"{type(e).__name__}: {e}"[:500]
                     log.warning("event listener lost Redis (%s); retrying", e)
-                    self._stop.wait(0.5)
+                    self._stop.wait(backoff.delay(health.failures))
                     continue
+                health.tick()
                 if msg is None or msg["type"] != "pmessage":
                     continue
                 channel, data = _text(msg["channel"]), _text(msg["data"])

@@ -26,7 +26,12 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     url = config.get_main_option("sqlalchemy.url")
     assert url is not None
-    engine = make_engine(url, poolclass=pool.NullPool) if not url.startswith("sqlite") else make_engine(url)
+    # no statement_timeout: a migration may rewrite a large table
+    engine = (
+        make_engine(url, poolclass=pool.NullPool, statement_timeout_s=0)
+        if not url.startswith("sqlite")
+        else make_engine(url)
+    )
     with engine.connect() as connection:
         # render_as_batch: SQLite cannot ALTER most things; batch mode recreates tables
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
