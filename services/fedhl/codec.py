@@ -254,7 +254,7 @@ class TensorEntry:
     end: int
 
 
-def read_header(path: Path) -> tuple[int, dict[str, TensorEntry]]:
+def _upload_header(path: Path) -> tuple[int, dict[str, TensorEntry]]:
     """(start of the data section, name -> entry) from a safetensors file's header alone.
     Raises PayloadError on a malformed header."""
     try:
@@ -284,7 +284,7 @@ def validate_update_file(path: Path, exp: Expected) -> None:
     ranges from the header first (a wrong payload is refused before any value is read), then
     each tensor's values read and checked one at a time, so memory holds one tensor, never the
     whole payload (plain reads, not a memory map: mapped pages would count in the RSS)."""
-    data_start, declared = read_header(path)
+    data_start, declared = _upload_header(path)
     expected: dict[str, tuple[int, ...]] = {}
     for m, (d_out, d_in) in exp.shapes.items():
         expected[f"lora_B::{m}"] = (d_out, exp.rank)  # (d_out, r)
