@@ -57,7 +57,10 @@ def _scalar(f: FieldDescriptor) -> st.SearchStrategy[Any]:
         return st.booleans()
     if f.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
         width = 32 if f.type == FieldDescriptor.TYPE_FLOAT else 64
-        return st.one_of(st.floats(width=width, allow_nan=False, allow_infinity=False), st.sampled_from(["NaN", "Infinity", "-Infinity"]))
+        return st.one_of(
+            st.floats(width=width, allow_nan=False, allow_infinity=False),
+            st.sampled_from(["NaN", "Infinity", "-Infinity"]),
+        )
     if f.type == FieldDescriptor.TYPE_STRING:
         return _TEXT
     if f.type == FieldDescriptor.TYPE_BYTES:
