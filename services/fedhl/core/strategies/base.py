@@ -416,21 +416,8 @@ class Strategy(ABC):
                     DropRecord(updates[i].client_id, module, "non_finite_update", "update norm overflows float64")
                 )
                 idx.remove(i)
-        clip = dict.fromkeys(idx, 1.0)
-        if self.clip.k is not None and idx:
-            norms = {i: math.sqrt(bound_sq[i]) for i in idx}
-            bound = clip_bound(list(norms.values()), self.clip.k)
-            for i in list(idx):
-                if norms[i] <= bound:
-                    continue
-                c = updates[i].client_id
-                if self.clip.action == "reject":
-                    detail = f"update norm {norms[i]:.4g} > {self.clip.k:g} × median = {bound:.4g}"
-                    dropped.append(DropRecord(c, module, "update_norm_above_bound", detail))
-                    idx.remove(i)
-                else:
-                    clip[i] = clip_scale(norms[i], bound)
-                    clipped.append(ClipRecord(c, module, norms[i], bound, clip[i]))
+        norms = {i: math.sqrt(bound_sq[i]) for i in idx}
+        clip = self._apply_bound(updates, module, norms, idx, dropped, clipped, "update norm")
         limit = overflow_limit(dtype, len(updates))
         out = _Screened([], [], [], [], {})
         for i in idx:
@@ -451,6 +438,36 @@ class Strategy(ABC):
             out.clip.append(clip[i])
             out.update_sq[i] = report_sq[i]
         return out
+
+    def _apply_bound(
+        self,
+        updates: Sequence[ClientUpdate],
+        name: str,
+        norms: dict[int, float],
+        idx: list[int],
+        dropped: list[DropRecord],
+        clipped: list[ClipRecord],
+        what: str,
+    ) -> dict[int, float]:
+        """The update-size bound (k × the median of `norms` over `idx`): the clip scale of every
+        upload still in `idx` (1.0 when within the bound); rejected uploads leave `idx`, named."""
+        scales = dict.fromkeys(idx, 1.0)
+        if self.clip.k is None or not idx:
+            return scales
+        bound = clip_bound([norms[i] for i in idx], self.clip.k)
+        for i in list(idx):
+            if norms[i] <= bound:
+                continue
+            c = updates[i].client_id
+            if self.clip.action == "reject":
+                detail = f"{what} {norms[i]:.4g} > {self.clip.k:g} × median = {bound:.4g}"
+                dropped.append(DropRecord(c, name, "update_norm_above_bound", detail))
+                idx.remove(i)
+                del scales[i]
+            else:
+                scales[i] = clip_scale(norms[i], bound)
+                clipped.append(ClipRecord(c, name, norms[i], bound, scales[i]))
+        return scales
 
     def _merge_extra(
         self,
@@ -473,20 +490,9 @@ class Strategy(ABC):
                 dropped.append(DropRecord(u.client_id, name, "non_finite_extras", "parameter contains NaN or Inf"))
         xs = {i: updates[i].extras[key] for i in idx}
         norms = {i: float(torch.linalg.vector_norm(xs[i].to(torch.float64) - g)) for i in idx}
-        if self.clip.k is not None and idx:
-            bound = clip_bound(list(norms.values()), self.clip.k)
-            for i in list(idx):
-                if norms[i] <= bound:
-                    continue
-                c = updates[i].client_id
-                if self.clip.action == "reject":
-                    detail = f"change norm {norms[i]:.4g} > {self.clip.k:g} × median = {bound:.4g}"
-                    dropped.append(DropRecord(c, name, "update_norm_above_bound", detail))
-                    idx.remove(i)
-                else:
-                    scale = clip_scale(norms[i], bound)
-                    clipped.append(ClipRecord(c, name, norms[i], bound, scale))
-                    xs[i] = (g + scale * (xs[i].to(torch.float64) - g)).to(xs[i].dtype)
+        for i, scale in self._apply_bound(updates, name, norms, idx, dropped, clipped, "change norm").items():
+            if scale < 1.0:
+                xs[i] = (g + scale * (xs[i].to(torch.float64) - g)).to(xs[i].dtype)
         ref = state.extras[key]
         limit = overflow_limit(torch.promote_types(ref.dtype, torch.float32), len(updates))
         for i in list(idx):
