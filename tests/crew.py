@@ -55,3 +55,15 @@ def wait_round(c: Coordinator, job_id: str, states: set[RoundState], timeout: fl
                 return hit[-1]
         time.sleep(0.05)
     raise AssertionError(f"no round of job {job_id} reached {states}")
+
+
+def wait_agents(c: Coordinator, n: int, timeout: float = 60) -> None:
+    """Until `n` agents have enrolled: a round opens as soon as min_clients agents are live, so a
+    test that needs a given agent in the first round creates the job only after this."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with transaction(c.deps.sessions, read_only=True) as s:
+            if len(AgentRepo(s).active_ids()) >= n:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {n} agents enrolled in {timeout} s")

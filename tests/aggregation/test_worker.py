@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save
 from sqlalchemy import select
 
-from crew import crew, token, wait_round
+from crew import crew, token, wait_agents, wait_round
 from fedhl.agent.scripted import ScriptedAgent
 from fedhl.aggregation.commit import run_task
 from fedhl.aggregation.compute import compute_shard, compute_shard_file
@@ -48,7 +48,7 @@ from fedhl.coordinator.app import Coordinator
 from fedhl.core import ClientUpdate, LoRAFactors, RoundPlan
 from fedhl.jobspec import JobSpec
 from fedhl.storage.db import transaction
-from fedhl.storage.models import Checkpoint, Job, RoundState
+from fedhl.storage.models import Checkpoint, RoundState
 from stack import env_for, free_port, job_spec, running, settings_for
 
 SPEC = job_spec(
@@ -208,9 +208,10 @@ def test_a_poisoned_upload_is_bounded_and_the_round_commits_a_finite_state(tmp_p
     float32: the update-size bound clips or drops them and the round commits a finite state."""
     settings = settings_for("sqlite+inprocess", tmp_path)
     with running(settings) as c:
-        job = c.jobs.create(JobSpec.model_validate(SPEC))
         team = crew(f"127.0.0.1:{c.grpc_port}", token(c), 4, PoisonAgent)
         try:
+            wait_agents(c, 4)  # the poisoner is in the first round
+            job = c.jobs.create(JobSpec.model_validate(SPEC))
             committed = wait_round(c, job.id, {RoundState.COMMITTED, RoundState.FAILED})
         finally:
             team.close()
@@ -220,13 +221,15 @@ def test_a_poisoned_upload_is_bounded_and_the_round_commits_a_finite_state(tmp_p
         poisoner = next(a.agent_id for a in team.agents if a.name == "agent-0")
         named = {d["client"] for d in report["dropped"]} | {x["client"] for x in report["clipped"]}
         assert named == {poisoner}, (report["dropped"], report["clipped"])
-        with transaction(c.deps.sessions) as s:
-            after = s.get(Job, job.id)
-            assert after is not None and after.state_key is not None
-            key = after.state_key
+        with transaction(c.deps.sessions) as s:  # the state this round committed (later rounds may follow)
+            key = s.scalars(
+                select(Checkpoint.state_key).where(
+                    Checkpoint.job_id == job.id, Checkpoint.round_number == committed.number + 1
+                )
+            ).one()
         with c.deps.blobs.local_path(key) as path:
             state = load_state(path)
-        assert state.round == 1
+        assert state.round == committed.number + 1
         for name, t in state.tensors().items():
             assert bool(torch.isfinite(t).all()), name
 
