@@ -180,8 +180,9 @@ class Scheduler:
 
     def _unqueued_shards(self, round_id: int, shards: int) -> list[int]:
         """Shards of an AGGREGATING round with neither a queue entry (pending with a worker, or
-        not yet delivered) nor a recorded result. The queue is read before the database: a
-        worker records its shard before it acks, so a shard in neither is really lost."""
+        not yet delivered) nor a recorded result, or [0] when all have results but no commit.
+        The queue is read before the database: a worker records its shard before it acks, so a
+        shard in neither is really lost."""
         queued: set[int] = set()
         for _, fields in self.deps.coordination.queue.outstanding():
             try:
@@ -192,6 +193,10 @@ class Scheduler:
                 queued.add(task.shard)
         with transaction(self.deps.sessions, read_only=True) as s:
             done = {r.shard for r in ShardRepo(s).for_round(round_id)}
+        if not queued and len(done) >= shards:
+            # every shard has its result but the round is still AGGREGATING: a worker died between
+            # the last shard and the commit. One task commits it (its shard is done: straight to commit).
+            return [0]
         return [i for i in range(shards) if i not in queued and i not in done]
 
     def _open(self, s: Session, job: Job, spec: JobSpec, now: datetime) -> bool:

@@ -24,7 +24,7 @@ from fedhl.storage.blobs import FileBlobStore
 from fedhl.storage.coordination import open_coordination
 from fedhl.storage.db import transaction
 from fedhl.storage.models import AssignmentState, Job, JobStatus, Round, RoundState, Update
-from fedhl.storage.repos import SPECS, AgentRepo, JobRepo, RoundRepo
+from fedhl.storage.repos import SPECS, AgentRepo, JobRepo, RoundRepo, ShardRepo
 
 T0 = datetime(2031, 3, 1, 12, 0, tzinfo=UTC)
 DEADLINE_S = 60.0
@@ -294,6 +294,25 @@ def test_an_aggregating_round_is_requeued_only_for_shards_without_a_queue_entry(
     world.scheduler.tick()
     assert world.drain_queue() == [AggregationTask(rnd_id, 1)]  # never shard 0: a worker has it
     assert queue.outstanding() == [e0]
+    assert world.round(job_id).state is RoundState.AGGREGATING  # the scheduler never commits
+
+
+def test_a_round_whose_shards_all_have_results_but_no_commit_gets_one_task_to_commit_it(world: World) -> None:
+    """A worker killed between recording the last shard and the commit (seen in the killed-
+    coordinator e2e test): nothing is queued and nothing is missing, yet the round must commit."""
+    (a,) = world.agents(1)
+    job_id = world.job(count=1)
+    world.scheduler.tick()
+    world.upload(job_id, a)
+    world.scheduler.tick()
+    rnd_id = world.round(job_id).id
+    world.drain_queue()  # both shard tasks consumed and acked ...
+    with transaction(world.sessions) as s:  # ... after their results were recorded
+        for shard in (0, 1):
+            ShardRepo(s).add(rnd_id, shard, f"{shard:064x}", "w", 0.1)
+    world.clock.advance(REQUEUE_CHECK_S + 0.001)
+    world.scheduler.tick()
+    assert world.drain_queue() == [AggregationTask(rnd_id, 0)]
     assert world.round(job_id).state is RoundState.AGGREGATING  # the scheduler never commits
 
 
