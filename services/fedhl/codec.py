@@ -323,16 +323,39 @@ def validate_update_file(path: Path, exp: Expected) -> None:
 
 class UploadFactors(Mapping[str, LoRAFactors]):
     """One stored upload's factors read module by module from its file, so the merge holds one
-    module of every upload at a time rather than whole uploads."""
+    module of every upload at a time rather than whole uploads.
+
+    The header is read once; each module's factors are read with plain reads into memory of
+    their own (not through a memory map: mapped file pages count in the worker's RSS and stay
+    mapped as long as any tensor of the file lives), so releasing them releases them."""
 
     def __init__(self, path: Path, modules: list[str]) -> None:
         self.path, self.modules = path, modules
+        try:
+            self.entries, _ = read_header(path)
+        except (TensorFileError, OSError, KeyError, TypeError, ValueError) as e:
+            raise PayloadError(f"{path.name}: not a readable safetensors payload ({e})") from None
+
+    def _read(self, fd: int, key: str) -> Tensor:
+        try:
+            e = self.entries[key]
+        except KeyError:
+            raise KeyError(key) from None
+        t = torch.empty(e.shape, dtype=e.dtype)
+        try:
+            read_into(fd, e, t)
+        except TensorFileError as err:
+            raise PayloadError(f"{self.path.name}: {key}: {err}") from None
+        return t
 
     def __getitem__(self, module: str) -> LoRAFactors:
         if module not in self.modules:
             raise KeyError(module)
-        with safe_open(str(self.path), framework="pt") as f:
-            return LoRAFactors(f.get_tensor(f"lora_B::{module}"), f.get_tensor(f"lora_A::{module}"))
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            return LoRAFactors(self._read(fd, f"lora_B::{module}"), self._read(fd, f"lora_A::{module}"))
+        finally:
+            os.close(fd)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.modules)

@@ -95,18 +95,47 @@ def change_norms_sq(
     Written as s[(B' − B⁰) A' + B⁰ (A' − A⁰)] so the Gram form Σ (LᵀL) ⊙ (R Rᵀ) sees no
     cancellation (a small change is not the difference of two large products), and batched
     over the clients of one rank: a few bmm calls instead of one small kernel per client.
+    Factors may come in any float dtype: computed in float64, one rank group at a time, so
+    at most one group's widened operands exist at once (never a float64 copy of every upload).
     """
     out = [0.0] * len(trained)
     by_rank: dict[int, list[int]] = {}
     for i, f in enumerate(trained):
         by_rank.setdefault(f.rank, []).append(i)
-    for idx in by_rank.values():
-        L = torch.stack([scales[i] * torch.cat([trained[i].B - starts[i].B, starts[i].B], 1) for i in idx])
-        R = torch.stack([torch.cat([trained[i].A, trained[i].A - starts[i].A], 0) for i in idx])
+    for r, idx in by_rank.items():
+        L, R = _change_operands([starts[i] for i in idx], [trained[i] for i in idx], [scales[i] for i in idx], r)
         sq = ((L.mT @ L) * (R @ R.mT)).sum((1, 2))  # (k,)  L: (k, d_out, 2r), R: (k, 2r, d_in)
+        del L, R
         for i, v in zip(idx, sq.tolist(), strict=True):
             out[i] = max(float(v), 0.0)
     return out
+
+
+def _change_operands(
+    starts: Sequence[LoRAFactors], trained: Sequence[LoRAFactors], scales: Sequence[float], r: int
+) -> tuple[Tensor, Tensor]:
+    """L = [s_i [B'_i − B⁰_i | B⁰_i]] (k, d_out, 2r), R = [[A'_i; A'_i − A⁰_i]] (k, 2r, d_in) in
+    float64, filled in place (the values `stack(cat(…))` of the widened factors would hold)."""
+    d_out, d_in = trained[0].B.shape[0], trained[0].A.shape[1]
+    dev, wide = trained[0].B.device, torch.float64
+    L = torch.empty(len(trained), d_out, 2 * r, dtype=wide, device=dev)  # (k, d_out, 2r)
+    R = torch.empty(len(trained), 2 * r, d_in, dtype=wide, device=dev)  # (k, 2r, d_in)
+    for j, (s0, f, s) in enumerate(zip(starts, trained, scales, strict=True)):
+        B0, A0 = s0.B.to(dev, wide), s0.A.to(dev, wide)  # (d_out, r), (r, d_in)
+        torch.sub(f.B.to(dev, wide), B0, out=L[j, :, :r])
+        L[j, :, r:] = B0
+        L[j].mul_(s)
+        R[j, :r] = f.A
+        torch.sub(f.A.to(dev, wide), A0, out=R[j, r:])
+    return L, R
+
+
+def factor_change_sq(start: LoRAFactors, f: LoRAFactors) -> float:
+    """‖B' − B⁰‖²_F + ‖A' − A⁰‖²_F, in float64 whatever the factors' dtype."""
+    wide = torch.float64
+    dB = f.B.to(wide) - start.B.to(f.B.device, wide)
+    dA = f.A.to(wide) - start.A.to(f.A.device, wide)
+    return float((dB**2).sum() + (dA**2).sum())
 
 
 def pad_factors(f: LoRAFactors, r_max: int) -> LoRAFactors:

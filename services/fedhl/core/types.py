@@ -56,7 +56,8 @@ class LoRAFactors:
         """Shape of the dense update, (d_out, d_in)."""
         return int(self.B.shape[0]), int(self.A.shape[1])
 
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> LoRAFactors:
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LoRAFactors:
+        """On `device`, in `dtype` (None: as they are); the same tensors when nothing changes."""
         return LoRAFactors(self.B.to(device=device, dtype=dtype), self.A.to(device=device, dtype=dtype))
 
 

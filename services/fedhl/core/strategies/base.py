@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..defence import ClipConfig, clip_bound, clip_scale, max_abs, overflow_limit, product_may_overflow
-from ..merge import change_norms_sq, lora_init, lowrank_fro_sq, weighted_average
+from ..merge import change_norms_sq, factor_change_sq, lora_init, lowrank_fro_sq, weighted_average
 from ..scaling import LoRAScaling
 from ..svd import Spectrum, SVDConfig, partial_svd
 from ..types import (
@@ -82,11 +82,6 @@ def uniform_ranks(
 
 def _finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
-
-
-def _factor_change_sq(start: LoRAFactors, f: LoRAFactors) -> float:
-    """‖B' − B⁰‖²_F + ‖A' − A⁰‖²_F (float64)."""
-    return float(((f.B - start.B) ** 2).sum() + ((f.A - start.A) ** 2).sum())
 
 
 def _reasons(dropped: Sequence[DropRecord], module: str) -> str:
@@ -403,13 +398,17 @@ class Strategy(ABC):
             else:
                 dropped.append(DropRecord(u.client_id, module, "non_finite_factors", "factors contain NaN or Inf"))
         idx = list(raw)
-        wide = {i: raw[i].to(device, torch.float64) for i in idx}
-        starts = {i: self.start_factors(state, plan, module, raw[i].rank).to(device, torch.float64) for i in idx}
+        # norms in float64 from the factors as read: widened one rank group (or one client) at a
+        # time inside the norm helpers, never a float64 copy of every upload at once
+        starts = {r: self.start_factors(state, plan, module, r).to(device) for r in {raw[i].rank for i in idx}}
         scales = {i: self.scaling.scale(raw[i].rank) for i in idx}
-        product_sq = change_norms_sq([starts[i] for i in idx], [wide[i] for i in idx], [scales[i] for i in idx])
+        onto = {i: raw[i].to(device) for i in idx}  # as sent, on the compute device
+        product_sq = change_norms_sq(
+            [starts[onto[i].rank] for i in idx], [onto[i] for i in idx], [scales[i] for i in idx]
+        )
         report_sq = dict(zip(idx, product_sq, strict=True))  # ‖Δ_i‖²: s_i(B'A' − B⁰A⁰)
         # factor strategies merge factors: for them the bounded update is the factor change
-        bound_sq = report_sq if self.dense_state else {i: _factor_change_sq(starts[i], wide[i]) for i in idx}
+        bound_sq = report_sq if self.dense_state else {i: factor_change_sq(starts[onto[i].rank], onto[i]) for i in idx}
         for i in list(idx):
             if not (math.isfinite(bound_sq[i]) and math.isfinite(report_sq[i])):
                 dropped.append(
@@ -421,23 +420,32 @@ class Strategy(ABC):
         limit = overflow_limit(dtype, len(updates))
         out = _Screened([], [], [], [], {})
         for i in idx:
-            f = wide[i]
-            if clip[i] < 1.0 and self.dense_state:  # Δ_i → c·Δ_i: the product carries c, the merge the rest
-                root = math.sqrt(clip[i])
-                f = LoRAFactors(f.B * root, f.A * root)
-            elif clip[i] < 1.0:  # factor change scaled by c
-                s0 = starts[i]
-                f = LoRAFactors(s0.B + clip[i] * (f.B - s0.B), s0.A + clip[i] * (f.A - s0.A))
+            # within the bound: the factors as sent (their max magnitudes are those of a float64
+            # copy: widening is exact); clipped: scaled in float64, one client at a time
+            f = onto[i] if clip[i] == 1.0 else self._clipped(onto[i], starts[onto[i].rank], clip[i])
             if product_may_overflow(f.B, f.A, scales[i], limit):
                 detail = f"factor magnitudes could overflow {dtype} in the merge"
                 dropped.append(DropRecord(updates[i].client_id, module, "overflow", detail))
                 continue
             out.index.append(i)
-            out.factors.append(raw[i].to(device, dtype) if clip[i] == 1.0 else f.to(device, dtype))
+            out.factors.append(f.to(device, dtype))
             out.ranks.append(raw[i].rank)
             out.clip.append(clip[i])
             out.update_sq[i] = report_sq[i]
+        raw.clear()
+        onto.clear()
         return out
+
+    def _clipped(self, f: LoRAFactors, start: LoRAFactors, c: float) -> LoRAFactors:
+        """Client update scaled by the clip factor `c < 1`, computed in float64. Dense
+        strategies: Δ_i → c·Δ_i, the product carries c (√c on B and on A), the merge the rest;
+        factor strategies: the factor change scaled by c."""
+        wide = f.to(f.B.device, torch.float64)
+        if self.dense_state:
+            root = math.sqrt(c)
+            return LoRAFactors(wide.B * root, wide.A * root)
+        s0 = start.to(f.B.device, torch.float64)
+        return LoRAFactors(s0.B + c * (wide.B - s0.B), s0.A + c * (wide.A - s0.A))
 
     def _apply_bound(
         self,
