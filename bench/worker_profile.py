@@ -161,6 +161,8 @@ def profile(args: argparse.Namespace) -> None:
     sampler = Sampler()
     sampler.start()
     with sampler.during("imports"):
+        import torch
+
         import fedhl.cli  # noqa: F401  (what `fedhl aggregator` imports before its loop)
         from fedhl.aggregation import compute, shards
         from fedhl.aggregation import worker as _worker  # noqa: F401
@@ -187,6 +189,13 @@ def profile(args: argparse.Namespace) -> None:
     blobs = FileBlobStore(d / "blobs")
     deps = Deps(None, blobs, None, "cpu")  # type: ignore[arg-type]  (compute reads blobs only)
     strategy_cls = type(spec.build_strategy())
+    if not args.no_allocator_tuning:
+        try:  # what `fedhl aggregator` does at start, where the tree has it
+            from fedhl.aggregation.allocator import fix_mmap_threshold
+        except ImportError:
+            pass
+        else:
+            fix_mmap_threshold()
     sampler.wrap(compute, "get_spectra", "load_spectra")
     sampler.wrap(Strategy, "_screen_module", "screen")
     sampler.wrap(strategy_cls, "_merge_module", "merge")
@@ -209,6 +218,14 @@ def profile(args: argparse.Namespace) -> None:
     def sha(k: str) -> str:
         return hashlib.sha256(blobs.get_bytes(k)).hexdigest()[:16]
 
+    def tensors_sha(k: str) -> str:  # spectra metadata records SVD seconds: hash the values only
+        from safetensors.torch import load
+
+        h = hashlib.sha256()
+        for name, t in sorted(load(blobs.get_bytes(k)).items()):
+            h.update(name.encode() + t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
     result = {
         "tag": args.tag,
         "modules": len(spec.module_shapes),
@@ -225,7 +242,7 @@ def profile(args: argparse.Namespace) -> None:
         "publish_s": round(t2 - t1, 2),
         "hashes": {
             "state": sha(published.state_key),
-            "spectra": sha(published.plan_key) if published.plan_key else None,
+            "spectra_values": tensors_sha(published.plan_key) if published.plan_key else None,
             **{f"start-{r}": sha(k) for r, k in published.start_keys.items()},
         },
     }
@@ -242,6 +259,7 @@ def main() -> None:
     ap.add_argument("--ranks", default="4,8,16,32,64")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--no-allocator-tuning", action="store_true", help="leave glibc's mmap threshold dynamic")
     ap.add_argument("--services", default=str(ROOT / "services"), help="the fedhl source tree to profile")
     args = ap.parse_args()
     sys.path.insert(0, args.services)

@@ -24,6 +24,7 @@ from ..backends import Deps
 from ..codec import ShardResult, ShardWriter, StateReader, UploadFactors, load_shard, read_update_extras
 from ..core import AggregationError, ClientUpdate, GlobalState, LoRAFactors, RoundPlan, Spectrum, Strategy
 from ..round_report import partial
+from .allocator import release_free_memory
 from .inputs import RoundInputs, pick_device, shard_modules
 
 Module = Tensor | LoRAFactors
@@ -128,6 +129,7 @@ class _ShardStream:
 
     def load(self, state: GlobalState, module: str) -> None:
         t0 = time.perf_counter()
+        release_free_memory()  # what the previous module's merge freed goes back to the kernel
         _put(state, module, self.source(module))
         self.load_s += time.perf_counter() - t0
 

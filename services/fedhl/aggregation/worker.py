@@ -24,6 +24,7 @@ from ..storage.blobs import open_blob_store, resolve_blob_url
 from ..storage.coordination import JobQueue
 from ..storage.db import schema_is_current, session_factory
 from ..supervise import LoopRegistry, LoopState, supervise
+from .allocator import fix_mmap_threshold
 from .commit import Outcome, dead_letter_round, run_task
 from .inputs import pick_device
 
@@ -143,6 +144,7 @@ def serve_worker(settings: Settings, consumer: str | None = None) -> None:
     if not schema_is_current(engine):
         raise RuntimeError("the database schema is not at the latest migration: run `fedhl migrate` first")
     device = pick_device(settings.aggregator_device)
+    fix_mmap_threshold()  # freed tensors go back to the kernel (aggregation/allocator.py)
     deps = Deps(
         session_factory(engine),
         open_blob_store(resolve_blob_url(settings.blob_url), settings.s3),

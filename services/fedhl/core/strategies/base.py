@@ -67,6 +67,12 @@ class RoundPlan:
     def r_max(self, module: ModuleName) -> int:
         return max(r[module] for r in self.ranks.values())
 
+    def forget(self, module: ModuleName) -> None:
+        """Drop what was computed and cached for `module` (start factors, residuals); it is
+        computed again if asked for."""
+        for key in [k for k in self._cache if k[1] == module]:
+            del self._cache[key]
+
 
 def module_seed(seed: int, round_: int, module: ModuleName) -> int:
     """Stable across processes (unlike hash()), so every worker draws the same numbers."""
@@ -345,8 +351,10 @@ class Strategy(ABC):
                 update_sq[clients[i]] += sc.update_sq[i]
             change_sq += change
             self._store(state, new, m, result)
+            del result, sc  # not kept into the next module's merge
             if stream is not None:
                 stream.emit(new, m)
+                plan.forget(m)  # its start factors (and residuals) served this module only
         new.extras = {k: self._merge_extra(state, k, updates, n, dropped, clipped) for k in state.extras}
         new.round = state.round + 1
 
