@@ -7,6 +7,7 @@ later round), so it lives outside both services."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,10 +15,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .codec import encode_spectra, encode_start, load_spectra, save_state
-from .core import ClientStart, GlobalState, Spectrum, Strategy
+from .codec import START_HASHES, encode_spectra, encode_start, load_spectra, save_state
+from .core import ClientStart, GlobalState, LoRAFactors, RoundPlan, Spectrum, Strategy
+from .core.downlink import Change, factors_cheaper, module_sha256, state_hashes
 from .jobspec import JobSpec
 from .storage.blobs import BlobStore
+from .storage.models import CHANGE_KEY as CHANGE_KEY  # re-exported for the aggregation service
 
 
 def pseudo_client(rank: int) -> str:
@@ -62,8 +65,22 @@ def next_round_artifacts(
     module at the largest rank) and each rank's start factors/residuals, computed once per rank."""
     modules = state.modules
     plan = strategy.plan_round(state, {pseudo_client(r): dict.fromkeys(modules, r) for r in rank_set})
-    starts = {r: strategy.client_start(state, plan, pseudo_client(r)) for r in rank_set}
+    residuals = not strategy.factored_downlink  # agents rebuild theirs from the global update
+    starts = {r: strategy.client_start(state, plan, pseudo_client(r), residuals=residuals) for r in rank_set}
     return plan.spectra, starts
+
+
+def downlink_parts(
+    strategy: Strategy, plan: RoundPlan, module: str, merged: Tensor | LoRAFactors
+) -> tuple[dict[str, Change], dict[str, str]]:
+    """After a merge, under a factored downlink: module -> its change (factors, or the merged
+    value where that is smaller) and module -> sha256 of the merged value; else empty."""
+    change = strategy.round_change(plan, module)
+    if not strategy.factored_downlink or not isinstance(merged, Tensor):
+        return {}, {}
+    shape = (int(merged.shape[0]), int(merged.shape[1]))
+    out: Change = change if change is not None and factors_cheaper(shape, change.rank) else merged
+    return {module: out}, {module: module_sha256(merged)}
 
 
 def put_start_packages(
@@ -83,7 +100,10 @@ def publish_round_artifacts(
     """(spectra key or None, rank -> start package key) for the round `state` starts."""
     spectra, starts = next_round_artifacts(strategy, state, spec.rank_set)
     plan_key = put_spectra(blobs, spectra) if spectra else None
-    return plan_key, put_start_packages(blobs, starts, state.extras, start_meta(job_id, state.round, strategy, spec))
+    meta = start_meta(job_id, state.round, strategy, spec)
+    if strategy.factored_downlink:
+        meta[START_HASHES] = json.dumps(state_hashes(state.dense))
+    return plan_key, put_start_packages(blobs, starts, state.extras, meta)
 
 
 def start_meta(job_id: str, round_: int, strategy: Strategy, spec: JobSpec) -> dict[str, str]:

@@ -4,10 +4,17 @@
            `fedhl = {"format": "fedhl-state/1", "round": t}`.
 - update (agent → server): `lora_B::<m>` (d_out, r), `lora_A::<m>` (r, d_in), `extra::<name>`.
 - start package (server → agent): the update's keys plus `residual::<m>` (dense) or
-  `residual_B::<m>`/`residual_A::<m>` (low rank, scale 1) added to the frozen base weight.
+  `residual_B::<m>`/`residual_A::<m>` (low rank, scale 1) added to the frozen base weight;
+  under a factored downlink no residual, and metadata `state_sha256` = {module: sha256 of
+  W_t} (core/downlink.py), the state the agent must hold.
+- change (server → agent, factored downlink): the round's `W_{t+1} − W_t` per module as
+  `change_B::<m>` (d_out, K) + `change_A::<m>` (K, d_in), or `value::<m>` (the new module
+  itself, when that is smaller); metadata `fedhl = {"format": "fedhl-change/1", "round": t+1}`
+  and `state_sha256` of W_{t+1}.
 - spectra: `U::<m>`, `S::<m>`, `Vh::<m>` with `spectrum::<m>` metadata.
 - shard result (one aggregation task's output): the state under `state::`, the next round's
-  spectra under `next::` and each rank's start package under `start::<rank>::`, tensors that
+  spectra under `next::`, each rank's start package under `start::<rank>::`, the change under
+  `delta::` and module hashes as `sha256::<m>` metadata (factored downlink), tensors that
   share memory stored once (`aliases`), the partial report, round and rank set as metadata.
   Written module by module (`ShardWriter`); the round's artifacts are written from the shard
   files byte range by byte range (`assemble_files`).
@@ -27,11 +34,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, load_file, save, save_file
 from torch import Tensor
 
+from .core.downlink import Change
 from .core.svd import Spectrum
 from .core.types import ClientStart, GlobalState, LoRAFactors
 from .tensorfile import AppendWriter, Entry, PlannedWriter, TensorFileError, encode, read_header, read_into
 
 STATE_FORMAT = "fedhl-state/1"
+CHANGE_FORMAT = "fedhl-change/1"
+START_HASHES = "state_sha256"  # start package / change metadata: {module: sha256} of the state to hold
 ALLOWED_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 
 
@@ -420,6 +430,99 @@ def decode_start(data: bytes) -> ClientStart:
     return _start_from(t, t.__getitem__)
 
 
+def read_metadata(data: bytes) -> dict[str, str]:
+    """A safetensors payload's `__metadata__`, from its header alone."""
+    if len(data) < 8:
+        raise PayloadError("not a valid safetensors payload: shorter than its header length")
+    n = int.from_bytes(data[:8], "little")
+    if n > MAX_HEADER_BYTES or 8 + n > len(data):
+        raise PayloadError(f"not a valid safetensors payload: header of {n} bytes")
+    try:
+        header = json.loads(data[8 : 8 + n])
+        meta = header.get("__metadata__") or {}
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        raise PayloadError(f"not a valid safetensors payload: {e}") from None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise PayloadError("not a valid safetensors payload: metadata is not a string map")
+    return {str(k): v for k, v in meta.items()}
+
+
+def start_hashes(data: bytes) -> dict[str, str] | None:
+    """The module hashes a start package names (factored downlink), or None."""
+    raw = read_metadata(data).get(START_HASHES)
+    return None if raw is None else _hash_map(raw)
+
+
+def _hash_map(raw: str) -> dict[str, str]:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict) or not all(isinstance(v, str) and len(v) == 64 for v in doc.values()):
+        raise PayloadError(f"{START_HASHES}: not a module -> sha256 map")
+    return {str(k): v for k, v in doc.items()}
+
+
+# ----------------------------------------------------------------------------------- change
+@dataclass(frozen=True)
+class RoundChange:
+    """One round's change as an agent receives it: W_{round} from W_{round-1}."""
+
+    round: int
+    changes: dict[str, Change]
+    hashes: dict[str, str]  # of W_{round}
+
+
+def change_tensors(changes: Mapping[str, Change]) -> dict[str, Tensor]:
+    tensors: dict[str, Tensor] = {}
+    for m, c in changes.items():
+        if isinstance(c, Tensor):
+            tensors[f"value::{m}"] = _cpu(c)
+        else:
+            tensors[f"change_B::{m}"] = _cpu(c.B)  # (d_out, K)
+            tensors[f"change_A::{m}"] = _cpu(c.A)  # (K, d_in)
+    return tensors
+
+
+def change_metadata(round_: int, hashes: Mapping[str, str]) -> dict[str, str]:
+    return {
+        "fedhl": json.dumps({"format": CHANGE_FORMAT, "round": round_}),
+        START_HASHES: json.dumps(dict(sorted(hashes.items()))),
+    }
+
+
+def encode_change(round_: int, changes: Mapping[str, Change], hashes: Mapping[str, str]) -> bytes:
+    return encode(change_tensors(changes), change_metadata(round_, hashes))
+
+
+def decode_change(data: bytes) -> RoundChange:
+    meta = read_metadata(data)
+    try:
+        info = json.loads(meta.get("fedhl", "{}"))
+    except ValueError:
+        info = {}
+    if not isinstance(info, dict) or info.get("format") != CHANGE_FORMAT or not isinstance(info.get("round"), int):
+        raise PayloadError(f"not a {CHANGE_FORMAT!r} payload")
+    hashes = _hash_map(meta.get(START_HASHES, "null"))
+    t = decode_tensors(data)
+    changes: dict[str, Change] = {}
+    for key in t:
+        kind, _, m = key.partition("::")
+        if kind == "value":
+            changes[m] = t[key]
+        elif kind == "change_B":
+            try:
+                changes[m] = LoRAFactors(t[key], t[f"change_A::{m}"])
+            except (KeyError, ValueError) as e:
+                raise PayloadError(f"change for {m!r}: {e}") from None
+        elif kind != "change_A":
+            raise PayloadError(f"unexpected tensor {key!r} in a change")
+    for key, v in t.items():
+        if v.dtype != torch.float32 or not bool(torch.isfinite(v).all()):
+            raise PayloadError(f"{key}: a change holds finite float32 values")
+    return RoundChange(int(info["round"]), changes, hashes)
+
+
 # ---------------------------------------------------------------------------------- spectra
 def spectra_tensors(spectra: Mapping[str, Spectrum]) -> tuple[dict[str, Tensor], dict[str, str]]:
     tensors: dict[str, Tensor] = {}
@@ -481,10 +584,20 @@ class ShardWriter:
         self.meta: dict[str, str] = {"round": str(round_), "ranks": json.dumps(sorted(ranks))}
         self.aliases: dict[str, str] = {}
 
-    def add(self, state: GlobalState, spectra: Mapping[str, Spectrum], starts: Mapping[int, ClientStart]) -> None:
-        """Some modules' results (with their extras, if `state` has any). Tensors that share
-        memory within one call are stored once."""
+    def add(
+        self,
+        state: GlobalState,
+        spectra: Mapping[str, Spectrum],
+        starts: Mapping[int, ClientStart],
+        changes: Mapping[str, Change] | None = None,
+        hashes: Mapping[str, str] | None = None,
+    ) -> None:
+        """Some modules' results (with their extras, if `state` has any), and under a factored
+        downlink their changes and new hashes. Tensors that share memory within one call are
+        stored once."""
         tensors = {f"state::{k}": _cpu(v) for k, v in state.tensors().items()}
+        tensors.update({f"delta::{k}": v for k, v in change_tensors(changes or {}).items()})
+        self.meta.update({f"sha256::{m}": h for m, h in (hashes or {}).items()})
         spec_t, meta = spectra_tensors(spectra)
         tensors.update({f"next::{k}": v for k, v in spec_t.items()})
         for r, start in starts.items():
@@ -570,6 +683,8 @@ class AssembledFiles:
     spectra: Path | None
     starts: dict[int, Path]
     reports: list[dict[str, Any]]
+    change: Path | None = None  # factored downlink: the round's change (layout above)
+    hashes: dict[str, str] = field(default_factory=dict)  # factored downlink: module -> sha256 of the new state
 
 
 def assemble_files(shards: list[Path], out_dir: Path, start_meta: Mapping[str, str]) -> AssembledFiles:
@@ -589,7 +704,7 @@ def assemble_files(shards: list[Path], out_dir: Path, start_meta: Mapping[str, s
             aliases: dict[str, str] = json.loads(meta.get("aliases", "{}"))
             for name in [*entries, *aliases]:
                 srcs[name] = (fds[-1], entries[aliases.get(name, name)])
-            meta_all.update({k: v for k, v in meta.items() if k.startswith("spectrum::")})
+            meta_all.update({k: v for k, v in meta.items() if k.startswith(("spectrum::", "sha256::"))})
             reports.append(json.loads(meta["report"]))
             ranks.update(json.loads(meta.get("ranks", "[]")))
             round_ = int(meta["round"])
@@ -600,13 +715,20 @@ def assemble_files(shards: list[Path], out_dir: Path, start_meta: Mapping[str, s
         if spectra:
             out.spectra = out_dir / "spectra.safetensors"
             _write_from(out.spectra, spectra, meta_all)
+        out.hashes = {k[len("sha256::") :]: v for k, v in sorted(meta_all.items()) if k.startswith("sha256::")}
+        hashes = {START_HASHES: json.dumps(out.hashes)} if out.hashes else {}
+        change = {n[len("delta::") :]: s for n, s in srcs.items() if n.startswith("delta::")}
+        if change:
+            out.change = out_dir / "change.safetensors"
+            _write_from(out.change, change, change_metadata(round_, out.hashes), float32=set(change))
         ranks.update(int(n.split("::")[1]) for n in srcs if n.startswith("start::"))
         extras = {n: s for n, s in state.items() if n.startswith("extra::")}
         for r in sorted(ranks):
             prefix = f"start::{r}::"
             factors = {n[len(prefix) :]: s for n, s in srcs.items() if n.startswith(prefix)}
             out.starts[r] = out_dir / f"start-{r}.safetensors"
-            _write_from(out.starts[r], {**factors, **extras}, {**start_meta, "rank": str(r)}, float32=set(factors))
+            meta = {**start_meta, "rank": str(r), **hashes}
+            _write_from(out.starts[r], {**factors, **extras}, meta, float32=set(factors))
         return out
     finally:
         for fd in fds:

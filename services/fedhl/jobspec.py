@@ -190,6 +190,11 @@ class JobSpec(Strict):
         self.build_strategy()  # unknown strategy or options raise ValueError here → 422
         return self
 
+    @property
+    def factored_downlink(self) -> bool:
+        """FedHL's `full` client view: agents rebuild the global update from each round's change."""
+        return self.strategy == "fedhl" and self.strategy_options.get("client_view") == "full"
+
     def build_strategy(self) -> Strategy:
         options = dict(self.strategy_options)
         d = self.defence

@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .core import AggregationReport, effective_participants
+from .core import AggregationReport, Strategy, effective_participants
 
 
 class RoundReportError(ValueError):
@@ -38,6 +38,8 @@ class RoundReport:
     effective_weights: dict[str, float] = field(default_factory=dict)
     dropped: list[dict[str, Any]] = field(default_factory=list)
     clipped: list[dict[str, Any]] = field(default_factory=list)
+    # what the next round's agents download (`downlink_summary`); empty in older reports
+    downlink: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -102,6 +104,27 @@ class RoundReport:
         for c in self.clipped:
             out.setdefault(c["client"], set()).add("clipped")
         return {a: sorted(r) for a, r in sorted(out.items())}
+
+
+def downlink_summary(strategy: Strategy, sizes: dict[str, int]) -> dict[str, Any]:
+    """The client view and the bytes the next round's agents download per rank class.
+
+    `sizes`: "start:<rank>" (start package), "state" (the dense global state), "change" (the
+    round's factored change, factored downlink only). `per_rank_bytes` is what an agent that
+    holds the previous version downloads: its start package, plus the change under a factored
+    downlink; a new or lagging agent downloads its start package plus a chain of changes or the
+    dense state, whichever the coordinator finds smaller."""
+    starts = {k.split(":", 1)[1]: v for k, v in sizes.items() if k.startswith("start:")}
+    change = sizes.get("change")
+    factored = strategy.factored_downlink
+    return {
+        "client_view": str(strategy.options().get("client_view", "n/a")),
+        "factored": factored,
+        "start_bytes": starts,
+        "change_bytes": change,
+        "state_bytes": sizes.get("state"),
+        "per_rank_bytes": {r: v + ((change or 0) if factored else 0) for r, v in starts.items()},
+    }
 
 
 def partial(report: AggregationReport, n_modules: int, timings: dict[str, float], device: str) -> dict[str, Any]:

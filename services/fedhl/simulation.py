@@ -13,7 +13,12 @@ so a simulated job reaches the state the coordinator and agents reach for the sa
 and seed, up to float32 rounding from thread counts (~1e-6 relative; pinned by
 tests/agent/test_agent_e2e.py). What differs: client selection (here a
 seeded sample of `participation × clients` per round, there the scheduler's), and nothing is
-serialised (safetensors round trips of float32 tensors are exact, so this changes no value).
+serialised (safetensors round trips of float32 tensors are exact, so this changes no value) —
+except under FedHL's `full` view, whose factored downlink runs as in the distributed path: each
+round's change is encoded (`codec.encode_change`), and each simulated client holds the version
+it last trained on, takes the chain of changes or the dense state the coordinator would offer
+(`core.downlink.choose_chain`), rebuilds `W_t` with the agents' function, checks its module
+hashes against the server's, and folds `W_t − s·B⁰A⁰` into its frozen base.
 """
 
 from __future__ import annotations
@@ -28,17 +33,20 @@ from typing import Any
 
 import torch
 
+from .agent.globalcache import full_view_start
 from .agent.trainer import prepare, train
-from .artifacts import initial_state, next_round_artifacts
-from .codec import encode_update
-from .core import AggregationError, ClientStart, ClientUpdate, GlobalState, RoundPlan
+from .artifacts import downlink_parts, initial_state, next_round_artifacts
+from .codec import decode_change, encode_change, encode_start, encode_update, state_metadata
+from .core import AggregationError, ClientStart, ClientUpdate, GlobalState, RoundPlan, Spectrum, Strategy
+from .core.downlink import Change, choose_chain, mismatched, rebuild, state_hashes
 from .core.scaling import LoRAScaling
 from .data import Example
 from .evaluation import evaluate
 from .export import effective_updates
 from .jobspec import JobSpec
 from .modeling import load_base, resolve_shapes
-from .round_report import RoundReport
+from .round_report import RoundReport, downlink_summary
+from .tensorfile import header
 
 __all__ = ["SimClient", "client_seed", "select_clients", "simulate"]
 
@@ -70,6 +78,72 @@ def select_clients(clients: Sequence[SimClient], participation: float, seed: int
         return list(clients)
     chosen = set(random.Random(f"{seed}:{round_}").sample(range(len(clients)), k))
     return [c for i, c in enumerate(clients) if i in chosen]
+
+
+class SimDownlink:
+    """The factored downlink of one simulated job: the round changes as encoded, the version
+    each client holds, and the states the clients rebuilt (one per version, shared: the
+    rebuild is deterministic)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]]) -> None:
+        self.changes: dict[int, bytes] = {}  # version -> the change that produced it, encoded
+        self.held: dict[str, int] = {}  # client -> version
+        self.rebuilt: dict[int, dict[str, torch.Tensor]] = {0: {m: torch.zeros(s) for m, s in shapes.items()}}
+
+    def publish(self, strategy: Strategy, plan: RoundPlan, state: GlobalState) -> None:
+        """After the merge of round t: the change to version t+1, as the aggregator writes it."""
+        changes: dict[str, Change] = {}
+        hashes: dict[str, str] = {}
+        for m, w in state.dense.items():
+            c, h = downlink_parts(strategy, plan, m, w)
+            changes.update(c)
+            hashes.update(h)
+        self.changes[state.round] = encode_change(state.round, changes, hashes)
+
+    def obtain(self, client: str, state: GlobalState) -> tuple[dict[str, torch.Tensor], str, int]:
+        """(W_t as the client rebuilds it, route, bytes downloaded) — checked against the
+        server's hashes, as `fedhl agent` checks them."""
+        t, have = state.round, self.held.get(client)
+        dense_bytes = _state_bytes(state)
+        chain = choose_chain(have, t, {v: len(b) for v, b in self.changes.items()}, dense_bytes)
+        if chain is None:
+            modules, route, got = {m: w.clone() for m, w in state.dense.items()}, "state", dense_bytes
+        elif not chain:
+            modules, route, got = self.rebuilt[t], "held" if t else "zeros", 0
+        elif t in self.rebuilt and (have or 0) + 1 == chain[0]:
+            modules, route, got = self.rebuilt[t], "chain", sum(len(self.changes[v]) for v in chain)
+        else:
+            base = self.rebuilt[chain[0] - 1]
+            modules = rebuild(base, [decode_change(self.changes[v]).changes for v in chain])
+            route, got = "chain", sum(len(self.changes[v]) for v in chain)
+        bad = mismatched(modules, state_hashes(state.dense))
+        if bad:
+            raise RuntimeError(f"client {client}: the rebuilt global update of version {t} disagrees on {bad[:3]}")
+        self.rebuilt[t] = modules
+        self.held[client] = t
+        keep = set(self.held.values()) | {0, t}
+        self.rebuilt = {v: w for v, w in self.rebuilt.items() if v in keep}
+        return modules, route, got
+
+
+def _artifacts(
+    strategy: Strategy, state: GlobalState, rank_set: Sequence[int]
+) -> tuple[dict[str, Spectrum], dict[int, ClientStart], dict[int, int]]:
+    """The round's spectra and start packages (as the aggregator publishes them), with each
+    package's size in bytes."""
+    spectra, starts = next_round_artifacts(strategy, state, rank_set)
+    sizes = {
+        r: len(encode_start(ClientStart(s.factors, s.base_residual, dict(state.extras)))) for r, s in starts.items()
+    }
+    return spectra, starts, sizes
+
+
+def _state_bytes(state: GlobalState) -> int:
+    """Size of the dense state file (`codec.save_state`'s layout)."""
+    specs = {f"dense::{m}": (w.dtype, tuple(w.shape)) for m, w in state.dense.items()}
+    specs.update({f"extra::{k}": (v.dtype, tuple(v.shape)) for k, v in state.extras.items()})
+    values = sum(w.numel() * w.element_size() for w in [*state.dense.values(), *state.extras.values()])
+    return len(header(specs, state_metadata(state.round))) + values
 
 
 def _check(spec: JobSpec, clients: Sequence[SimClient]) -> None:
@@ -118,14 +192,25 @@ def simulate(
     state = initial_state(strategy, spec)
     modules = list(spec.module_shapes)
     rows: list[dict[str, Any]] = []
+    downlink = SimDownlink(dict(spec.module_shapes)) if strategy.factored_downlink else None
+    ready: tuple[dict[str, Spectrum], dict[int, ClientStart], dict[int, int]] | None = None
     for t in range(spec.rounds):
         t0 = time.perf_counter()
         chosen = select_clients(clients, participation, spec.seed, t)
-        spectra, starts = next_round_artifacts(strategy, state, spec.rank_set)
+        if ready is None:  # this round's artifacts (computed at the end of the last one, as the aggregator does)
+            ready = _artifacts(strategy, state, spec.rank_set)
+        spectra, starts, start_bytes = ready
         updates, train_s, sent = [], [], 0
+        received: dict[str, int] = {}
+        routes: dict[str, str] = {}
         for c in chosen:
             s = starts[c.rank]
             start = ClientStart(s.factors, s.base_residual, dict(state.extras))
+            received[c.name] = start_bytes[c.rank]
+            if downlink is not None:  # the factored downlink, as `fedhl agent` runs it
+                held, routes[c.name], got = downlink.obtain(c.name, state)
+                received[c.name] += got
+                start = full_view_start(start, held, scaling)
             t_c = time.perf_counter()
             model = prepare(copy.deepcopy(base), start, modules, c.rank, scaling, head_params=list(start.extras))
             result = train(model, tok, c.examples, spec.train, spec.task_type, device, seed=client_seed(spec.seed, t))
@@ -140,7 +225,10 @@ def simulate(
         plan = RoundPlan(round=t, ranks={c.name: dict.fromkeys(modules, c.rank) for c in chosen}, spectra=spectra)
         try:
             state, report = strategy.aggregate(state, plan, updates, inplace=not keep_going)
+            if downlink is not None:
+                downlink.publish(strategy, plan, state)
         except AggregationError as e:
+            ready = None
             if not keep_going:
                 raise
             state = GlobalState(state.round + 1, state.dense, state.factors, state.extras)  # previous model kept
@@ -168,6 +256,11 @@ def simulate(
         round_report = RoundReport.of(
             report, timings={"aggregate_s": aggregate_s, "evaluate_s": evaluate_s}, evaluation=ev or None
         )
+        ready = _artifacts(strategy, state, spec.rank_set)  # the next round's, whose sizes the report gives
+        sizes = {f"start:{r}": b for r, b in ready[2].items()} | {"state": _state_bytes(state)}
+        if downlink is not None:
+            sizes["change"] = len(downlink.changes[state.round])
+        round_report.downlink = downlink_summary(strategy, sizes)
         row = {
             "round": t,
             "accuracy": float(ev.get("accuracy", float("nan"))),
@@ -179,6 +272,8 @@ def simulate(
             "energy_kept": round_report.energy_kept,
             "train_loss_last": {u.client_id: float(u.metrics.get("loss_last", math.nan)) for u in updates},
             "bytes_uploaded": sent,
+            "bytes_downloaded": received,  # per client: its start package (+ change, chain or state)
+            "downlink_routes": routes,  # full view: how each client obtained the global update
             "seconds": time.perf_counter() - t0,
             "time": {
                 "train_max_s": max(train_s),

@@ -243,3 +243,43 @@ def test_a_killed_agent_is_dropped_at_the_deadline_and_agents_survive_a_coordina
             final = wait_job(http, job["id"], "COMPLETED", timeout=180)
             assert procs[0].poll() is None and procs[1].poll() is None
         assert final["current_round"] == 3
+
+
+def test_full_view_agents_rebuild_the_global_update_and_train_on_it(
+    world: tuple[Path, list[Path], Path], tmp_path: Path
+) -> None:
+    """`fedhl agent` processes under FedHL's full view: each rebuilds the global update from the
+    round's change, holds the server's checkpoint bit for bit, and the job reaches the state
+    `fedhl simulate` (same factored downlink) reaches."""
+    from fedhl.codec import load_state
+    from fedhl.core.downlink import state_hashes
+
+    model, data, eval_path = world
+    train = {"local_steps": 4, "lr": 1e-2, "head_lr": 5e-2, "batch_size": 16, "max_seq_len": 16}
+    job_spec = spec(model, eval_path, rounds=2, strategy="fedhl", strategy_options={"client_view": "full"}, train=train)
+    del job_spec["evaluation"]
+    with coordinator("sqlite+inprocess", tmp_path) as (proc, http):
+        token = enrol(http)
+        job = http.post("/jobs", json=job_spec).raise_for_status().json()
+        with agents(proc, data, token, tmp_path) as procs:
+            wait_job(http, job["id"], "COMPLETED", timeout=240)
+            assert all(p.poll() is None for p in procs), "an agent died"
+        rounds = [r for r in http.get(f"/jobs/{job['id']}/rounds").json() if r["state"] == "COMMITTED"]
+        assert [r["report"]["downlink"]["client_view"] for r in rounds] == ["full"] * 2
+        held_v1 = tmp_path / "v1.safetensors"
+        held_v1.write_bytes(http.get(f"/jobs/{job['id']}/checkpoints/1/state").raise_for_status().content)
+        final = tmp_path / "state.safetensors"
+        final.write_bytes(http.get(f"/jobs/{job['id']}/checkpoints/2/state").raise_for_status().content)
+    want = state_hashes(load_state(held_v1).dense)
+    for i in range(3):  # every agent trained in round 1 on the global update of version 1, rebuilt
+        held = load_state(tmp_path / f"state-{i}" / "global" / f"{job['id']}.safetensors")
+        assert held.round == 1 and state_hashes(held.dense) == want
+    from fedhl.data import load_examples
+    from fedhl.jobspec import JobSpec
+    from fedhl.simulation import SimClient, simulate
+
+    ranks = job_spec["rank_policy"]["fixed"]
+    clients = [SimClient(f"agent-{i}", ranks[f"agent-{i}"], load_examples(p, "seq_cls", 2)) for i, p in enumerate(data)]
+    sim_state, _ = simulate(JobSpec.model_validate(job_spec), clients, [])
+    for m, w in load_state(final).dense.items():  # thread counts differ: float32 training, not bits
+        torch.testing.assert_close(sim_state.dense[m], w, rtol=1e-5, atol=2e-6, msg=m)

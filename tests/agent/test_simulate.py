@@ -78,3 +78,77 @@ def test_the_command_writes_the_demos_results_shape_reproducibly(tmp_path: Path)
     assert [(r["accuracy"], r["loss"], r["weights"]) for r in again["rounds"]] == [  # type: ignore[index, union-attr]
         (r["accuracy"], r["loss"], r["weights"]) for r in rounds
     ]
+
+
+def test_full_view_clients_rebuild_the_global_update(bert_dir: Path) -> None:
+    """The factored downlink in `simulate`: clients that sat rounds out take a chain of changes
+    (or the dense state), every rebuilt state matched the server's hashes (simulate raises
+    otherwise), and the round report names the view and the bytes per rank class."""
+    # Prepare
+    spec = JobSpec.model_validate(
+        {
+            "name": "full",
+            "base_model": str(bert_dir),
+            "target_modules": ["query", "value"],
+            "rank_set": [2, 4],
+            "lora_alpha": 8.0,
+            "rounds": 5,
+            "strategy": "fedhl",
+            "strategy_options": {"client_view": "full"},
+            "train": {"local_steps": 2, "lr": 1e-2, "batch_size": 8, "max_seq_len": 16},
+            "seed": 1,
+        }
+    )
+    data = [Example("good fun", 1), Example("bad dull", 0)] * 4
+    cs = [SimClient(f"agent-{i}", 2 if i < 2 else 4, data) for i in range(4)]
+    # Execute
+    _, rows = simulate(spec, cs, [], participation=0.5)
+    # Assert
+    routes = [(r["round"], c, route) for r in rows for c, route in r["downlink_routes"].items()]
+    assert {route for t, _, route in routes if t == 0} == {"zeros"}
+    assert {route for t, _, route in routes if t > 0} <= {"chain", "state"}
+    # row t's report gives the sizes of version t+1; a client obtaining version t downloads its
+    # start package plus one change per version it missed, or the dense state
+    down = [r["report"]["downlink"] for r in rows]
+    last_seen: dict[str, int] = {}
+    missed = 0
+    for r in rows[1:]:
+        t = r["round"]
+        for c, got in r["bytes_downloaded"].items():
+            start = down[t - 1]["start_bytes"]["2" if c in ("agent-0", "agent-1") else "4"]
+            gap = t - last_seen.get(c, 0)
+            if r["downlink_routes"][c] == "chain":
+                assert got == start + sum(d["change_bytes"] for d in down[t - gap : t])
+            else:
+                assert got == start + down[t - 1]["state_bytes"]
+            missed += gap > 1
+            last_seen[c] = t
+    assert missed > 0  # some client sat rounds out and caught up
+    report = rows[-1]["report"]["downlink"]
+    assert report["client_view"] == "full" and report["factored"]
+    assert report["per_rank_bytes"]["2"] == report["start_bytes"]["2"] + report["change_bytes"]
+
+
+def test_rebuilt_residual_is_the_servers_dense_residual() -> None:
+    """What an agent folds into its base (`W − s·B⁰A⁰` from its start factors) is the dense
+    residual `W − trunc(W, r)` the server would have sent."""
+    import torch
+
+    from fedhl.agent.globalcache import full_view_start
+    from fedhl.core import FedHL, LoRAScaling
+
+    # Prepare
+    g = torch.Generator().manual_seed(0)
+    strategy = FedHL(LoRAScaling(8.0), client_view="full")
+    state = strategy.init_state({"q": (24, 20)})
+    state.dense["q"] = torch.randn(24, 6, generator=g) @ torch.randn(6, 20, generator=g)
+    plan = strategy.plan_round(state, {"a": {"q": 2}})
+    # Execute
+    dense = strategy.client_start(state, plan, "a")
+    lean = strategy.client_start(state, plan, "a", residuals=False)
+    rebuilt = full_view_start(lean, state.dense, LoRAScaling(8.0))
+    # Assert
+    assert not lean.base_residual
+    want = dense.base_residual["q"]
+    assert isinstance(want, torch.Tensor)
+    assert torch.allclose(rebuilt.base_residual["q"], want, rtol=0, atol=1e-5 * float(want.abs().max()))

@@ -27,6 +27,7 @@ from fedhl.aggregation.compute import compute_shard, compute_shard_file
 from fedhl.aggregation.inputs import RoundInputs, load_inputs
 from fedhl.aggregation.shards import assemble, get_shard, publish, put_shard
 from fedhl.artifacts import (
+    CHANGE_KEY,
     get_spectra,
     initial_state,
     next_round_artifacts,
@@ -36,8 +37,10 @@ from fedhl.artifacts import (
     start_meta,
 )
 from fedhl.codec import (
+    START_HASHES,
     ShardResult,
     UploadFactors,
+    decode_change,
     decode_start,
     encode_update,
     load_state,
@@ -46,6 +49,7 @@ from fedhl.codec import (
 )
 from fedhl.coordinator.app import Coordinator
 from fedhl.core import ClientUpdate, LoRAFactors, RoundPlan
+from fedhl.core.downlink import rebuild, state_hashes
 from fedhl.jobspec import JobSpec
 from fedhl.storage.db import transaction
 from fedhl.storage.models import Checkpoint, RoundState
@@ -150,7 +154,24 @@ def _published_in_memory(c: Coordinator, inp: RoundInputs) -> tuple[str, str | N
     state_key = c.deps.blobs.put_bytes(save(tensors, metadata=state_metadata(new.round)))  # the stock writer
     plan_key = put_spectra(c.deps.blobs, next_spectra) if next_spectra else None
     meta = start_meta(inp.job_id, new.round, strategy, spec)
+    if strategy.factored_downlink:  # start packages name the hashes of the state agents must hold
+        meta[START_HASHES] = json.dumps(state_hashes(new.dense))
     return state_key, plan_key, put_start_packages(c.deps.blobs, starts, new.extras, meta)
+
+
+def _rebuilds(c: Coordinator, inp: RoundInputs, change_key: str, state_key: str) -> None:
+    with c.deps.blobs.local_path(change_key) as p:
+        change = decode_change(p.read_bytes())
+    with c.deps.blobs.local_path(state_key) as p:
+        new = load_state(p)
+    if inp.state_key is None:
+        old = {m: torch.zeros(s) for m, s in inp.spec.module_shapes.items()}
+    else:
+        with c.deps.blobs.local_path(inp.state_key) as p:
+            old = load_state(p).dense
+    assert change.round == inp.number + 1
+    assert change.hashes == state_hashes(new.dense)
+    assert state_hashes(rebuild(old, [change.changes])) == change.hashes
 
 
 @pytest.mark.parametrize(
@@ -181,7 +202,11 @@ def test_streamed_shards_publish_the_bytes_of_the_in_memory_merge(
                 meta = start_meta(inp.job_id, inp.number + 1, inp.spec.build_strategy(), inp.spec)
                 out = publish(c.deps.blobs, keys, meta)
                 state_key, plan_key, start_keys = _published_in_memory(c, inp)
+                change_key = out.start_keys.pop(CHANGE_KEY, None)
                 assert (out.state_key, out.start_keys) == (state_key, start_keys)
+                assert (change_key is not None) == (view == "full")
+                if change_key is not None:  # the change rebuilds the published state from the previous one
+                    _rebuilds(c, inp, change_key, out.state_key)
                 assert (out.plan_key is None) == (plan_key is None)
                 if plan_key is not None and out.plan_key is not None:  # the metadata names each SVD's seconds
                     _same_spectra(c, out.plan_key, plan_key)

@@ -28,6 +28,7 @@ from fedhl.core import (
     WeightConfig,
     build_strategy,
 )
+from fedhl.core.downlink import apply_change, choose_chain, exact_factors, module_sha256
 
 ALPHA = 16.0
 SHAPES = {"tall": (11, 4), "wide": (5, 13), "square": (8, 8)}
@@ -180,6 +181,70 @@ def test_client_view_does_not_change_the_update_rule(view: str) -> None:
     # Assert
     for m in SHAPES:
         assert torch.allclose(new.dense[m], ref.dense[m], rtol=0, atol=1e-12)
+
+
+def test_full_view_float32_rounds_the_change_finely() -> None:
+    # Prepare: a float32 state, whose change the full view puts on the exact grid
+    W = {m: w.float() for m, w in random_W(9).items()}
+    uploads = random_uploads(RANKS, SHAPES, N, gen(10))
+    base = FedHL(LoRAScaling(ALPHA), compute_dtype=torch.float64)
+    strategy = FedHL(LoRAScaling(ALPHA), client_view="full", compute_dtype=torch.float64)
+    state = dense_state(strategy, W)
+    # Execute
+    new, _ = strategy.aggregate(state, strategy.plan_round(state, RANKS), uploads)
+    ref, _ = base.aggregate(state, base.plan_round(state, RANKS), uploads)
+    # Assert: the same update to a few float32 ulps of the state (grid of 2^-23 for these K)
+    for m in SHAPES:
+        scale = float(state.dense[m].abs().max() + (ref.dense[m] - state.dense[m]).abs().max())
+        assert torch.allclose(new.dense[m], ref.dense[m], rtol=0, atol=scale * 2.0**-19)
+
+
+def test_full_view_state_is_what_an_agent_rebuilds() -> None:
+    # Prepare
+    W = {m: w.float() for m, w in random_W(9).items()}
+    uploads = random_uploads(RANKS, SHAPES, N, gen(10))
+    strategy = FedHL(LoRAScaling(ALPHA), client_view="full")
+    state = dense_state(strategy, W)
+    plan = strategy.plan_round(state, RANKS)
+    held = {m: w.clone() for m, w in state.dense.items()}
+    # Execute
+    new, _ = strategy.aggregate(state, plan, uploads)
+    changes = {m: strategy.round_change(plan, m) for m in SHAPES}
+    # Assert: W_{t+1} is exactly apply_change(W_t, change), the agent's computation
+    for m in SHAPES:
+        c = changes[m]
+        assert c is not None and c.B.dtype == torch.float32
+        rebuilt = apply_change(held[m], c)
+        assert module_sha256(rebuilt) == module_sha256(new.dense[m])
+        assert strategy.round_change(plan, m) is None  # handed out once
+
+
+def test_exact_factors_make_the_product_order_free() -> None:
+    # Prepare: terms of very different sizes, as the stacked merge factors have
+    g = gen(3)
+    L = torch.randn(40, 70, generator=g, dtype=torch.float64) * torch.logspace(2, -6, 70, dtype=torch.float64)
+    R = torch.randn(70, 30, generator=g, dtype=torch.float64)
+    # Execute
+    c = exact_factors(L, R)
+    perm = torch.randperm(70, generator=g)
+    P = c.B.double() @ c.A.double()
+    P_perm = c.B.double()[:, perm] @ c.A.double()[perm]
+    P_loop = torch.zeros_like(P)
+    for k in range(70):  # one rank-1 term at a time, in another order
+        P_loop += c.B.double()[:, k : k + 1] * c.A.double()[k : k + 1]
+    # Assert: every summation order gives the same bits, and the rounding is small
+    assert torch.equal(P, P_perm) and torch.equal(P, P_loop)
+    assert float((P - L @ R).abs().max()) <= 2.0**-20 * float((L @ R).abs().max()) * 70
+
+
+def test_choose_chain_by_bytes() -> None:
+    assert choose_chain(None, 0, {}, 100) == []  # W_0 = 0: made locally
+    assert choose_chain(3, 3, {}, 100) == []  # up to date
+    assert choose_chain(1, 3, {2: 30, 3: 30}, 100) == [2, 3]
+    assert choose_chain(1, 3, {2: 60, 3: 60}, 100) is None  # the chain costs more than the state
+    assert choose_chain(1, 3, {3: 10}, 100) is None  # a change is gone
+    assert choose_chain(None, 2, {1: 10, 2: 10}, 100) == [1, 2]  # a new agent starts from W_0 = 0
+    assert choose_chain(5, 3, {1: 1, 2: 1, 3: 1}, 100) == [1, 2, 3]  # holds a version ahead: from 0
 
 
 def test_client_view_has_no_residual_at_round_zero() -> None:

@@ -159,12 +159,14 @@ class AgentClient:
             self.heartbeat_interval_s = float(res.interval_seconds)
         return str(agent_pb2.HeartbeatResponse.Action.Name(res.action))
 
-    def pull_task(self, wait_s: int = 10) -> Task | None:
+    def pull_task(self, wait_s: int = 10, held: dict[str, int] | None = None) -> Task | None:
         """The next task, or None after `wait_s`; then `retry_after_s` says how long the server
-        wants the agent to wait before pulling again."""
+        wants the agent to wait before pulling again. `held`: job id -> the global-update
+        version this agent holds (factored downlink)."""
+        versions = [agent_pb2.HeldVersion(job_id=j, round=r) for j, r in sorted((held or {}).items())]
         res = self._retry(
             lambda: self.stub.PullTask(
-                agent_pb2.PullTaskRequest(wait_seconds=wait_s), metadata=self._md(), timeout=wait_s + 30
+                agent_pb2.PullTaskRequest(wait_seconds=wait_s, held=versions), metadata=self._md(), timeout=wait_s + 30
             )
         )
         if res.WhichOneof("result") != "task":

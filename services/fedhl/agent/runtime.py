@@ -24,13 +24,14 @@ from typing import Any
 import grpc
 import torch
 
-from ..codec import decode_start, encode_update
+from ..codec import decode_start, encode_update, start_hashes
 from ..core.scaling import LoRAScaling
 from ..data import Example, load_examples
 from ..jobspec import TrainConfig
 from ..modeling import load_base, verify_base
 from ..settings import SettingsError
 from .client import TLS, AgentClient, Resources, Task
+from .globalcache import GlobalCache, full_view_start, start_shapes
 from .trainer import Cancelled, measure_throughput, prepare, train
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class Agent:
         self.task: Task | None = None
         self.progress = 0.0
         self.client = AgentClient(cfg.coordinator, tls=cfg.tls)
+        self.cache = GlobalCache(cfg.state_dir / "global")  # FedHL full view: the held global update
 
     # ---------------------------------------------------------------- lifecycle
     def enrol(self) -> str:
@@ -166,7 +168,7 @@ class Agent:
         beat.start()
         while not self.stop.is_set():
             try:
-                task = self.client.pull_task(self.cfg.wait_s)
+                task = self.client.pull_task(self.cfg.wait_s, self.cache.held())
                 backoff = 1.0
                 if task is not None:
                     self._run_task(task)
@@ -235,14 +237,25 @@ class Agent:
                 log.warning("task %s: the round's deadline has passed; skipping it", task.task_id)
                 return
             examples = self._data(task.task_type, num_labels)
-            start = decode_start(self.client.download(task.blobs[0][0]))
+            package = self.client.download(task.blobs[0][0])
+            start = decode_start(package)
+            scaling = LoRAScaling(task.lora_alpha, task.scale_rule)  # type: ignore[arg-type]
+            hashes = start_hashes(package)
+            if hashes is not None:  # factored downlink: rebuild the global update, fold its residual in
+                got = self.cache.obtain(
+                    task.job_id, task.round, hashes, start_shapes(start), task.blobs[1:], self.client.download
+                )
+                log.info(
+                    "task %s: global update v%d by %s (%d bytes)", task.task_id[:8], got.round, got.route, got.bytes
+                )
+                start = full_view_start(start, got.modules, scaling)
             base, tok = self._base(task, num_labels, int(cfg.get("seed", 0)))
             model = prepare(
                 copy.deepcopy(base),
                 start,
                 list(start.factors),
                 task.ranks,
-                LoRAScaling(task.lora_alpha, task.scale_rule),  # type: ignore[arg-type]
+                scaling,
                 head_params=list(start.extras),
             )
             t_ready = time.monotonic()

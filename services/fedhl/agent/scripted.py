@@ -3,17 +3,20 @@ assigned shapes. Drives the control plane in tests and in bench/control_plane.py
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
 
-from ..codec import decode_start, encode_update
+from ..codec import decode_start, encode_update, start_hashes
 from ..core import LoRAFactors
 from .client import AgentClient, Resources, Task
+from .globalcache import GlobalCache, Obtained, start_shapes
 
 
 @dataclass
@@ -26,12 +29,16 @@ class ScriptedAgent:
     resources: Resources | None = None
     seed: int = 0
     delay_s: float = 0.0  # simulated training time
+    cache_dir: Path | None = None  # where it keeps the global update (full view); None: a temporary one
 
     def __post_init__(self) -> None:
         self.client = AgentClient(self.address)
         self.agent_id, self.credential = self.client.register(self.token, self.name, self.resources)
         self.rounds_done: list[int] = []
         self.errors: list[str] = []
+        self._tmp = tempfile.TemporaryDirectory() if self.cache_dir is None else None
+        self.cache = GlobalCache(self.cache_dir or Path(self._tmp.name if self._tmp else "."))
+        self.obtained: list[Obtained] = []  # full view: how each version's global update was obtained
 
     def train(self, task: Task, start_bytes: bytes) -> bytes:
         start = decode_start(start_bytes)
@@ -47,10 +54,16 @@ class ScriptedAgent:
         return encode_update(factors, extras)
 
     def run_once(self, wait_s: int = 5) -> bool:
-        task = self.client.pull_task(wait_s)
+        task = self.client.pull_task(wait_s, self.cache.held())
         if task is None:
             return False
         start = self.client.download(task.blobs[0][0])
+        hashes = start_hashes(start)
+        if hashes is not None:  # full view: obtain and check the global update as `fedhl agent` does
+            shapes = start_shapes(decode_start(start))
+            self.obtained.append(
+                self.cache.obtain(task.job_id, task.round, hashes, shapes, task.blobs[1:], self.client.download)
+            )
         payload = self.train(task, start)
         if self.delay_s:
             time.sleep(self.delay_s)
@@ -70,3 +83,5 @@ class ScriptedAgent:
 
     def close(self) -> None:
         self.client.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()

@@ -17,7 +17,7 @@ from ..artifacts import start_meta
 from ..backends import SCHEDULER_EVENTS, Deps
 from ..codec import CodecError, load_state
 from ..core import AggregationError
-from ..round_report import RoundReport
+from ..round_report import RoundReport, downlink_summary
 from ..storage.db import transaction
 from ..storage.models import JobStatus, RoundState, utcnow
 from ..storage.repos import AgentRepo, AuditRepo, CheckpointRepo, JobRepo, RoundRepo, ShardRepo
@@ -72,6 +72,7 @@ def commit_round(deps: Deps, inp: RoundInputs, shard_keys: list[tuple[str, float
         raise RuntimeError(f"shard results of round {inp.round_id} are for version {out.round}, not {inp.number + 1}")
     new_key, plan_key, start_keys = out.state_key, out.plan_key, out.start_keys
     report = RoundReport.combine(out.reports, [sec for _, sec in shard_keys])
+    report.downlink = downlink_summary(strategy, out.sizes)
     report.timings["publish_s"] = time.perf_counter() - t0
     ev = inp.spec.evaluation
     if ev.path is not None and out.round % ev.every == 0:  # the state is read only when evaluated

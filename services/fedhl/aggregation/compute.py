@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..artifacts import get_spectra, next_round_artifacts
+from ..artifacts import downlink_parts, get_spectra, next_round_artifacts
 from ..backends import Deps
 from ..codec import ShardResult, ShardWriter, StateReader, UploadFactors, load_shard, read_update_extras
 from ..core import AggregationError, ClientUpdate, GlobalState, LoRAFactors, RoundPlan, Spectrum, Strategy
@@ -91,7 +91,7 @@ def compute_shard_file(deps: Deps, inp: RoundInputs, shard: int, path: Path) -> 
             updates.append(ClientUpdate(agent_id, UploadFactors(upath, modules), n_examples=n, extras=extras))
         out = ShardWriter(path, inp.number + 1, spec.rank_set)
         try:
-            stream = _ShardStream(strategy, source, out, spec.rank_set, inp.number + 1)
+            stream = _ShardStream(strategy, plan, source, out, spec.rank_set, inp.number + 1)
             t_load = time.perf_counter()
             new_state, report = strategy.aggregate(state, plan, updates, inplace=True, stream=stream)
             if new_state.extras:
@@ -117,12 +117,13 @@ class _ShardStream:
     def __init__(
         self,
         strategy: Strategy,
+        plan: RoundPlan,
         source: Callable[[str], Module],
         out: ShardWriter,
         rank_set: Sequence[int],
         next_round: int,
     ) -> None:
-        self.strategy, self.source, self.out = strategy, source, out
+        self.strategy, self.plan, self.source, self.out = strategy, plan, source, out
         self.rank_set, self.next_round = rank_set, next_round
         self.load_s = 0.0
         self.next_s = 0.0
@@ -139,7 +140,8 @@ class _ShardStream:
         part = GlobalState(round=self.next_round)
         _put(part, module, merged)
         spectra, starts = next_round_artifacts(self.strategy, part, self.rank_set)  # seeds: the next round's
-        self.out.add(part, spectra, starts)
+        changes, hashes = downlink_parts(self.strategy, self.plan, module, merged)
+        self.out.add(part, spectra, starts, changes, hashes)
         _put(new, module, _meta_like(merged))  # released: only its shape stays
         self.next_s += time.perf_counter() - t0
 

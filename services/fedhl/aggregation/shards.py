@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import CHANGE_KEY
 from ..codec import ShardResult, assemble_files, load_shard, save_shard
 from ..core import ClientStart, GlobalState, Spectrum
 from ..storage.blobs import BlobStore
@@ -34,8 +35,9 @@ class Published:
     round: int
     state_key: str
     plan_key: str | None
-    start_keys: dict[str, str]  # rank (str) -> start package key
+    start_keys: dict[str, str]  # rank (str) -> start package key; CHANGE_KEY -> the change (factored downlink)
     reports: list[dict[str, Any]]
+    sizes: dict[str, int]  # bytes: "state", "change" (factored downlink), "start:<rank>"
 
 
 def publish(blobs: BlobStore, shard_keys: list[str], start_meta: Mapping[str, str]) -> Published:
@@ -45,12 +47,19 @@ def publish(blobs: BlobStore, shard_keys: list[str], start_meta: Mapping[str, st
         paths = [stack.enter_context(blobs.local_path(k)) for k in shard_keys]
         d = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         files = assemble_files(paths, d, start_meta)
+        start_keys = {str(r): blobs.put_file(p) for r, p in sorted(files.starts.items())}
+        sizes = {f"start:{r}": p.stat().st_size for r, p in sorted(files.starts.items())}
+        sizes["state"] = files.state.stat().st_size
+        if files.change is not None:
+            start_keys[CHANGE_KEY] = blobs.put_file(files.change)
+            sizes["change"] = files.change.stat().st_size
         return Published(
             files.round,
             blobs.put_file(files.state),
             blobs.put_file(files.spectra) if files.spectra else None,
-            {str(r): blobs.put_file(p) for r, p in sorted(files.starts.items())},
+            start_keys,
             files.reports,
+            sizes,
         )
 
 

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from .. import metrics as prom
 from ..backends import ROUND_EVENTS, SCHEDULER_EVENTS, Deps
 from ..codec import Expected, PayloadError, validate_update_file
+from ..core.downlink import choose_chain
 from ..jobspec import INT64_MAX
 from ..settings import Settings
 from ..storage.blobs import BlobIntegrityError, BlobNotFound, BlobTooLarge, OffsetMismatch, UploadInProgress
@@ -28,6 +29,7 @@ from ..storage.models import Assignment, AssignmentState, JobStatus, RoundState,
 from ..storage.repos import AgentRepo, AuditRepo, AuthError, JobRepo, NotFound, RevokedError, RoundRepo
 from .errors import Code, ServiceError
 
+MAX_HELD = 16  # held global-update versions an agent may report per pull
 LAST_SEEN_EVERY_S = 30.0  # agents.last_seen_at is informational (REST); liveness has its own TTL keys
 # ReportMetrics: bounded so one agent cannot grow a round's row without limit
 MAX_METRICS = 32
@@ -217,13 +219,14 @@ class AgentService:
         return "CONTINUE"
 
     # ---------------------------------------------------------------- tasks
-    def pull_task(self, agent_id: str, wait_s: float) -> TrainTask | None:
-        """Long-poll: a task as soon as a round assigns this agent one, else None at the timeout."""
+    def pull_task(self, agent_id: str, wait_s: float, held: dict[str, int] | None = None) -> TrainTask | None:
+        """Long-poll: a task as soon as a round assigns this agent one, else None at the timeout.
+        `held`: job id -> the global-update version the agent holds (factored downlink)."""
         self.deps.coordination.liveness.beat(agent_id, self.settings.heartbeat_ttl_s)
         deadline = time.monotonic() + max(0.0, min(wait_s, self.settings.pull_wait_max_s))
         with self.deps.coordination.events.subscribe(ROUND_EVENTS) as sub:
             while True:
-                task = self._claim(agent_id)
+                task = self._claim(agent_id, held or {})
                 if task is not None:
                     return task
                 left = deadline - time.monotonic()
@@ -231,7 +234,7 @@ class AgentService:
                     return None
                 sub.get(timeout_s=min(left, 1.0))  # woken by round events; re-check at least every 1 s
 
-    def _claim(self, agent_id: str) -> TrainTask | None:
+    def _claim(self, agent_id: str, held: dict[str, int]) -> TrainTask | None:
         """The agent's pending task; the first claim moves it ISSUED → RUNNING."""
         with transaction(self.deps.sessions) as s:
             rounds = RoundRepo(s)
@@ -244,7 +247,9 @@ class AgentService:
             key = rnd.start_keys.get(str(a.rank))
             if key is None:
                 raise ServiceError(Code.FAILED_PRECONDITION, f"no start package for rank {a.rank}")
-            blob = BlobInfo(key, self.deps.blobs.size(key), "start")
+            blobs = [BlobInfo(key, self.deps.blobs.size(key), "start")]
+            if spec.factored_downlink:
+                blobs += self._global_blobs(rounds, job.id, rnd.number, rnd.input_state_key, held.get(job.id))
             return TrainTask(
                 task_id=a.id,
                 job_id=job.id,
@@ -254,7 +259,7 @@ class AgentService:
                 strategy=spec.strategy,
                 lora_alpha=spec.lora_alpha,
                 scale_rule=spec.scale_rule,
-                blobs=[blob],
+                blobs=blobs,
                 base_model=spec.base_model,
                 base_model_sha256=spec.base_model_sha256 or "",
                 task_type=spec.task_type,
@@ -267,12 +272,42 @@ class AgentService:
                 deadline=rnd.deadline,
             )
 
+    def _size(self, key: str) -> int | None:
+        try:
+            return self.deps.blobs.size(key)
+        except BlobNotFound:
+            return None
+
+    def _global_blobs(
+        self, rounds: RoundRepo, job_id: str, version: int, state_key: str | None, held: int | None
+    ) -> list[BlobInfo]:
+        """Factored downlink: the changes from the version the agent holds (a new agent: from
+        version 0, W_0 = 0) when they are all retained and together smaller than the dense
+        state, then the dense state as the fallback the agent takes when its rebuilt hashes
+        disagree. Nothing at version 0 (every agent makes W_0 itself)."""
+        if version == 0 or state_key is None:
+            return []
+        dense = self._size(state_key)
+        if dense is None:
+            raise ServiceError(Code.FAILED_PRECONDITION, f"the global state of version {version} is missing")
+        keys = rounds.change_keys(job_id, (held or 0) + 1, version)
+        sizes = {n: self._size(k) for n, k in keys.items()}
+        chain = choose_chain(held, version, sizes, dense) or []
+        out = [BlobInfo(keys[n], sizes[n] or 0, "change") for n in chain]
+        return [*out, BlobInfo(state_key, dense, "state")]
+
     # ---------------------------------------------------------------- blobs
     def open_blob(self, agent_id: str, key: str, offset: int) -> tuple[int, str, Iterator[bytes]]:
         """(size, sha256, chunks from offset) for a blob this agent's open task references."""
         with transaction(self.deps.sessions, read_only=True) as s:
             a = RoundRepo(s).pending_for_agent(agent_id)
             allowed = a is not None and key in a.round.start_keys.values()
+            if a is not None and not allowed and JobRepo(s).spec(a.round.job).factored_downlink:
+                # the global update and the changes leading to it: only where the view sends them
+                allowed = (
+                    key == a.round.input_state_key
+                    or key in RoundRepo(s).change_keys(a.round.job_id, 1, a.round.number).values()
+                )
             if not allowed:
                 raise ServiceError(Code.PERMISSION_DENIED, "blob is not part of an open task of this agent")
         try:

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ..settings import Settings
 from ..v1 import agent_pb2, agent_pb2_grpc
-from .agents import AgentService, UploadHeader
+from .agents import MAX_HELD, AgentService, UploadHeader
 from .errors import Code, ServiceError
 from .grpc_errors import ErrorIdInterceptor
 
@@ -90,7 +90,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
 
     def PullTask(self, request: Any, context: grpc.ServicerContext) -> Any:
         agent = self._agent(context)
-        task = self._call(context, lambda: self.svc.pull_task(agent, float(request.wait_seconds)))
+        held = {h.job_id[:64]: int(h.round) for h in list(request.held)[:MAX_HELD]}
+        task = self._call(context, lambda: self.svc.pull_task(agent, float(request.wait_seconds), held))
         if task is None:
             # after a long poll the agent may pull again at once; a zero-wait poller is paced
             pause = 0 if request.wait_seconds > 0 else 1

@@ -100,6 +100,11 @@ def _enum(e: type[enum.Enum]) -> Enum:
     return Enum(e, native_enum=False, length=16, validate_strings=True)
 
 
+# In `start_keys` (job and round): besides rank (str) -> start package key, the key of the change
+# that produced this version under a factored downlink (FedHL's full view; absent at version 0).
+CHANGE_KEY = "change"
+
+
 class Job(Base):
     __tablename__ = "jobs"
 

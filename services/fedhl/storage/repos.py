@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from ..jobspec import JobSpec
 from .models import (
+    CHANGE_KEY,
     Agent,
     AgentStatus,
     Assignment,
@@ -315,6 +316,16 @@ class RoundRepo:
     def for_job(self, job_id: str, offset: int = 0, limit: int | None = None) -> Sequence[Round]:
         q = select(Round).where(Round.job_id == job_id).order_by(Round.id)
         return self.s.scalars(q.offset(offset).limit(limit)).all()
+
+    def change_keys(self, job_id: str, first: int, last: int) -> dict[int, str]:
+        """Version -> key of the change that produced it (factored downlink), for the versions
+        first..last whose rounds still record one."""
+        rows = self.s.execute(
+            select(Round.number, Round.start_keys).where(
+                Round.job_id == job_id, Round.number >= first, Round.number <= last
+            )
+        ).all()
+        return {int(n): str(keys[CHANGE_KEY]) for n, keys in rows if keys and keys.get(CHANGE_KEY)}
 
     def count_in(self, states: Sequence[RoundState]) -> int:
         """Rounds of every job in any of `states`."""

@@ -123,6 +123,12 @@ class Strategy(ABC):
     dense_state: ClassVar[bool]  # True: state.dense holds W_t; False: state.factors at r_max
     uses_spectrum: ClassVar[bool] = False
 
+    @property
+    def factored_downlink(self) -> bool:
+        """True when clients rebuild the global update from each round's factored change
+        (`round_change`) rather than receiving a dense base residual (FedHL's `full` view)."""
+        return False
+
     def __init__(
         self,
         scaling: LoRAScaling,
@@ -246,16 +252,28 @@ class Strategy(ABC):
         out: Tensor | LoRAFactors | None = plan._cache[key]
         return out
 
-    def client_start(self, state: GlobalState, plan: RoundPlan, client: ClientId) -> ClientStart:
+    def client_start(
+        self, state: GlobalState, plan: RoundPlan, client: ClientId, *, residuals: bool = True
+    ) -> ClientStart:
+        """The client's start factors and, with `residuals`, its base residuals (left out where
+        the client rebuilds them itself: `factored_downlink`)."""
         if client not in plan.ranks:
             raise KeyError(f"client {client!r} has no assignment in round {plan.round}")
-        factors, residual = {}, {}
+        factors: dict[ModuleName, LoRAFactors] = {}
+        residual: dict[ModuleName, Tensor | LoRAFactors] = {}
         for m, r in plan.ranks[client].items():
             factors[m] = self.start_factors(state, plan, m, r)
-            res = self.base_residual(state, plan, m, r)
+            res = self.base_residual(state, plan, m, r) if residuals else None
             if res is not None:
                 residual[m] = res
         return ClientStart(factors, residual, {k: v.clone() for k, v in state.extras.items()})
+
+    def round_change(self, plan: RoundPlan, module: ModuleName) -> LoRAFactors | None:
+        """After `aggregate`: the factors of `module`'s change W_{t+1} − W_t, exact in the sense
+        of core/downlink.py (handed out once, then released), or None for strategies without a
+        factored downlink."""
+        out: LoRAFactors | None = plan._cache.pop(("change", module, 0), None)
+        return out
 
     @abstractmethod
     def _start_module(self, state: GlobalState, plan: RoundPlan, module: ModuleName, rank: int) -> LoRAFactors: ...

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..downlink import apply_change, exact_factors
 from ..merge import stack_factors, truncation_factors
 from ..scaling import LoRAScaling
 from ..types import ClientUpdate, GlobalState, LoRAFactors, ModuleName
@@ -34,7 +35,12 @@ def parse_client_view(view: str) -> tuple[str, int | None]:
 
 class FedHL(SpectralStart):
     """`W_{t+1} = W_t + Σ_i p_i c_i (s_i B_i' A_i' − trunc(W_t, r_i))`, p from `WeightConfig`,
-    c_i ≤ 1 the update-size scale (1 unless client i's update exceeds the round's bound)."""
+    c_i ≤ 1 the update-size scale (1 unless client i's update exceeds the round's bound).
+
+    Under the `full` view a float32 state's change is rounded onto the exact grid of
+    core/downlink.py and kept (`round_change`), so agents rebuild W_{t+1} from W_t bit for bit;
+    `client_start` still gives the dense residual (in-process users), the published start
+    packages do not."""
 
     name = "fedhl"
 
@@ -69,6 +75,10 @@ class FedHL(SpectralStart):
                 "max_weight_ratio": w.max_weight_ratio,
             },
         }
+
+    @property
+    def factored_downlink(self) -> bool:
+        return self.view == "full"
 
     def _spectrum_rank(self, plan: RoundPlan, module: ModuleName) -> int:
         r = plan.r_max(module)
@@ -126,6 +136,15 @@ class FedHL(SpectralStart):
             q = [pi * ci for pi, ci in zip(p, clip, strict=True)] if min(clip) < 1.0 else p
             Lt, Rt = truncation_factors(spec, ranks, q)  # (d_out, r_max), (r_max, d_in)
             L, R = torch.cat([L, -Lt], dim=1), torch.cat([R, Rt], dim=0)
+        if self.view == "full" and state.dense[module].dtype == torch.float32:
+            # the new state is what an agent rebuilds bit for bit (core/downlink.py); float32 is the
+            # state's dtype on the wire; a float64 state (research runs, tests) merges exactly instead
+            exact = exact_factors(L, R)  # (d_out, K), (K, d_in) on the exact grid
+            W = state.dense[module]
+            new = apply_change(W.to(L.device), exact)  # W's dtype
+            plan._cache[("change", module, 0)] = exact.to("cpu", torch.float32)
+            diff = new.to(torch.float64) - W.to(new.device, torch.float64)
+            return new, float(torch.linalg.vector_norm(diff) ** 2)
         D = L @ R  # Σ_i p_i Δ_i, one GEMM  (d_out, d_in)
         change = float(torch.linalg.vector_norm(D, dtype=torch.float64) ** 2)
         D += state.dense[module].to(D.device, D.dtype)
