@@ -13,7 +13,7 @@ import torch
 
 from ..codec import decode_start, encode_update
 from ..core import LoRAFactors
-from .client import AgentClient, Resources, Task
+from .client import TLS, AgentClient, Resources, Task
 
 
 @dataclass
@@ -26,9 +26,10 @@ class ScriptedAgent:
     resources: Resources | None = None
     seed: int = 0
     delay_s: float = 0.0  # simulated training time
+    tls: TLS | None = None  # None: plaintext (a coordinator on this machine)
 
     def __post_init__(self) -> None:
-        self.client = AgentClient(self.address)
+        self.client = AgentClient(self.address, tls=self.tls)
         self.agent_id, self.credential = self.client.register(self.token, self.name, self.resources)
         self.rounds_done: list[int] = []
         self.errors: list[str] = []
