@@ -12,7 +12,8 @@
 # 3. builds the stand-in bases (deploy/offline/build-bases.sh) and, in a scratch copy of the
 #    checkout with the local torch CPU wheel in deploy/docker/wheels/, writes .env with generated
 #    secrets and runs the README's commands word for word (tests/deploy checks that they match):
-#    build, up --wait, enrolment tokens, the job (fewer rounds and steps, through the spec), the
+#    build, up --wait (the certs one-shot makes a private CA; both planes serve TLS), the CA copied
+#    out for curl (checked: no plaintext HTTP, both ports verify), enrolment tokens, the job (fewer rounds and steps, through the spec), the
 #    demo profile's agents; then polls the job to COMPLETED, checks the round reports and exports
 #    the adapter from the last checkpoint;
 # 4. on failure prints every service's logs; always tears the stack down (down -v) and stops the
@@ -195,12 +196,21 @@ docker compose build          # fedhl:latest from deploy/docker/Dockerfile (CPU)
 docker image ls fedhl:latest --format 'fedhl:latest {{.Size}}'
 phase up
 STACK_UP=1
-docker compose up -d --wait   # migrates, starts coordinator + 1 aggregator; returns once they are healthy
-docker compose ps             # migrate exited (0), coordinator healthy
+docker compose up -d --wait   # certificates, migrations, coordinator (TLS) + 1 aggregator; returns once healthy
+docker compose ps             # certs and migrate exited (0), coordinator healthy
+docker compose cp coordinator:/data/tls/ca.crt ca.crt   # the private CA that verifies the coordinator
+# CI only: TLS on both planes. The admin API does not answer plaintext HTTP; both ports present a
+# certificate for localhost that ca.crt verifies (the demo agents below verify it as `coordinator`).
+if curl -sS --max-time 5 -o /dev/null http://localhost:8080/readyz 2>/dev/null; then die "the admin API answers plaintext HTTP"; fi
+for port in 8080 50051; do
+    openssl s_client -connect "localhost:$port" -servername localhost -alpn h2 -CAfile ca.crt -verify_return_error \
+        </dev/null >/dev/null 2>&1 || die "localhost:$port does not present a certificate that ca.crt verifies"
+done
 
 # ------------------------------------------------------------------ README: enrolment token, the job
 phase job
-export FEDHL=http://localhost:8080/api/v1 TOKEN=$(grep '^FEDHL_ADMIN_TOKEN=' .env | cut -d= -f2-)
+export FEDHL=https://localhost:8080/api/v1 TOKEN=$(grep '^FEDHL_ADMIN_TOKEN=' .env | cut -d= -f2-)
+export CURL_CA_BUNDLE=$PWD/ca.crt   # curl trusts the private CA
 curl -fsS -X POST $FEDHL/agents/enrolment-tokens -H "Authorization: Bearer $TOKEN" \
   -H 'Content-Type: application/json' -d '{"label": "site-a", "uses": 1}'     # {"token": ...}: shown once
 echo

@@ -128,6 +128,17 @@ def _agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .certs import ensure_certs
+
+    names = [n.strip() for value in args.name for n in value.split(",") if n.strip()]
+    report = ensure_certs(Path(args.out), names, ca_out=Path(args.ca_out) if args.ca_out else None)
+    print("\n".join(report.lines(Path(args.out))))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo.run import run
 
@@ -169,6 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("coordinator", help="run the coordinator: gRPC for agents, REST admin API, scheduler")
     c.add_argument("--migrate", action="store_true", help="run migrations first (embedded deployments)")
     c.set_defaults(func=_coordinator)
+    t = sub.add_parser(
+        "certs",
+        help="create a private CA and a TLS server certificate for the coordinator (kept while valid)",
+        description="Writes ca.crt, ca.key, server.crt and server.key (PEM, keys 0600) into --out. Run again, "
+        "it keeps the CA and a server certificate that still covers every --name for 30 days or more.",
+    )
+    t.add_argument("--out", required=True, help="directory of the CA and the server certificate")
+    t.add_argument("--ca-out", help="also copy ca.crt into this directory (for agents: it holds no key)")
+    t.add_argument(
+        "--name",
+        action="append",
+        required=True,
+        help="DNS name or IP address agents connect to; repeat, or separate with commas",
+    )
+    t.set_defaults(func=_certs)
     a = sub.add_parser("aggregator", help="run an aggregation worker (needs FEDHL_REDIS_URL); scale by running more")
     a.add_argument("--name", default=None, help="consumer name in the stream group (default: host-pid)")
     a.set_defaults(func=_aggregator)
@@ -181,9 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present) [FEDHL_AGENT_DEVICE]")
     g.add_argument("--memory-budget-bytes", type=int, help="memory the agent may use [FEDHL_AGENT_MEMORY_BUDGET_BYTES]")
     g.add_argument("--base-model", help="local path of the job's base model, if not where the job says")
-    g.add_argument("--tls-ca", help="CA bundle to verify the coordinator (enables TLS)")
-    g.add_argument("--tls-cert", help="client certificate (mTLS)")
-    g.add_argument("--tls-key", help="client key (mTLS)")
+    g.add_argument("--tls-ca", help="CA certificate that verifies the coordinator (enables TLS) [FEDHL_AGENT_TLS_CA]")
+    g.add_argument(
+        "--tls", action="store_true", default=None, help="TLS verified by the system's root CAs [FEDHL_AGENT_TLS]"
+    )
+    g.add_argument("--tls-server-name", help="name to verify, if not the address's host [FEDHL_AGENT_TLS_SERVER_NAME]")
+    g.add_argument("--tls-cert", help="client certificate (mTLS) [FEDHL_AGENT_TLS_CERT]")
+    g.add_argument("--tls-key", help="client key (mTLS) [FEDHL_AGENT_TLS_KEY]")
+    g.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow plaintext to a coordinator on another machine (development only) [FEDHL_AGENT_INSECURE]",
+    )
     g.add_argument("--threads", type=int, help="torch CPU threads")
     g.set_defaults(func=_agent)
     d = sub.add_parser("demo", help="coordinator + N agents on this machine: MiniLM-L6 on review snippets")
@@ -203,12 +239,22 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """What a command raises for bad input or configuration (anything else is a bug: traceback)."""
     from pydantic import ValidationError
 
+    from .certs import CertError
     from .codec import CodecError
     from .data import DataError
     from .export import ExportError
     from .modeling import ModelError
 
-    return (SettingsError, CodecError, DataError, ExportError, ModelError, ValidationError, json.JSONDecodeError)
+    return (
+        SettingsError,
+        CertError,
+        CodecError,
+        DataError,
+        ExportError,
+        ModelError,
+        ValidationError,
+        json.JSONDecodeError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -108,6 +108,9 @@ class Settings:
     grpc_tls_client_ca: str | None = None  # set: mTLS, agents must present a client certificate
     http_tls_cert: str | None = None
     http_tls_key: str | None = None
+    # Production serves both planes over TLS (coordinator.tls); true: plaintext is allowed there,
+    # with a warning at every start. Development never requires TLS.
+    allow_insecure: bool = False
     grpc_max_workers: int = 64
     heartbeat_ttl_s: float = 15.0
     pull_wait_max_s: float = 20.0

@@ -21,6 +21,7 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -39,8 +40,11 @@ import yaml
 from kubernetes_validate.utils import resources_from_file
 
 from fedhl import metrics
-from fedhl.agent.runtime import AgentConfig
+from fedhl.agent.client import TLS
+from fedhl.agent.runtime import TLS_FLAGS, AgentConfig
 from fedhl.agent.scripted import ScriptedAgent
+from fedhl.certs import ensure_certs
+from fedhl.coordinator.tls import require_tls
 from fedhl.settings import Settings, SettingsError
 from stack import PG_URL, free_port, fresh_redis_db, reset_postgres
 
@@ -57,14 +61,28 @@ CI_SCRIPT = ROOT / "deploy" / "ci" / "compose-e2e.sh"
 K8S_VERSION = "1.37.0"  # schemas bundled with kubernetes-validate: no network
 REDIS_DB = 7  # this module's Redis database (flushed first)
 
-# FEDHL_* variables read outside `Settings`: the S3 store, the log level, the agent.
-EXTRA_FEDHL_VARS = {"FEDHL_S3_ENDPOINT_URL", "FEDHL_S3_STAGING_DIR", "FEDHL_LOG_LEVEL"}
+# FEDHL_* variables read outside `Settings`: the S3 store, the log level, the admin CLI.
+EXTRA_FEDHL_VARS = {"FEDHL_S3_ENDPOINT_URL", "FEDHL_S3_STAGING_DIR", "FEDHL_LOG_LEVEL", "FEDHL_URL", "FEDHL_CA_FILE"}
 
 
 def known_fedhl_vars() -> set[str]:
     names = {f"FEDHL_{f.name.upper()}" for f in fields(Settings)}
     names |= {f"FEDHL_AGENT_{f.name.upper()}" for f in fields(AgentConfig)}
+    names |= {f"FEDHL_AGENT_{flag.upper()}" for flag in TLS_FLAGS}
     return names | EXTRA_FEDHL_VARS
+
+
+@pytest.fixture(scope="module")
+def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the `certs` one-shot writes to the `tls` volume, made by the same code."""
+    out = tmp_path_factory.mktemp("tls")
+    ensure_certs(out, ["coordinator", "localhost", "127.0.0.1"])
+    return out
+
+
+def on_this_machine(env: dict[str, str], tls: Path) -> dict[str, str]:
+    """A service's environment with the `tls` volume's files (/data/tls/...) under `tls`."""
+    return {k: str(tls / v.removeprefix("/data/tls/")) if v.startswith("/data/tls/") else v for k, v in env.items()}
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -128,7 +146,7 @@ def compose_config(args: list[str]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_compose_config_is_valid(variant: str) -> None:
+def test_compose_config_is_valid(variant: str, tls_dir: Path) -> None:
     args = VARIANTS[variant]
     quiet = run_compose([*args, "config", "--quiet"])
     assert quiet.returncode == 0, f"docker-compose {' '.join(args)} config --quiet:\n{quiet.stderr}"
@@ -146,7 +164,29 @@ def test_compose_config_is_valid(variant: str) -> None:
     coordinator = services["coordinator"]
     assert coordinator["command"] == ["coordinator"]
     assert {int(p["target"]) for p in coordinator["ports"]} >= {50051, 8080}
-    assert "/readyz" in " ".join(coordinator["healthcheck"]["test"])
+    assert "https://127.0.0.1:8080/readyz" in " ".join(coordinator["healthcheck"]["test"])
+    # Published on loopback unless .env opens them (.env.example keeps 127.0.0.1).
+    for svc in services.values():
+        assert all(p.get("host_ip") == "127.0.0.1" for p in svc.get("ports", [])), svc.get("ports")
+
+    # TLS: the certs one-shot writes the private CA and the server certificate into `tls` (for the
+    # coordinator only) and the CA certificate alone into `tls-ca` (for agents); the coordinator
+    # waits for it and serves both planes with that certificate.
+    certs = services["certs"]
+    assert certs["command"][0] == "certs" and certs.get("restart") == "no"
+    mounts = {v["source"]: v["target"] for v in certs["volumes"]}
+    assert certs["command"][certs["command"].index("--out") + 1] == mounts["tls"]
+    assert certs["command"][certs["command"].index("--ca-out") + 1] == mounts["tls-ca"]
+    names = certs["command"][certs["command"].index("--name") + 1].split(",")
+    assert {"coordinator", "localhost", "127.0.0.1"} <= set(names)
+    assert coordinator["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+    tls_mount = next(v for v in coordinator["volumes"] if v["source"] == "tls")
+    assert tls_mount["read_only"] is True
+    for var in ("FEDHL_GRPC_TLS_CERT", "FEDHL_HTTP_TLS_CERT", "FEDHL_GRPC_TLS_KEY", "FEDHL_HTTP_TLS_KEY"):
+        assert coordinator["environment"][var].startswith(tls_mount["target"] + "/"), var
+    for name, svc in services.items():
+        if name not in ("certs", "coordinator"):
+            assert "tls" not in {v["source"] for v in svc.get("volumes", [])}, f"{name} must not see the keys"
 
     aggregator = services["aggregator"]
     assert aggregator["command"] == ["aggregator"]  # no --name: one consumer per replica
@@ -165,10 +205,14 @@ def test_compose_config_is_valid(variant: str) -> None:
     # .env.example as shipped is refused (placeholders); with real secrets in their place it makes a
     # valid production configuration for every FedHL service.
     for name in ("migrate", "coordinator", "aggregator"):
-        env = {k: str(v) for k, v in services[name]["environment"].items()}
+        env = on_this_machine({k: str(v) for k, v in services[name]["environment"].items()}, tls_dir)
         with pytest.raises(SettingsError, match="placeholder"):
             Settings.from_env(env)
-        Settings.from_env({k: re.sub(r"CHANGE-ME[\w-]*", secrets.token_urlsafe(32), v) for k, v in env.items()})
+        settings = Settings.from_env(
+            {k: re.sub(r"CHANGE-ME[\w-]*", secrets.token_urlsafe(32), v) for k, v in env.items()}
+        )
+        if name == "coordinator":
+            require_tls(settings)  # production's TLS rule holds: both planes have a usable certificate
 
     gpu = "devices" in (aggregator.get("deploy") or {}).get("resources", {}).get("reservations", {})
     if variant in ("gpu", "everything"):
@@ -198,6 +242,8 @@ def test_compose_config_is_valid(variant: str) -> None:
             assert env["FEDHL_AGENT_TOKEN"] == dotenv[f"AGENT_TOKEN_{i}"]
             assert env["FEDHL_AGENT_NAME"] == name
             assert env["FEDHL_AGENT_COORDINATOR"] == "coordinator:50051"
+            ca_mount = next(v for v in services[name]["volumes"] if v["source"] == "tls-ca")
+            assert env["FEDHL_AGENT_TLS_CA"] == f"{ca_mount['target']}/ca.crt" and ca_mount["read_only"] is True
             assert services[name]["depends_on"]["coordinator"]["condition"] == "service_healthy"
             data_paths.add(env["FEDHL_AGENT_DATA"])
             mounts = {v["target"]: v["source"] for v in services[name]["volumes"]}
@@ -461,8 +507,18 @@ def test_k8s_wiring() -> None:
     coordinator = pods["fedhl-coordinator"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in coordinator["ports"]}
     assert ports == {"grpc": 50051, "http": 8080}
-    assert coordinator["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    assert coordinator["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    assert coordinator["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http", "scheme": "HTTPS"}
+    assert coordinator["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http", "scheme": "HTTPS"}
+    # TLS on both planes (production's rule), from a kubernetes.io/tls Secret, for the coordinator only
+    tls_env = {e["name"]: e["value"] for e in coordinator["env"]}
+    mount = next(m for m in coordinator["volumeMounts"] if m["name"] == "tls")
+    volume = next(v for v in pods["fedhl-coordinator"]["volumes"] if v["name"] == "tls")
+    assert mount["readOnly"] is True and volume["secret"]["secretName"] == "fedhl-tls"
+    assert tls_env == {
+        f"FEDHL_{plane}_TLS_{kind}": f"{mount['mountPath']}/tls.{ext}"
+        for plane in ("GRPC", "HTTP")
+        for kind, ext in (("CERT", "crt"), ("KEY", "key"))
+    }
     service = by_kind[("Service", "fedhl-coordinator")]["spec"]
     assert {p["port"] for p in service["ports"]} == {50051, 8080}
     assert by_kind[("Deployment", "fedhl-aggregator")]["spec"]["replicas"] == 2
@@ -542,6 +598,8 @@ def process_env(compose_env: dict[str, Any], tmp: Path, redis_url: str, ports: d
             value = redis_url
         elif value.startswith("file:///data/"):
             value = "file://" + str(tmp / value[len("file:///") :])
+        elif value.startswith("/data/"):  # a volume's file (the TLS certificates)
+            value = str(tmp / value[1:])
         elif key in ports:
             value = str(ports[key])
         elif key == "FEDHL_ADMIN_TOKEN":  # production refuses the placeholder: as an operator's .env would
@@ -603,6 +661,20 @@ def test_compose_stack_runs_as_processes(stack_tmp: tuple[Path, list[Service]]) 
     reset_postgres()
     redis_url = fresh_redis_db(REDIS_DB)
 
+    # certs: a one-shot the coordinator waits for; its volumes (/data/tls, /data/tls-ca) under tmp
+    certs_cmd = [str(tmp / a[1:]) if a.startswith("/data/") else a for a in config["certs"]["command"]]
+    done = subprocess.run(
+        [sys.executable, "-m", "fedhl.cli", *certs_cmd],
+        env=process_env(config["certs"].get("environment") or {}, tmp, redis_url, {}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    ca = tmp / "data" / "tls-ca" / "ca.crt"
+    assert ca.is_file() and not list(ca.parent.glob("*.key")), "the agents' volume holds the CA certificate only"
+    trust = ssl.create_default_context(cafile=str(ca))
+
     # migrate: a one-shot that must exit 0 before anything else starts (depends_on)
     migrate_env = process_env(config["migrate"]["environment"], tmp, redis_url, {})
     done = subprocess.run(
@@ -634,14 +706,17 @@ def test_compose_stack_runs_as_processes(stack_tmp: tuple[Path, list[Service]]) 
         aggregators.append(start(f"aggregator-{i}", config["aggregator"]["command"], env, tmp))
     services.extend(aggregators)
 
-    base = f"http://127.0.0.1:{http_port}"
-    wait_http(f"{base}/readyz", coordinator)  # what the compose healthcheck of the coordinator probes
+    base = f"https://127.0.0.1:{http_port}"
+    # what the compose healthcheck of the coordinator probes: HTTPS, verified with the private CA
+    wait_http(f"{base}/readyz", coordinator, verify=ssl.create_default_context(cafile=str(tmp / "data/tls/ca.crt")))
     for agg in aggregators:  # what the compose healthcheck of the aggregator probes
         wait_http(f"http://127.0.0.1:{agg.env['FEDHL_AGGREGATOR_METRICS_PORT']}/metrics", agg)
 
     admin = coord_env["FEDHL_ADMIN_TOKEN"]
     assert admin == OPERATOR_ADMIN_TOKEN != read_env_file(ENV_EXAMPLE)["FEDHL_ADMIN_TOKEN"]
-    http = httpx.Client(base_url=f"{base}/api/v1", headers={"Authorization": f"Bearer {admin}"}, timeout=30)
+    http = httpx.Client(
+        base_url=f"{base}/api/v1", headers={"Authorization": f"Bearer {admin}"}, timeout=30, verify=trust
+    )
     stop = threading.Event()
     agents: list[ScriptedAgent] = []
     threads: list[threading.Thread] = []
@@ -666,7 +741,8 @@ def test_compose_stack_runs_as_processes(stack_tmp: tuple[Path, list[Service]]) 
         job_id = r.json()["id"]
 
         for i, token in enumerate(tokens, start=1):
-            agent = ScriptedAgent(f"127.0.0.1:{grpc_port}", token, f"agent-{i}", noise=0.01)
+            # as the demo agents: TLS verified with the CA from the `tls-ca` volume
+            agent = ScriptedAgent(f"127.0.0.1:{grpc_port}", token, f"agent-{i}", noise=0.01, tls=TLS(ca))
             agents.append(agent)
             t = threading.Thread(target=agent.run, args=(stop,), name=f"agent-{i}", daemon=True)
             t.start()

@@ -4,7 +4,9 @@ sha256-checked downloads, resumable chunked uploads. Protobuf stays inside this 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,8 +15,10 @@ from typing import Any, TypeVar
 
 import grpc
 
+from ..settings import SettingsError
 from ..v1 import agent_pb2, agent_pb2_grpc
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_HEARTBEAT_INTERVAL_S = 3.0  # until the first heartbeat response says otherwise
@@ -55,9 +59,47 @@ class Task:
 
 @dataclass(frozen=True)
 class TLS:
-    root_ca: Path | None = None
+    root_ca: Path | None = None  # None: the system's root CAs (a coordinator with a public certificate)
     client_cert: Path | None = None  # mTLS
     client_key: Path | None = None
+    server_name: str | None = None  # the name to verify, when it differs from the address's host
+
+
+class TLSError(SettingsError):
+    """The channel cannot be secured: no TLS to a remote coordinator, or a failed handshake
+    (the coordinator's certificate does not verify). Configuration, not a transient failure."""
+
+
+def target_host(address: str) -> str:
+    """The host of a gRPC target: `host:port`, `[v6]:port`, `dns:///host:port`, `ipv4:a.b.c.d:port`."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return "localhost"
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        address = address.removeprefix(scheme)
+    if address.startswith("["):
+        return address[1:].split("]", 1)[0]
+    return address.rsplit(":", 1)[0] if address.count(":") == 1 else address
+
+
+def is_loopback(address: str) -> bool:
+    host = target_host(address)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# What gRPC's details say (as UNAVAILABLE) when a handshake fails for good, not for a network blip.
+PLAINTEXT_PEER = "WRONG_VERSION_NUMBER"  # the server does not speak TLS on that port
+NOT_VERIFIED = ("CERTIFICATE_VERIFY_FAILED", "Hostname Verification Check failed")
+
+
+def handshake_problem(error: grpc.RpcError) -> str | None:
+    """The details of a TLS handshake that failed for a reason retrying cannot fix, or None."""
+    details = str(error.details() or "") if isinstance(error, grpc.Call) else str(error)
+    return details if any(m in details for m in (PLAINTEXT_PEER, *NOT_VERIFIED)) else None
 
 
 @dataclass
@@ -81,14 +123,29 @@ class TransferStats:
     retries: int = 0
 
 
-def open_channel(address: str, tls: TLS | None = None) -> grpc.Channel:
-    options = [
+def open_channel(address: str, tls: TLS | None = None, *, insecure: bool = False) -> grpc.Channel:
+    """TLS when `tls` is given; plaintext only to this machine (loopback) or with `insecure`."""
+    options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", 8 << 20),
         ("grpc.max_send_message_length", 8 << 20),
         ("grpc.keepalive_time_ms", 30_000),
     ]
     if tls is None:
+        if not is_loopback(address):
+            if not insecure:
+                raise TLSError(
+                    f"refusing plaintext to {address}, which is not on this machine: give the CA that signed the "
+                    "coordinator's certificate (--tls-ca / FEDHL_AGENT_TLS_CA; the coordinator's operator has it, "
+                    "e.g. ca.crt from `fedhl certs`), or --tls (FEDHL_AGENT_TLS=true) for a certificate from a "
+                    "public CA; --insecure (FEDHL_AGENT_INSECURE=true) sends the credential and the updates "
+                    "unencrypted (development only)"
+                )
+            log.warning(
+                "PLAINTEXT to %s (--insecure): the credential and the updates cross the network unencrypted", address
+            )
         return grpc.insecure_channel(address, options=options)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
     creds = grpc.ssl_channel_credentials(
         root_certificates=tls.root_ca.read_bytes() if tls.root_ca else None,
         private_key=tls.client_key.read_bytes() if tls.client_key else None,
@@ -105,8 +162,11 @@ class AgentClient:
         tls: TLS | None = None,
         retries: int = 5,
         backoff_s: float = 0.5,
+        *,
+        insecure: bool = False,
     ) -> None:
-        self.channel = open_channel(address, tls)
+        self.address, self.tls = address, tls
+        self.channel = open_channel(address, tls, insecure=insecure)
         self.stub = agent_pb2_grpc.AgentServiceStub(self.channel)
         self.credential = credential
         self.retries = retries
@@ -122,12 +182,33 @@ class AgentClient:
     def _md(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.credential}")] if self.credential else []
 
+    def _handshake_error(self, problem: str) -> TLSError:
+        assert self.tls is not None
+        if PLAINTEXT_PEER in problem:
+            return TLSError(
+                f"the coordinator at {self.address} does not speak TLS on that port (plaintext: development mode or "
+                f"FEDHL_ALLOW_INSECURE=true there): give it a certificate (FEDHL_GRPC_TLS_CERT/_KEY), or connect "
+                f"without --tls-ca/--tls. gRPC said: {problem}"
+            )
+        ca = f"the CA in {self.tls.root_ca}" if self.tls.root_ca else "the system's root CAs"
+        name = self.tls.server_name or target_host(self.address)
+        return TLSError(
+            f"TLS handshake with the coordinator at {self.address} failed: its certificate does not verify "
+            f"against {ca} for the name {name!r}. Give the CA that signed it (--tls-ca / FEDHL_AGENT_TLS_CA) "
+            f"and, when the certificate names the coordinator differently, that name (--tls-server-name / "
+            f"FEDHL_AGENT_TLS_SERVER_NAME). gRPC said: {problem}"
+        )
+
     def _retry(self, fn: Callable[[], T]) -> T:
-        """Retry transient failures with exponential backoff; everything else is final."""
+        """Retry transient failures with exponential backoff; everything else is final (a failed
+        TLS handshake too: a TLSError that says what to fix)."""
         for attempt in range(self.retries + 1):
             try:
                 return fn()
             except grpc.RpcError as e:
+                problem = handshake_problem(e) if self.tls is not None else None
+                if problem is not None:
+                    raise self._handshake_error(problem) from None
                 if e.code() not in RETRYABLE or attempt == self.retries:
                     raise
                 self.stats.retries += 1

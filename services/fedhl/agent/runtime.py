@@ -35,6 +35,8 @@ from .globalcache import GlobalCache, full_view_start, start_shapes
 from .trainer import Cancelled, measure_throughput, prepare, train
 
 log = logging.getLogger(__name__)
+# Flags (and FEDHL_AGENT_* variables) of the agent's TLS, besides `tls` and `insecure`.
+TLS_FLAGS = ("tls_ca", "tls_cert", "tls_key", "tls_server_name")
 
 
 @dataclass
@@ -48,6 +50,7 @@ class AgentConfig:
     memory_budget_bytes: int = 0
     base_model: str | None = None  # local path overriding the job's base model reference
     tls: TLS | None = None
+    insecure: bool = False  # plaintext to a coordinator not on this machine (development only)
     wait_s: int = 10
     threads: int | None = None
 
@@ -63,12 +66,15 @@ class AgentConfig:
         coordinator, data = get("coordinator"), get("data")
         if not coordinator or not data:
             raise SettingsError("the agent needs --coordinator and --data (or FEDHL_AGENT_COORDINATOR/_DATA)")
-        ca, cert, key = get("tls_ca"), get("tls_cert"), get("tls_key")
-        tls = (
-            TLS(Path(ca) if ca else None, Path(cert) if cert else None, Path(key) if key else None)
-            if (ca or cert)
-            else None
-        )
+        ca, cert, key, server_name = (get(k) for k in TLS_FLAGS)
+        tls = None
+        if ca or cert or server_name or flag(get("tls", False)):
+            tls = TLS(Path(ca) if ca else None, Path(cert) if cert else None, Path(key) if key else None, server_name)
+            for path in (tls.root_ca, tls.client_cert, tls.client_key):
+                if path is not None and not path.is_file():
+                    raise SettingsError(f"the agent's TLS file {path} does not exist (--tls-ca/--tls-cert/--tls-key)")
+            if bool(cert) != bool(key):
+                raise SettingsError("--tls-cert and --tls-key (FEDHL_AGENT_TLS_CERT/_KEY, mTLS) go together")
         return cls(
             coordinator=coordinator,
             data=Path(data),
@@ -79,8 +85,19 @@ class AgentConfig:
             memory_budget_bytes=int(get("memory_budget_bytes", 0) or 0),
             base_model=get("base_model"),
             tls=tls,
+            insecure=flag(get("insecure", False)),
             threads=int(get("threads")) if get("threads") else None,
         )
+
+
+def flag(value: object) -> bool:
+    """A command-line switch (True) or an environment value ("true", "1", "yes")."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise SettingsError(f"expected true or false, got {value!r}")
+    return text in ("1", "true", "yes")
 
 
 def device_resources(device: str, budget: int, steps_per_second: float = 0.0) -> Resources:
@@ -138,7 +155,7 @@ class Agent:
         self.steps_per_second = 0.0
         self.task: Task | None = None
         self.progress = 0.0
-        self.client = AgentClient(cfg.coordinator, tls=cfg.tls)
+        self.client = AgentClient(cfg.coordinator, tls=cfg.tls, insecure=cfg.insecure)
         self.cache = GlobalCache(cfg.state_dir / "global")  # FedHL full view: the held global update
 
     # ---------------------------------------------------------------- lifecycle

@@ -15,7 +15,7 @@ import torch
 
 from ..codec import decode_start, encode_update, start_hashes
 from ..core import LoRAFactors
-from .client import AgentClient, Resources, Task
+from .client import TLS, AgentClient, Resources, Task
 from .globalcache import GlobalCache, Obtained, start_shapes
 
 
@@ -30,9 +30,10 @@ class ScriptedAgent:
     seed: int = 0
     delay_s: float = 0.0  # simulated training time
     cache_dir: Path | None = None  # where it keeps the global update (full view); None: a temporary one
+    tls: TLS | None = None  # None: plaintext (a coordinator on this machine)
 
     def __post_init__(self) -> None:
-        self.client = AgentClient(self.address)
+        self.client = AgentClient(self.address, tls=self.tls)
         self.agent_id, self.credential = self.client.register(self.token, self.name, self.resources)
         self.rounds_done: list[int] = []
         self.errors: list[str] = []

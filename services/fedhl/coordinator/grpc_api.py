@@ -7,7 +7,6 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -19,6 +18,7 @@ from ..v1 import agent_pb2, agent_pb2_grpc
 from .agents import MAX_HELD, AgentService, UploadHeader
 from .errors import Code, ServiceError
 from .grpc_errors import ErrorIdInterceptor
+from .tls import server_credentials
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -183,15 +183,8 @@ def build_server(service: AgentService, settings: Settings) -> tuple[grpc.Server
     if settings.grpc_reflection:
         reflection.enable_server_reflection((name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
-    if settings.grpc_tls_cert and settings.grpc_tls_key:
-        creds = grpc.ssl_server_credentials(
-            [(Path(settings.grpc_tls_key).read_bytes(), Path(settings.grpc_tls_cert).read_bytes())],
-            root_certificates=Path(settings.grpc_tls_client_ca).read_bytes() if settings.grpc_tls_client_ca else None,
-            require_client_auth=bool(settings.grpc_tls_client_ca),
-        )
-        port = server.add_secure_port(address, creds)
-    else:
-        port = server.add_insecure_port(address)
+    creds = server_credentials(settings)  # None: plaintext (development, or FEDHL_ALLOW_INSECURE)
+    port = server.add_insecure_port(address) if creds is None else server.add_secure_port(address, creds)
     if port == 0:
         raise RuntimeError(f"cannot bind gRPC on {address}")
     return server, port

@@ -10,12 +10,15 @@ from ..backends import WorkerLoop
 from ..settings import Settings
 from .api import create_app
 from .app import Coordinator
+from .tls import require_tls
 
 log = logging.getLogger(__name__)
 
 
 def serve(settings: Settings, *, auto_migrate: bool = False, aggregator: WorkerLoop | None = None) -> None:
-    """`aggregator`: the in-process aggregation worker loop (wired by `fedhl.cli`)."""
+    """`aggregator`: the in-process aggregation worker loop (wired by `fedhl.cli`). Production
+    refuses to start without TLS on both planes (see `tls.require_tls`)."""
+    require_tls(settings)
     coordinator = Coordinator.from_settings(settings, auto_migrate=auto_migrate, aggregator=aggregator)
     coordinator.start()
     config = uvicorn.Config(

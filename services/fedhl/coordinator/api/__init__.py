@@ -9,7 +9,11 @@ OpenAPI pages (/docs, /redoc, /openapi.json) are public and expose no data.
 
 from __future__ import annotations
 
+import math
+
 from fastapi import APIRouter, Depends, FastAPI, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from ... import __version__
@@ -47,6 +51,24 @@ def _service_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=code, headers=headers)
 
 
+def _json_safe(value: object) -> object:
+    """NaN and infinities (Python's JSON parser reads them) as strings: JSON cannot carry them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422, whose echo of the input may hold a NaN (a 500 from its JSON encoder)."""
+    assert isinstance(exc, RequestValidationError)
+    detail = _json_safe(jsonable_encoder(exc.errors()))
+    return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
 def _not_found(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_404_NOT_FOUND)
 
@@ -73,6 +95,7 @@ def create_app(coordinator: Coordinator) -> FastAPI:
 
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(NotFound, _not_found)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_middleware(
         RequestGuard,
         admin_token=coordinator.settings.admin_token,
