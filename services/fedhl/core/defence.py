@@ -23,6 +23,13 @@ magnitudes that could overflow the compute dtype in the merge leave that upload 
 module, by name; the others are merged with their weights recomputed over who is left. Only a
 module with no upload left fails the round.
 
+Strikes (the coordinator's quarantine counts them). An unsound upload (non-finite, overflow)
+always counts. A bound action (clip or reject) counts only when the update is more than
+`strike_k × median` (`is_strike`, default 10 > k = 3): an honest client at a larger rank
+moves its factors further and can sit above `k × median` round after round (measured: up to
+3.6 × median for a rank-32 client among ranks 2–32 under HetLoRA, bench/README.md), so a
+clip alone says nothing about intent; ten times the median does.
+
 What it does not stop: an update inside the bound in any direction, including `−Δ` (a
 sign-flipped update keeps its norm); a colluding majority, which sets the median; a lie about
 `n_examples` up to the cap (a server-side bound on it is the coordinator's job).
@@ -39,6 +46,7 @@ import torch
 from torch import Tensor
 
 ClipAction = Literal["clip", "reject"]
+BOUND_REASONS = frozenset({"clipped", "update_norm_above_bound"})  # the update-size bound's two actions
 
 
 @dataclass(frozen=True)
@@ -106,3 +114,19 @@ def product_may_overflow(B: Tensor, A: Tensor, scale: float, limit: float) -> bo
         return True
     r = B.shape[1]
     return b * scale > limit or a > limit or r * scale * b * a > limit
+
+
+def bound_excess(norm: float, bound: float, k: float) -> float:
+    """An upload's norm in multiples of its module's median, from `bound = k · median`."""
+    return math.inf if bound <= 0 else norm * k / bound
+
+
+def is_strike(reason: str, excess: float | None, strike_k: float | None) -> bool:
+    """Whether one defence action counts toward quarantine. Unsound uploads always do; the
+    update-size bound's actions (`clipped`, `update_norm_above_bound`) only when the update is
+    above `strike_k × median` (`excess`; None: unknown, counts), never with `strike_k=None`."""
+    if reason not in BOUND_REASONS:
+        return True
+    if strike_k is None:
+        return False
+    return excess is None or excess > strike_k

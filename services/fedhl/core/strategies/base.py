@@ -495,7 +495,7 @@ class Strategy(ABC):
             c = updates[i].client_id
             if self.clip.action == "reject":
                 detail = f"{what} {norms[i]:.4g} > {self.clip.k:g} × median = {bound:.4g}"
-                dropped.append(DropRecord(c, name, "update_norm_above_bound", detail))
+                dropped.append(DropRecord(c, name, "update_norm_above_bound", detail, norms[i], bound))
                 idx.remove(i)
                 del scales[i]
             else:
