@@ -94,10 +94,27 @@ class DefenceConfig(Strict):
     clip_action: Literal["clip", "reject"] = "clip"
     # no client weighs more than max_weight_ratio / N; None: the strategy's default (4)
     max_weight_ratio: float | None = Field(default=None, ge=1, le=1e6)
-    # an agent with this many refused or dropped uploads (clips do not count) since its last
-    # clean round is not selected for quarantine_rounds rounds (0: never quarantined)
+    # a clip or reject by the update-size bound counts a strike only above strike_k × median
+    # (an honest agent at a larger rank sits above clip_k × median); None: never. Refused
+    # uploads and dropped unsound ones always count.
+    strike_k: float | None = Field(default=10.0, ge=1, le=1e6)
+    # an agent with this many strikes since its last round without one is not selected for
+    # quarantine_rounds rounds (0: never quarantined) or quarantine_s seconds, whichever ends
+    # first, so a job whose min_clients needs the agent waits at most quarantine_s.
+    # quarantine_s None: quarantine_rounds × selection.deadline_s (as long as those rounds may take)
     quarantine_after: int = Field(default=3, ge=1, le=1000)
     quarantine_rounds: int = Field(default=5, ge=0, le=100_000)
+    quarantine_s: float | None = Field(default=None, gt=0, le=365 * 86400)
+
+    @model_validator(mode="after")
+    def _strike_above_clip(self) -> DefenceConfig:
+        if self.strike_k is not None and self.clip_k is not None and self.strike_k < self.clip_k:
+            raise ValueError(f"defence.strike_k ({self.strike_k:g}) must be at least clip_k ({self.clip_k:g})")
+        return self
+
+    def quarantine_window_s(self, deadline_s: float) -> float:
+        """How long a quarantine lasts at most, in seconds."""
+        return self.quarantine_s if self.quarantine_s is not None else self.quarantine_rounds * deadline_s
 
     @field_validator("expected_examples")
     @classmethod

@@ -197,6 +197,9 @@ def test_one_hostile_agent_among_honest_ones(backend: str, tmp_path: Path) -> No
                 refusals = s.scalars(select(AuditEvent).where(AuditEvent.action == "upload_refused")).all()
                 assert {e.actor for e in refusals} == {f"agent:{attacker}"}
                 assert {e.details["reason"] for e in refusals} == {"n_examples_above_bound"}
+                # the ×1000 clip is far above strike_k × median: a strike; honest clips would not be
+                bounded = s.scalars(select(AuditEvent).where(AuditEvent.action == "upload_bounded")).all()
+                assert {(e.details["agent_id"], e.details["strike"]) for e in bounded} == {(attacker, True)}
                 agent = s.get(Agent, attacker)
                 assert agent is not None and agent.quarantine_rounds > 0  # three refusals
             time.sleep(0.5)
