@@ -136,12 +136,15 @@ def main() -> int:
     p.add_argument("--defences", default="on,off", help="on, off or both (a second process can take the other)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--summary-only", action="store_true", help="summarise the runs on disk; run nothing")
+    p.add_argument(
+        "--tag", default=None, help="results folder under --out (default r<rounds>-s<local steps>-seed<seed>)"
+    )
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    tag = f"r{args.rounds}-s{args.local_steps}-seed{args.seed}"
+    tag = args.tag or f"r{args.rounds}-s{args.local_steps}-seed{args.seed}"
     results = []
     if args.summary_only:
         for clean_path in sorted((out / tag).glob("*/*/clean.json")):

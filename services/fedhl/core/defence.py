@@ -27,7 +27,7 @@ Strikes (the coordinator's quarantine counts them). An unsound upload (non-finit
 always counts. A bound action (clip or reject) counts only when the update is more than
 `strike_k × median` (`is_strike`, default 10 > k = 3): an honest client at a larger rank
 moves its factors further and can sit above `k × median` round after round (measured: up to
-3.6 × median for a rank-32 client among ranks 2–32 under HetLoRA, bench/README.md), so a
+3.9 × median for a rank-32 client among ranks 2–32 under HetLoRA, bench/README.md), so a
 clip alone says nothing about intent; ten times the median does.
 
 What it does not stop: an update inside the bound in any direction, including `−Δ` (a
