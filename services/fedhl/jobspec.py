@@ -94,10 +94,11 @@ class DefenceConfig(Strict):
     clip_action: Literal["clip", "reject"] = "clip"
     # no client weighs more than max_weight_ratio / N; None: the strategy's default (4)
     max_weight_ratio: float | None = Field(default=None, ge=1, le=1e6)
-    # a clip or reject by the update-size bound counts a strike only above strike_k × median
-    # (an honest agent at a larger rank sits above clip_k × median); None: never. Refused
-    # uploads and dropped unsound ones always count.
-    strike_k: float | None = Field(default=10.0, ge=1, le=1e6)
+    # an update above reject_k × median is left out whatever clip_action says, and only such
+    # an update counts a strike among the bound's actions (an honest agent at a larger rank sits
+    # above clip_k × median); None: no such limit, bound actions never count. Refused uploads
+    # and dropped unsound ones always count.
+    reject_k: float | None = Field(default=10.0, ge=1, le=1e6)
     # an agent with this many strikes since its last round without one is not selected for
     # quarantine_rounds rounds (0: never quarantined) or quarantine_s seconds, whichever ends
     # first, so a job whose min_clients needs the agent waits at most quarantine_s.
@@ -108,8 +109,8 @@ class DefenceConfig(Strict):
 
     @model_validator(mode="after")
     def _strike_above_clip(self) -> DefenceConfig:
-        if self.strike_k is not None and self.clip_k is not None and self.strike_k < self.clip_k:
-            raise ValueError(f"defence.strike_k ({self.strike_k:g}) must be at least clip_k ({self.clip_k:g})")
+        if self.reject_k is not None and self.clip_k is not None and self.reject_k < self.clip_k:
+            raise ValueError(f"defence.reject_k ({self.reject_k:g}) must be at least clip_k ({self.clip_k:g})")
         return self
 
     def quarantine_window_s(self, deadline_s: float) -> float:
@@ -230,7 +231,9 @@ class JobSpec(Strict):
                 options["weights"] = dataclasses.replace(cfg, max_weight_ratio=ratio)
             else:
                 options["max_weight_ratio"] = ratio
-        clip: str | dict[str, Any] = "off" if d.clip_k is None else {"k": d.clip_k, "action": d.clip_action}
+        clip: str | dict[str, Any] = (
+            "off" if d.clip_k is None else {"k": d.clip_k, "action": d.clip_action, "reject_k": d.reject_k}
+        )
         return build_strategy(
             self.strategy,
             alpha=self.lora_alpha,

@@ -106,19 +106,19 @@ class RoundReport:
             out.setdefault(c["client"], set()).add("clipped")
         return {a: sorted(r) for a, r in sorted(out.items())}
 
-    def struck(self, clip_k: float | None, strike_k: float | None) -> set[str]:
+    def struck(self, clip_k: float | None, reject_k: float | None) -> set[str]:
         """Agents with an offence that counts a strike (core/defence.py `is_strike`): any drop
-        of an unsound upload; a clip or reject only above `strike_k × median` in some module."""
+        of an unsound upload; a clip or reject only above `reject_k × median` in some module."""
         out: set[str] = set()
         for d in self.dropped:
             norm, bound = d.get("norm"), d.get("bound")
             ok = clip_k is not None and norm is not None and bound is not None
             excess = bound_excess(norm, bound, clip_k) if ok else None  # type: ignore[arg-type]
-            if is_strike(d["reason"], excess, strike_k):
+            if is_strike(d["reason"], excess, reject_k):
                 out.add(d["client"])
         for c in self.clipped:
             excess = bound_excess(c["norm"], c["bound"], clip_k) if clip_k is not None else None
-            if is_strike("clipped", excess, strike_k):
+            if is_strike("clipped", excess, reject_k):
                 out.add(c["client"])
         return out
 

@@ -354,14 +354,14 @@ def test_report_to_dict_lists_the_actions() -> None:
     assert {c["module"] for c in d["clipped"]} == {"q", "o", "extra::head"}
     assert all(set(c) == {"client", "module", "norm", "bound", "scale"} for c in d["clipped"])
     assert set(d["effective_weights"]) == {*HONEST, "x"}
-    assert d["options"]["clip"] == {"k": 3.0, "action": "clip"}
+    assert d["options"]["clip"] == {"k": 3.0, "action": "clip", "reject_k": None}
 
 
 # ------------------------------------------------------------------------------ strikes
 
 
 @pytest.mark.parametrize(
-    ("reason", "excess", "strike_k", "strike"),
+    ("reason", "excess", "reject_k", "strike"),
     [
         ("non_finite_factors", None, 10.0, True),  # unsound uploads always count
         ("overflow", None, None, True),
@@ -372,11 +372,11 @@ def test_report_to_dict_lists_the_actions() -> None:
         ("update_norm_above_bound", 4.0, 10.0, False),  # the reject action, same rule
         ("update_norm_above_bound", 50.0, 10.0, True),
         ("update_norm_above_bound", None, 10.0, True),  # no norm recorded (an old report): counts
-        ("clipped", 1e9, None, False),  # strike_k off: bound actions never count
+        ("clipped", 1e9, None, False),  # reject_k off: bound actions never count
     ],
 )
-def test_is_strike(reason: str, excess: float | None, strike_k: float | None, strike: bool) -> None:
-    assert is_strike(reason, excess, strike_k) is strike
+def test_is_strike(reason: str, excess: float | None, reject_k: float | None, strike: bool) -> None:
+    assert is_strike(reason, excess, reject_k) is strike
 
 
 def test_bound_excess_is_norm_over_median() -> None:
@@ -437,3 +437,27 @@ def test_a_honest_high_rank_clip_is_no_strike_in_a_real_merge() -> None:
     assert "x" in small_report.offences() and "x" in large_report.offences()
     assert small_report.struck(3.0, 10.0) == set()
     assert large_report.struck(3.0, 10.0) == {"x"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_far_above_the_bound_an_update_is_left_out_even_under_clip(name: str) -> None:
+    # Prepare: clip between 3 × and 10 × the median, reject above
+    strategy, state, plan, ups = honest_round(name, clip={"k": 3.0, "action": "clip", "reject_k": 10.0})
+    u = trained(strategy, state, plan, "x", 120, seed=99)
+    far = scaled_change(strategy, state, plan, u, 1000.0)
+    # Execute
+    new, report = strategy.aggregate(state, plan, [*ups, far])
+    without, _ = strategy.aggregate(state, plan, ups)
+    # Assert: x is dropped by name in every module and the head, the merge is the round without it
+    assert {(d.client, d.reason) for d in report.dropped} == {("x", "update_norm_above_bound")}
+    assert len(report.dropped) == len(SHAPES) + 1 and report.clipped == []
+    assert all("10 × median" in d.detail for d in report.dropped)
+    assert report.effective_weights["x"] == 0.0
+    for k, v in new.tensors().items():
+        assert torch.allclose(v, without.tensors()[k], rtol=1e-12, atol=1e-12), k
+
+
+def test_reject_k_below_k_is_refused() -> None:
+    with pytest.raises(ValueError, match="reject_k"):
+        ClipConfig(k=3.0, reject_k=2.0)
+    assert ClipConfig(k=3.0, reject_k=3.0).reject_k == 3.0

@@ -23,9 +23,12 @@ magnitudes that could overflow the compute dtype in the merge leave that upload 
 module, by name; the others are merged with their weights recomputed over who is left. Only a
 module with no upload left fails the round.
 
+Far above the bound (`reject_k × median`, ClipConfig; the job's default 10) an update is
+left out whatever the action, as `reject` would.
+
 Strikes (the coordinator's quarantine counts them). An unsound upload (non-finite, overflow)
 always counts. A bound action (clip or reject) counts only when the update is more than
-`strike_k × median` (`is_strike`, default 10 > k = 3): an honest client at a larger rank
+`reject_k × median` (`is_strike`, default 10 > k = 3): an honest client at a larger rank
 moves its factors further and can sit above `k × median` round after round (measured: up to
 3.9 × median for a rank-32 client among ranks 2–32 under HetLoRA, bench/README.md), so a
 clip alone says nothing about intent; ten times the median does.
@@ -54,17 +57,25 @@ class ClipConfig:
     """The update-size bound: `k × median` of the round's update norms, per module.
 
     `k=None` turns the bound off. `action`: `clip` scales an update above the bound down to
-    it; `reject` leaves it out of the module.
+    it; `reject` leaves it out of the module. `reject_k` (≥ k; None: no such limit): an
+    update above `reject_k × median` is left out whatever `action` says — a clip keeps the
+    upload's weight, so an update a thousand times the median, clipped, still spends that
+    weight on whatever direction it had (measured on MiniLM: a clipped ×1000 update kept the
+    model at chance), while nothing honest comes near it.
     """
 
     k: float | None = 3.0
     action: ClipAction = "clip"
+    reject_k: float | None = None
 
     def __post_init__(self) -> None:
         if self.k is not None and not (isinstance(self.k, int | float) and math.isfinite(self.k) and self.k >= 1):
             raise ValueError(f"clip k must be a finite number ≥ 1 or None (off), got {self.k!r}")
         if self.action not in ("clip", "reject"):
             raise ValueError(f"clip action must be 'clip' or 'reject', got {self.action!r}")
+        r = self.reject_k
+        if r is not None and not (isinstance(r, int | float) and math.isfinite(r) and r >= (self.k or 1)):
+            raise ValueError(f"clip reject_k must be a finite number ≥ k ({self.k}) or None, got {r!r}")
 
     @property
     def enabled(self) -> bool:
@@ -121,12 +132,12 @@ def bound_excess(norm: float, bound: float, k: float) -> float:
     return math.inf if bound <= 0 else norm * k / bound
 
 
-def is_strike(reason: str, excess: float | None, strike_k: float | None) -> bool:
+def is_strike(reason: str, excess: float | None, reject_k: float | None) -> bool:
     """Whether one defence action counts toward quarantine. Unsound uploads always do; the
     update-size bound's actions (`clipped`, `update_norm_above_bound`) only when the update is
-    above `strike_k × median` (`excess`; None: unknown, counts), never with `strike_k=None`."""
+    above `reject_k × median` (`excess`; None: unknown, counts), never with `reject_k=None`."""
     if reason not in BOUND_REASONS:
         return True
-    if strike_k is None:
+    if reject_k is None:
         return False
-    return excess is None or excess > strike_k
+    return excess is None or excess > reject_k

@@ -22,7 +22,7 @@ SPEC = {
 def test_defaults_strike_at_ten_times_the_median_and_limit_quarantine_to_its_rounds_deadlines() -> None:
     spec = JobSpec.model_validate(SPEC)
     d = spec.defence
-    assert (d.clip_k, d.strike_k, d.quarantine_rounds, d.quarantine_s) == (3.0, 10.0, 5, None)
+    assert (d.clip_k, d.reject_k, d.quarantine_rounds, d.quarantine_s) == (3.0, 10.0, 5, None)
     assert d.quarantine_window_s(spec.selection.deadline_s) == 300.0  # 5 rounds × 60 s
 
 
@@ -33,14 +33,14 @@ def test_an_explicit_quarantine_time_wins() -> None:
 @pytest.mark.parametrize(
     ("defence", "ok"),
     [
-        ({"clip_k": 3, "strike_k": 2}, False),  # a strike below the bound: every clip would count
-        ({"clip_k": 3, "strike_k": 3}, True),
-        ({"clip_k": None, "strike_k": 2}, True),  # no bound: strike_k unused
-        ({"strike_k": None}, True),  # bound actions never count
+        ({"clip_k": 3, "reject_k": 2}, False),  # a strike below the bound: every clip would count
+        ({"clip_k": 3, "reject_k": 3}, True),
+        ({"clip_k": None, "reject_k": 2}, True),  # no bound: reject_k unused
+        ({"reject_k": None}, True),  # bound actions never count
         ({"quarantine_s": 0}, False),
     ],
 )
-def test_strike_k_must_not_sit_below_clip_k(defence: dict[str, object], ok: bool) -> None:
+def test_reject_k_must_not_sit_below_clip_k(defence: dict[str, object], ok: bool) -> None:
     if ok:
         JobSpec.model_validate({**SPEC, "defence": defence})
     else:

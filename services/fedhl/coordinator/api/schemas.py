@@ -156,7 +156,7 @@ class AgentPublic(_Public):
     last_seen_at: datetime | None
     strikes: int = Field(
         description="strikes since its last round without one: refused uploads, dropped unsound ones, and "
-        "updates above defence.strike_k × the round's median (clips below that do not count)"
+        "updates above defence.reject_k × the round's median (clips below that do not count)"
     )
     quarantine_rounds: int = Field(description="rounds it is still left out of selection for (0: selectable)")
     quarantine_until: datetime | None = Field(
