@@ -213,7 +213,12 @@ def run_one(args: argparse.Namespace, strategy_name: str, attack: str, defence: 
         if any(d["client"] == args.hostile for d in r.get("dropped", []))
         or any(c["client"] == args.hostile for c in r.get("clip_ratios", []))
     )
-    honest = [c["ratio"] for r in history[1:] for c in r.get("clip_ratios", []) if c["client"] != args.hostile]
+    honest = [  # every client is honest in the clean run
+        c["ratio"]
+        for r in history[1:]
+        for c in r.get("clip_ratios", [])
+        if c["client"] != args.hostile or attack == "clean"
+    ]
     return {
         "attack": attack,
         "strategy": strategy_name,
@@ -251,10 +256,14 @@ def summarise(out: Path) -> dict[str, Any]:
     runs = _runs(out)
     attacks: list[dict[str, Any]] = []
     honest: dict[str, list[float]] = {}  # the largest norm / median of an honest client's clip, per strategy
+    honest_rejects: dict[str, int] = {}  # uploads left out of a clean run (all clients are honest there)
     for (strategy, defence, attack), by_seed in sorted(runs.items()):
         if attack == "clean":
             honest.setdefault(strategy, []).extend(
                 r["honest_clip_ratio_max"] for r in by_seed.values() if r["honest_clip_ratio_max"] is not None
+            )
+            honest_rejects[f"{strategy}/{defence}"] = sum(
+                1 for r in by_seed.values() for h in r["history"][1:] for d in h.get("dropped", [])
             )
             continue
         clean = runs.get((strategy, defence, "clean"), {})
@@ -309,6 +318,7 @@ def summarise(out: Path) -> dict[str, Any]:
         "rounds_failed_with_defence": sum(a["rounds_failed"] for a in on),
         "clean_defence_cost_pt": defence_cost,
         "honest_clip_ratio_max": {k: max(v) for k, v in honest.items() if v},
+        "clean_runs_dropped_uploads": honest_rejects,
         "target": "with defences on, every single-agent attack costs ≤ 2 points (drop_pt) and no round fails",
         "target_met": bool(on) and max(a["drop_pt"] for a in on) <= 2.0 and not any(a["rounds_failed"] for a in on),
     }
@@ -323,9 +333,9 @@ def table(summary: dict[str, Any]) -> str:
     for a in sorted(summary["attacks"], key=lambda a: (a["strategy"], a["defence"] == "off", a["attack"])):
         lo, hi = a["drop_pt_ci95"]
         lines.append(
-            f"| {a['strategy']} | {a['attack']} | {a['defence']} | {a['last5_loss']:.4f} ({a['clean_last5_loss']:.4f}) "
-            f"| {a['drop_pt']:+.2f} [{lo:+.2f}, {hi:+.2f}] | {a['drop_pt_worst_seed']:+.2f} "
-            f"| {a['rel_error_change_pct']:+.1f} % | {a['rounds_failed']} | {a['rounds_naming_hostile_min']} "
+            f"| {a['strategy']} | {a['attack']} | {a['defence']} | {a['last5_loss']:.4g} ({a['clean_last5_loss']:.4g}) "
+            f"| {a['drop_pt']:+.3g} [{lo:+.3g}, {hi:+.3g}] | {a['drop_pt_worst_seed']:+.3g} "
+            f"| {a['rel_error_change_pct']:+.3g} % | {a['rounds_failed']} | {a['rounds_naming_hostile_min']} "
             f"| {a['hostile_effective_weight_max']:.3g} |"
         )
     return "\n".join(lines) + "\n"
