@@ -109,6 +109,19 @@ def run_one(args: argparse.Namespace, strategy: str, attack: str, defence: bool,
         rep = r.get("report") or {}
         named += any(d["client"] == HOSTILE for d in rep.get("dropped", []) + rep.get("clipped", []))
     hostile_w = [r["report"]["effective_weights"].get(HOSTILE, 0.0) for r in rows if "report" in r]
+    k = spec.defence.clip_k
+    honest_ratios = [  # an honest agent's clipped norm in multiples of its module's median
+        c["norm"] * k / c["bound"]
+        for r in rows
+        for c in (r.get("report") or {}).get("clipped", [])
+        if k is not None and (c["client"] != HOSTILE or attack == "clean") and c["bound"] > 0
+    ]
+    honest_dropped = [
+        (r["round"], d["client"], d["module"], d["reason"])
+        for r in rows
+        for d in (r.get("report") or {}).get("dropped", [])
+        if d["client"] != HOSTILE or attack == "clean"
+    ]
     res = {
         "attack": attack,
         "strategy": strategy,
@@ -119,6 +132,9 @@ def run_one(args: argparse.Namespace, strategy: str, attack: str, defence: bool,
         "failures": [r["failed"] for r in rows if "failed" in r],
         "rounds_naming_hostile": named,
         "hostile_effective_weight_max": max(hostile_w, default=0.0),
+        "honest_clips": len(honest_ratios),
+        "honest_clip_ratio_max": max(honest_ratios, default=None),
+        "honest_dropped": honest_dropped,
         "wall_s": round(time.monotonic() - t0, 1),
         "config": {k: getattr(args, k) for k in ("rounds", "local_steps", "agents", "ranks", "seed", "test_size")},
     }
@@ -136,12 +152,16 @@ def main() -> int:
     p.add_argument("--defences", default="on,off", help="on, off or both (a second process can take the other)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--summary-only", action="store_true", help="summarise the runs on disk; run nothing")
+    p.add_argument("--attacks-first", action="store_true", help="run the attacks before the clean run")
+    p.add_argument(
+        "--tag", default=None, help="results folder under --out (default r<rounds>-s<local steps>-seed<seed>)"
+    )
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    tag = f"r{args.rounds}-s{args.local_steps}-seed{args.seed}"
+    tag = args.tag or f"r{args.rounds}-s{args.local_steps}-seed{args.seed}"
     results = []
     if args.summary_only:
         for clean_path in sorted((out / tag).glob("*/*/clean.json")):
@@ -156,6 +176,9 @@ def main() -> int:
     for strategy in filter(None, args.strategies.split(",")):
         for defence in [d == "on" for d in args.defences.split(",")]:
             d = "on" if defence else "off"
+            if args.attacks_first:  # the attacked runs first (resumable: read back below)
+                for attack in args.attacks.split(","):
+                    run_one(args, strategy, attack, defence, out / tag / strategy / d / f"{attack}.json")
             clean = run_one(args, strategy, "clean", defence, out / tag / strategy / d / "clean.json")
             print(json.dumps(clean), flush=True)
             for attack in args.attacks.split(","):

@@ -94,10 +94,28 @@ class DefenceConfig(Strict):
     clip_action: Literal["clip", "reject"] = "clip"
     # no client weighs more than max_weight_ratio / N; None: the strategy's default (4)
     max_weight_ratio: float | None = Field(default=None, ge=1, le=1e6)
-    # an agent with this many refused or dropped uploads (clips do not count) since its last
-    # clean round is not selected for quarantine_rounds rounds (0: never quarantined)
+    # an update above reject_k × median is left out whatever clip_action says, and only such
+    # an update counts a strike among the bound's actions (an honest agent at a larger rank sits
+    # above clip_k × median); None: no such limit, bound actions never count. Refused uploads
+    # and dropped unsound ones always count.
+    reject_k: float | None = Field(default=10.0, ge=1, le=1e6)
+    # an agent with this many strikes since its last round without one is not selected for
+    # quarantine_rounds rounds (0: never quarantined) or quarantine_s seconds, whichever ends
+    # first, so a job whose min_clients needs the agent waits at most quarantine_s.
+    # quarantine_s None: quarantine_rounds × selection.deadline_s (as long as those rounds may take)
     quarantine_after: int = Field(default=3, ge=1, le=1000)
     quarantine_rounds: int = Field(default=5, ge=0, le=100_000)
+    quarantine_s: float | None = Field(default=None, gt=0, le=365 * 86400)
+
+    @model_validator(mode="after")
+    def _strike_above_clip(self) -> DefenceConfig:
+        if self.reject_k is not None and self.clip_k is not None and self.reject_k < self.clip_k:
+            raise ValueError(f"defence.reject_k ({self.reject_k:g}) must be at least clip_k ({self.clip_k:g})")
+        return self
+
+    def quarantine_window_s(self, deadline_s: float) -> float:
+        """How long a quarantine lasts at most, in seconds."""
+        return self.quarantine_s if self.quarantine_s is not None else self.quarantine_rounds * deadline_s
 
     @field_validator("expected_examples")
     @classmethod
@@ -213,7 +231,9 @@ class JobSpec(Strict):
                 options["weights"] = dataclasses.replace(cfg, max_weight_ratio=ratio)
             else:
                 options["max_weight_ratio"] = ratio
-        clip: str | dict[str, Any] = "off" if d.clip_k is None else {"k": d.clip_k, "action": d.clip_action}
+        clip: str | dict[str, Any] = (
+            "off" if d.clip_k is None else {"k": d.clip_k, "action": d.clip_action, "reject_k": d.reject_k}
+        )
         return build_strategy(
             self.strategy,
             alpha=self.lora_alpha,

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .core import AggregationReport, Strategy, effective_participants
+from .core.defence import bound_excess, is_strike
 
 
 class RoundReportError(ValueError):
@@ -104,6 +105,22 @@ class RoundReport:
         for c in self.clipped:
             out.setdefault(c["client"], set()).add("clipped")
         return {a: sorted(r) for a, r in sorted(out.items())}
+
+    def struck(self, clip_k: float | None, reject_k: float | None) -> set[str]:
+        """Agents with an offence that counts a strike (core/defence.py `is_strike`): any drop
+        of an unsound upload; a clip or reject only above `reject_k × median` in some module."""
+        out: set[str] = set()
+        for d in self.dropped:
+            norm, bound = d.get("norm"), d.get("bound")
+            ok = clip_k is not None and norm is not None and bound is not None
+            excess = bound_excess(norm, bound, clip_k) if ok else None  # type: ignore[arg-type]
+            if is_strike(d["reason"], excess, reject_k):
+                out.add(d["client"])
+        for c in self.clipped:
+            excess = bound_excess(c["norm"], c["bound"], clip_k) if clip_k is not None else None
+            if is_strike("clipped", excess, reject_k):
+                out.add(c["client"])
+        return out
 
 
 def downlink_summary(strategy: Strategy, sizes: dict[str, int]) -> dict[str, Any]:

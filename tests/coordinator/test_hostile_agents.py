@@ -1,7 +1,8 @@
 """One scripted attacker among honest agents, over real gRPC, on both backends (issue 12).
 
 Round 0: lying data sizes (just above the bound, 10**12, 2**64-1), a replayed header for
-another round, metric flooding, a restart mid-upload, then a ×1000-scaled update. The
+another round, metric flooding, a restart mid-upload, then a ×1000-scaled update (left out:
+far above reject_k × median). The
 attacker is then quarantined (three refusals) and an admin clears it. Round 1: 1e20 factors.
 Round 2: a sign-flipped update. Round 3: the attacker uploads, is revoked before the merge,
 and its upload is withdrawn. Every round commits; the attacker's effective weight stays
@@ -164,7 +165,7 @@ def test_one_hostile_agent_among_honest_ones(backend: str, tmp_path: Path) -> No
         try:
             # -- round 0: refusals at the edge, then a ×1000 update
             refused_before = counted("refused", "n_examples_above_bound")
-            clipped_before = counted("clipped", "update_norm_above_bound")
+            dropped_before = counted("dropped", "update_norm_above_bound")
             task = pull(evil)
             start = evil.download(task.blobs[0][0])
             data = payload(start, 1000.0)
@@ -189,14 +190,22 @@ def test_one_hostile_agent_among_honest_ones(backend: str, tmp_path: Path) -> No
             restarted.close()
             rnd = wait(c, job.id, 0, {RoundState.COMMITTED, RoundState.FAILED})
             report = check_round(c, rnd, attacker, honest, must_name=True)
-            assert any(x["client"] == attacker for x in report["clipped"])  # type: ignore[union-attr]
+            # ×1000 is far above reject_k (10) × median: left out by name, not clipped
+            assert any(
+                x["client"] == attacker and x["reason"] == "update_norm_above_bound"
+                for x in report["dropped"]  # type: ignore[union-attr]
+            )
+            assert report["effective_weights"][attacker] == 0.0  # type: ignore[index]
             assert counted("refused", "n_examples_above_bound") == refused_before + 3
-            assert counted("clipped", "update_norm_above_bound") >= clipped_before + 1
+            assert counted("dropped", "update_norm_above_bound") >= dropped_before + 1
             assert RoundPublic.of(rnd).defence["agents"] == 1  # REST: the round's counts
             with transaction(c.deps.sessions) as s:
                 refusals = s.scalars(select(AuditEvent).where(AuditEvent.action == "upload_refused")).all()
                 assert {e.actor for e in refusals} == {f"agent:{attacker}"}
                 assert {e.details["reason"] for e in refusals} == {"n_examples_above_bound"}
+                # the ×1000 update is far above reject_k × median: a strike; honest clips would not be
+                bounded = s.scalars(select(AuditEvent).where(AuditEvent.action == "upload_bounded")).all()
+                assert {(e.details["agent_id"], e.details["strike"]) for e in bounded} == {(attacker, True)}
                 agent = s.get(Agent, attacker)
                 assert agent is not None and agent.quarantine_rounds > 0  # three refusals
             time.sleep(0.5)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import pytest
@@ -509,8 +509,9 @@ def test_agents_list_get_and_revoke(client: TestClient, coordinator: Coordinator
         "last_seen_at",
         "strikes",
         "quarantine_rounds",
+        "quarantine_until",
     }
-    assert (one["strikes"], one["quarantine_rounds"]) == (0, 0)
+    assert (one["strikes"], one["quarantine_rounds"], one["quarantine_until"]) == (0, 0, None)
     assert (one["name"], one["status"], one["alive"]) == ("a1", "ACTIVE", True)
     assert one["resources"] == {"device_type": "cpu"}
     assert credential.partition(".")[2] not in listed.text
@@ -532,13 +533,17 @@ def test_a_quarantined_agent_is_shown_and_an_admin_clears_it(client: TestClient,
     # Prepare: three strikes in a row quarantine the agent for 5 rounds
     agent_id = enrol_agent(client, coordinator)
     with transaction(coordinator.deps.sessions) as s:
-        assert [AgentRepo(s).strike(agent_id, after=3, rounds=5) for _ in range(3)] == [False, False, True]
+        until = datetime(2031, 3, 1, 12, 0, tzinfo=UTC)
+        assert [AgentRepo(s).strike(agent_id, after=3, rounds=5, until=until) for _ in range(3)] == [False, False, True]
     url = f"{API}/agents/{agent_id}"
-    assert (client.get(url).json()["strikes"], client.get(url).json()["quarantine_rounds"]) == (0, 5)
+    shown = client.get(url).json()
+    assert (shown["strikes"], shown["quarantine_rounds"]) == (0, 5)
+    assert datetime.fromisoformat(shown["quarantine_until"]) == until
     # Execute
     r = client.post(f"{url}/clear-quarantine")
     # Assert
     assert (r.status_code, r.json()["quarantine_rounds"], r.json()["strikes"]) == (200, 0, 0)
+    assert r.json()["quarantine_until"] is None
     cleared = [e for e in client.get(f"{API}/audit").json() if e["action"] == "agent_quarantine_cleared"]
     assert [e["details"] for e in cleared] == [{"agent_id": agent_id, "strikes": 0, "rounds_left": 5}]
     assert client.post(f"{API}/agents/nope/clear-quarantine").status_code == 404

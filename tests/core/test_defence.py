@@ -21,6 +21,8 @@ from fedhl.core import (
     clip_bound,
     lower_median,
 )
+from fedhl.core.defence import bound_excess, is_strike
+from fedhl.round_report import RoundReport
 
 ALPHA = 8.0
 SHAPES = {"q": (8, 6), "v": (5, 7), "o": (6, 6)}
@@ -210,6 +212,8 @@ def test_reject_leaves_the_update_out_and_reweights_the_rest(name: str) -> None:
     without, _ = strategy.aggregate(state, plan, ups)
     assert {(d.client, d.reason) for d in report.dropped} == {("x", "update_norm_above_bound")}
     assert len(report.dropped) == len(SHAPES) + 1  # every module and the head
+    for d in report.dropped:  # the norm and the bound it broke, for the strike rule
+        assert d.norm is not None and d.bound is not None and d.norm > d.bound > 0
     assert report.weights["x"] == 0.0 and report.clipped == []
     for k, v in new.tensors().items():  # exactly the round without x
         assert torch.equal(v, without.tensors()[k]), k
@@ -339,10 +343,121 @@ def test_report_to_dict_lists_the_actions() -> None:
     fs["v"] = LoRAFactors(fs["v"].B * float("inf"), fs["v"].A)
     _, report = strategy.aggregate(state, plan, [*ups, replace(x, factors=fs)])
     d = report.to_dict()
-    assert {"client": "x", "module": "v", "reason": "non_finite_factors", "detail": "factors contain NaN or Inf"} in d[
-        "dropped"
-    ]
+    assert {
+        "client": "x",
+        "module": "v",
+        "reason": "non_finite_factors",
+        "detail": "factors contain NaN or Inf",
+        "norm": None,
+        "bound": None,
+    } in d["dropped"]
     assert {c["module"] for c in d["clipped"]} == {"q", "o", "extra::head"}
     assert all(set(c) == {"client", "module", "norm", "bound", "scale"} for c in d["clipped"])
     assert set(d["effective_weights"]) == {*HONEST, "x"}
-    assert d["options"]["clip"] == {"k": 3.0, "action": "clip"}
+    assert d["options"]["clip"] == {"k": 3.0, "action": "clip", "reject_k": None}
+
+
+# ------------------------------------------------------------------------------ strikes
+
+
+@pytest.mark.parametrize(
+    ("reason", "excess", "reject_k", "strike"),
+    [
+        ("non_finite_factors", None, 10.0, True),  # unsound uploads always count
+        ("overflow", None, None, True),
+        ("non_finite_extras", 1.0, 10.0, True),
+        ("clipped", 3.6, 10.0, False),  # an honest high-rank client just above 3 × median
+        ("clipped", 10.0, 10.0, False),  # at the threshold: not above it
+        ("clipped", 1000.0, 10.0, True),  # a ×1000 update
+        ("update_norm_above_bound", 4.0, 10.0, False),  # the reject action, same rule
+        ("update_norm_above_bound", 50.0, 10.0, True),
+        ("update_norm_above_bound", None, 10.0, True),  # no norm recorded (an old report): counts
+        ("clipped", 1e9, None, False),  # reject_k off: bound actions never count
+    ],
+)
+def test_is_strike(reason: str, excess: float | None, reject_k: float | None, strike: bool) -> None:
+    assert is_strike(reason, excess, reject_k) is strike
+
+
+def test_bound_excess_is_norm_over_median() -> None:
+    assert bound_excess(12.0, 6.0, 3.0) == 6.0  # bound 6 = 3 × median 2; norm 12 = 6 × median
+    assert bound_excess(1.0, 0.0, 3.0) == math.inf
+
+
+def _report(clipped: list[dict[str, object]], dropped: list[dict[str, object]]) -> RoundReport:
+    return RoundReport(
+        strategy="fedhl",
+        round=0,
+        clients=["honest-32", "liar", "nan", "rejected"],
+        weights={},
+        truncation_errors={},
+        energy_kept={},
+        update_norms={},
+        global_update_norm=0.0,
+        n_eff=1.0,
+        clipped=clipped,
+        dropped=dropped,
+    )
+
+
+def test_report_strikes_only_unsound_drops_and_updates_far_above_the_bound() -> None:
+    # bound = 3 × median = 3.0 in every module: median 1
+    clipped = [
+        {"client": "honest-32", "module": "q", "norm": 3.6, "bound": 3.0, "scale": 3.0 / 3.6},
+        {"client": "liar", "module": "q", "norm": 1000.0, "bound": 3.0, "scale": 0.003},
+    ]
+    dropped = [
+        {"client": "nan", "module": "v", "reason": "non_finite_factors", "detail": "", "norm": None, "bound": None},
+        {
+            "client": "rejected",
+            "module": "v",
+            "reason": "update_norm_above_bound",
+            "detail": "",
+            "norm": 5.0,
+            "bound": 3.0,
+        },
+    ]
+    report = _report(clipped, dropped)
+    assert report.struck(3.0, 10.0) == {"liar", "nan"}
+    assert report.struck(3.0, 4.0) == {"liar", "nan", "rejected"}  # 5 × median > 4
+    assert report.struck(3.0, None) == {"nan"}
+    assert set(report.offences()) == {"honest-32", "liar", "nan", "rejected"}  # all still named
+
+
+def test_a_honest_high_rank_clip_is_no_strike_in_a_real_merge() -> None:
+    # Prepare: x's honest-looking change, 5 × the others' (above 3 × median, below 10 ×)
+    strategy, state, plan, ups = honest_round("fedhl")
+    x = scaled_change(strategy, state, plan, trained(strategy, state, plan, "x", 120, seed=99), 5.0)
+    y = scaled_change(strategy, state, plan, trained(strategy, state, plan, "x", 120, seed=99), 1000.0)
+    # Execute
+    _, small = strategy.aggregate(state, plan, [*ups, x])
+    _, large = strategy.aggregate(state, plan, [*ups, y])
+    small_report, large_report = RoundReport.of(small), RoundReport.of(large)
+    # Assert: both clipped and named; only the ×1000 one counts
+    assert "x" in small_report.offences() and "x" in large_report.offences()
+    assert small_report.struck(3.0, 10.0) == set()
+    assert large_report.struck(3.0, 10.0) == {"x"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_far_above_the_bound_an_update_is_left_out_even_under_clip(name: str) -> None:
+    # Prepare: clip between 3 × and 10 × the median, reject above
+    strategy, state, plan, ups = honest_round(name, clip={"k": 3.0, "action": "clip", "reject_k": 10.0})
+    u = trained(strategy, state, plan, "x", 120, seed=99)
+    far = scaled_change(strategy, state, plan, u, 1000.0)
+    # Execute
+    new, report = strategy.aggregate(state, plan, [*ups, far])
+    without, _ = strategy.aggregate(state, plan, ups)
+    # Assert: x is dropped by name in every module and the head, the merge is the round without it
+    assert {(d.client, d.reason) for d in report.dropped} == {("x", "update_norm_above_bound")}
+    assert len(report.dropped) == len(SHAPES) + 1 and report.clipped == []
+    assert all("10 × median" in d.detail for d in report.dropped)
+    assert report.effective_weights["x"] == 0.0
+    for k, v in new.tensors().items():
+        assert torch.allclose(v, without.tensors()[k], rtol=1e-12, atol=1e-12), k
+
+
+def test_reject_k_below_k_is_refused() -> None:
+    with pytest.raises(ValueError, match="reject_k"):
+        ClipConfig(k=3.0, reject_k=2.0)
+    assert ClipConfig(k=3.0, reject_k=3.0).reject_k == 3.0

@@ -76,3 +76,20 @@ def test_migration_0003_matches_the_models_and_downgrades(database_url: str) -> 
         assert {"strikes", "quarantine_rounds"} <= {c["name"] for c in inspect(engine).get_columns("agents")}
     finally:
         engine.dispose()
+
+
+def test_migration_0004_adds_the_quarantine_time_limit_and_downgrades(database_url: str) -> None:
+    """agents.quarantine_until: the schema equals the models, downgrade to 0003 drops only it."""
+    migrate(database_url)
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        assert [d for d in diff if "agents" in repr(d)] == []
+        command.downgrade(alembic_config(database_url), "0003")
+        columns = {c["name"] for c in inspect(engine).get_columns("agents")}
+        assert "quarantine_until" not in columns and "quarantine_rounds" in columns
+        migrate(database_url)
+        assert "quarantine_until" in {c["name"] for c in inspect(engine).get_columns("agents")}
+    finally:
+        engine.dispose()

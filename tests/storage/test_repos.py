@@ -528,6 +528,47 @@ def test_strikes_quarantine_and_rounds_passing(sessions: Sessions) -> None:
         assert AgentRepo(s).get(a.id).quarantine_rounds == 0
 
 
+def test_quarantine_ends_at_its_wall_time_limit_whatever_rounds_are_left(sessions: Sessions) -> None:
+    t0 = datetime(2031, 3, 1, 12, 0, tzinfo=UTC)
+    with transaction(sessions) as s:
+        a, _ = add_agent(s, "a")
+        b, _ = add_agent(s, "b")
+        c, _ = add_agent(s, "c")
+    with transaction(sessions) as s:
+        repo = AgentRepo(s)
+        assert repo.strike(a.id, after=1, rounds=5, until=t0 + timedelta(seconds=100))
+        assert repo.strike(b.id, after=1, rounds=5, until=t0 + timedelta(seconds=300))
+        assert repo.strike(c.id, after=1, rounds=5)  # no wall-time limit
+        # a second quarantine while one runs keeps the later limit
+        assert repo.strike(b.id, after=1, rounds=2, until=t0 + timedelta(seconds=200))
+    with transaction(sessions) as s:
+        repo = AgentRepo(s)
+        assert repo.expire_quarantines(t0 + timedelta(seconds=99)) == []
+        assert repo.expire_quarantines(t0 + timedelta(seconds=100)) == [a.id]
+        assert repo.quarantined_ids() == {b.id, c.id}
+    with transaction(sessions) as s:
+        assert (AgentRepo(s).get(a.id).quarantine_rounds, AgentRepo(s).get(a.id).quarantine_until) == (0, None)
+        b_row = AgentRepo(s).get(b.id)
+        assert (b_row.quarantine_rounds, b_row.quarantine_until) == (5, t0 + timedelta(seconds=300))
+        assert AgentRepo(s).expire_quarantines(t0 + timedelta(days=365)) == [b.id]  # c has no limit
+        assert AgentRepo(s).quarantined_ids() == {c.id}
+
+
+def test_rounds_passing_end_a_quarantine_and_its_limit(sessions: Sessions) -> None:
+    until = datetime(2031, 3, 1, 12, 0, tzinfo=UTC)
+    with transaction(sessions) as s:
+        a, _ = add_agent(s, "a")
+        assert AgentRepo(s).strike(a.id, after=1, rounds=1, until=until)
+    with transaction(sessions) as s:
+        AgentRepo(s).pass_quarantine_round()
+    with transaction(sessions) as s:
+        agent = AgentRepo(s).get(a.id)
+        assert (agent.quarantine_rounds, agent.quarantine_until) == (0, None)
+        assert AgentRepo(s).strike(a.id, after=1, rounds=3, until=until)  # a new quarantine
+        assert AgentRepo(s).clear_quarantine(a.id) == (0, 3)
+        assert AgentRepo(s).get(a.id).quarantine_until is None
+
+
 def test_withdraw_unmerged_updates_only_from_collecting_rounds(sessions: Sessions) -> None:
     with transaction(sessions) as s:
         j1, j2 = add_job(s), add_job(s)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -126,19 +127,32 @@ def commit_round(deps: Deps, inp: RoundInputs, shard_keys: list[tuple[str, float
 
 
 def attribute(s: Session, inp: RoundInputs, report: RoundReport, worker: str) -> None:
-    """Every dropped or clipped upload goes to the audit log by agent and reason. A drop counts a
-    strike (repeated offenders are quarantined, JobSpec.defence); a clip does not: an honest
-    agent at a larger rank can sit above k × median round after round. A clean round clears
-    the count."""
+    """Every dropped or clipped upload goes to the audit log by agent and reason. A drop of an
+    unsound upload counts a strike (repeated offenders are quarantined, JobSpec.defence); a clip
+    or reject by the update-size bound counts only above `reject_k × median` (an honest agent
+    at a larger rank can sit above k × median round after round; core/defence.py `is_strike`).
+    A round without a strike clears the count."""
     d = inp.spec.defence
     agents, audit = AgentRepo(s), AuditRepo(s)
     offences = report.offences()
+    struck = report.struck(d.clip_k, d.reject_k)
+    until = utcnow() + timedelta(seconds=d.quarantine_window_s(inp.spec.selection.deadline_s))
     for agent_id, reasons in offences.items():
-        audit.record(worker, "upload_bounded", inp.job_id, agent_id=agent_id, round=inp.number, reasons=reasons)
-        if reasons != ["clipped"] and agents.strike(agent_id, d.quarantine_after, d.quarantine_rounds):
-            audit.record(worker, "agent_quarantined", inp.job_id, agent_id=agent_id, rounds=d.quarantine_rounds)
+        strike = agent_id in struck
+        audit.record(
+            worker, "upload_bounded", inp.job_id, agent_id=agent_id, round=inp.number, reasons=reasons, strike=strike
+        )
+        if strike and agents.strike(agent_id, d.quarantine_after, d.quarantine_rounds, until):
+            audit.record(
+                worker,
+                "agent_quarantined",
+                inp.job_id,
+                agent_id=agent_id,
+                rounds=d.quarantine_rounds,
+                until=until.isoformat(),
+            )
             metrics.QUARANTINES.inc()
-    agents.clear_strikes([c for c in report.clients if c not in offences])
+    agents.clear_strikes([c for c in report.clients if c not in struck])
 
 
 def fail_round(deps: Deps, round_id: int, job_id: str, reason: str, actor: str) -> None:

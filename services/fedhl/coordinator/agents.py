@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -368,11 +368,20 @@ class AgentService:
         """Refuse an upload at the edge: nothing stored; the refusal is audit-logged by agent and
         reason, counted, and counts a strike (JobSpec.defence quarantine)."""
         with transaction(self.deps.sessions) as s:
-            d = JobRepo(s).spec(JobRepo(s).get(job_id)).defence
+            spec = JobRepo(s).spec(JobRepo(s).get(job_id))
+            d = spec.defence
+            until = utcnow() + timedelta(seconds=d.quarantine_window_s(spec.selection.deadline_s))
             audit = AuditRepo(s)
             audit.record(f"agent:{agent_id}", "upload_refused", job_id, round=number, reason=reason, detail=message)
-            if AgentRepo(s).strike(agent_id, d.quarantine_after, d.quarantine_rounds):
-                audit.record("coordinator", "agent_quarantined", job_id, agent_id=agent_id, rounds=d.quarantine_rounds)
+            if AgentRepo(s).strike(agent_id, d.quarantine_after, d.quarantine_rounds, until):
+                audit.record(
+                    "coordinator",
+                    "agent_quarantined",
+                    job_id,
+                    agent_id=agent_id,
+                    rounds=d.quarantine_rounds,
+                    until=until.isoformat(),
+                )
                 prom.QUARANTINES.inc()
         prom.DEFENCE_ACTIONS.labels("refused", reason).inc()
         raise ServiceError(Code.INVALID_ARGUMENT, message)

@@ -213,6 +213,8 @@ class Scheduler:
             return False
         agents = {a.id: a for a in AgentRepo(s).active()}
         live = self.deps.coordination.liveness.alive(agents)
+        for agent_id in AgentRepo(s).expire_quarantines(now):  # wall-time limit: no job waits forever
+            AuditRepo(s).record("scheduler", "agent_quarantine_expired", job_id, agent_id=agent_id)
         quarantined = AgentRepo(s).quarantined_ids()  # repeated offenders sit rounds out (issue 12)
         available = sorted(live - rounds.busy_agents() - quarantined)
         attempt = rounds.attempts(job_id, number)

@@ -23,6 +23,16 @@ magnitudes that could overflow the compute dtype in the merge leave that upload 
 module, by name; the others are merged with their weights recomputed over who is left. Only a
 module with no upload left fails the round.
 
+Far above the bound (`reject_k × median`, ClipConfig; the job's default 10) an update is
+left out whatever the action, as `reject` would.
+
+Strikes (the coordinator's quarantine counts them). An unsound upload (non-finite, overflow)
+always counts. A bound action (clip or reject) counts only when the update is more than
+`reject_k × median` (`is_strike`, default 10 > k = 3): an honest client at a larger rank
+moves its factors further and can sit above `k × median` round after round (measured: up to
+3.9 × median for a rank-32 client among ranks 2–32 under HetLoRA, bench/README.md), so a
+clip alone says nothing about intent; ten times the median does.
+
 What it does not stop: an update inside the bound in any direction, including `−Δ` (a
 sign-flipped update keeps its norm); a colluding majority, which sets the median; a lie about
 `n_examples` up to the cap (a server-side bound on it is the coordinator's job).
@@ -39,6 +49,7 @@ import torch
 from torch import Tensor
 
 ClipAction = Literal["clip", "reject"]
+BOUND_REASONS = frozenset({"clipped", "update_norm_above_bound"})  # the update-size bound's two actions
 
 
 @dataclass(frozen=True)
@@ -46,17 +57,25 @@ class ClipConfig:
     """The update-size bound: `k × median` of the round's update norms, per module.
 
     `k=None` turns the bound off. `action`: `clip` scales an update above the bound down to
-    it; `reject` leaves it out of the module.
+    it; `reject` leaves it out of the module. `reject_k` (≥ k; None: no such limit): an
+    update above `reject_k × median` is left out whatever `action` says — a clip keeps the
+    upload's weight, so an update a thousand times the median, clipped, still spends that
+    weight on whatever direction it had (measured on MiniLM: a clipped ×1000 update kept the
+    model at chance), while nothing honest comes near it.
     """
 
     k: float | None = 3.0
     action: ClipAction = "clip"
+    reject_k: float | None = None
 
     def __post_init__(self) -> None:
         if self.k is not None and not (isinstance(self.k, int | float) and math.isfinite(self.k) and self.k >= 1):
             raise ValueError(f"clip k must be a finite number ≥ 1 or None (off), got {self.k!r}")
         if self.action not in ("clip", "reject"):
             raise ValueError(f"clip action must be 'clip' or 'reject', got {self.action!r}")
+        r = self.reject_k
+        if r is not None and not (isinstance(r, int | float) and math.isfinite(r) and r >= (self.k or 1)):
+            raise ValueError(f"clip reject_k must be a finite number ≥ k ({self.k}) or None, got {r!r}")
 
     @property
     def enabled(self) -> bool:
@@ -106,3 +125,19 @@ def product_may_overflow(B: Tensor, A: Tensor, scale: float, limit: float) -> bo
         return True
     r = B.shape[1]
     return b * scale > limit or a > limit or r * scale * b * a > limit
+
+
+def bound_excess(norm: float, bound: float, k: float) -> float:
+    """An upload's norm in multiples of its module's median, from `bound = k · median`."""
+    return math.inf if bound <= 0 else norm * k / bound
+
+
+def is_strike(reason: str, excess: float | None, reject_k: float | None) -> bool:
+    """Whether one defence action counts toward quarantine. Unsound uploads always do; the
+    update-size bound's actions (`clipped`, `update_norm_above_bound`) only when the update is
+    above `reject_k × median` (`excess`; None: unknown, counts), never with `reject_k=None`."""
+    if reason not in BOUND_REASONS:
+        return True
+    if reject_k is None:
+        return False
+    return excess is None or excess > reject_k

@@ -154,6 +154,9 @@ class DropRecord:
     module: str
     reason: str
     detail: str = ""
+    # `update_norm_above_bound` (the `reject` action) only: the norm and `k × median`
+    norm: float | None = None
+    bound: float | None = None
 
 
 @dataclass(frozen=True)

@@ -150,10 +150,12 @@ class Agent(Base):
     enrolment_token_id: Mapped[str | None] = mapped_column(ForeignKey("enrolment_tokens.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime | None]
-    # attribution (issue 12): offences (refused or dropped uploads) since the agent's
-    # last clean round, and rounds it is still left out of selection for
+    # attribution (issue 12): strikes (core/defence.py is_strike) since the agent's last round
+    # without one, and how long it is still left out of selection: quarantine_rounds rounds
+    # opened, or until quarantine_until (wall time), whichever ends first
     strikes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     quarantine_rounds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    quarantine_until: Mapped[datetime | None]
 
 
 class Round(Base):

@@ -161,9 +161,11 @@ class AgentRepo:
         agent.status = AgentStatus.REVOKED
         return True
 
-    def strike(self, agent_id: str, after: int, rounds: int) -> bool:
-        """One more offence (a refused or dropped upload). At `after` strikes the agent
-        is left out of selection for `rounds` rounds and its count restarts; True then."""
+    def strike(self, agent_id: str, after: int, rounds: int, until: datetime | None = None) -> bool:
+        """One more strike (a refused upload, a dropped unsound one, an update far above the
+        bound). At `after` strikes the agent is left out of selection for `rounds` rounds, or
+        until `until` (None: no wall-time limit), whichever ends first, and its count
+        restarts; True then."""
         agent = self.s.get(Agent, agent_id, with_for_update=True)
         if agent is None or rounds <= 0:
             return False
@@ -171,11 +173,17 @@ class AgentRepo:
         if agent.strikes < after:
             return False
         agent.strikes = 0
+        if agent.quarantine_rounds == 0:  # a new quarantine
+            agent.quarantine_until = until
+        elif until is None or agent.quarantine_until is None:  # extending one: the longer limit
+            agent.quarantine_until = None
+        else:
+            agent.quarantine_until = max(agent.quarantine_until, until)
         agent.quarantine_rounds = max(agent.quarantine_rounds, rounds)
         return True
 
     def clear_strikes(self, agent_ids: Sequence[str]) -> None:
-        """A clean round: the count of offences in a row restarts."""
+        """A round without a strike: the count of strikes in a row restarts."""
         if agent_ids:
             self.s.execute(update(Agent).where(Agent.id.in_(list(agent_ids)), Agent.strikes > 0).values(strikes=0))
 
@@ -183,16 +191,32 @@ class AgentRepo:
         """An admin lifts the quarantine and forgets the strikes; returns what they were."""
         agent = self.get(agent_id)
         before = (agent.strikes, agent.quarantine_rounds)
-        agent.strikes, agent.quarantine_rounds = 0, 0
+        agent.strikes, agent.quarantine_rounds, agent.quarantine_until = 0, 0, None
         return before
+
+    def expire_quarantines(self, now: datetime) -> Sequence[str]:
+        """End every quarantine whose wall-time limit has passed (rounds left or not); returns
+        the agents released. A job whose min_clients needs a quarantined agent opens no round,
+        so counting rounds alone would keep it waiting for an admin."""
+        due = (Agent.quarantine_rounds > 0) & (Agent.quarantine_until <= now)
+        ids = list(self.s.scalars(select(Agent.id).where(due).order_by(Agent.id)).all())
+        if ids:
+            self.s.execute(update(Agent).where(Agent.id.in_(ids)).values(quarantine_rounds=0, quarantine_until=None))
+        return ids
 
     def quarantined_ids(self) -> set[str]:
         return set(self.s.scalars(select(Agent.id).where(Agent.quarantine_rounds > 0)).all())
 
     def pass_quarantine_round(self) -> None:
-        """A round opened without the quarantined agents: each has one round fewer left."""
+        """A round opened without the quarantined agents: each has one round fewer left (and
+        no wall-time limit once none is left)."""
         q = update(Agent).where(Agent.quarantine_rounds > 0)
         self.s.execute(q.values(quarantine_rounds=Agent.quarantine_rounds - 1))
+        self.s.execute(
+            update(Agent)
+            .where(Agent.quarantine_rounds == 0, Agent.quarantine_until.is_not(None))
+            .values(quarantine_until=None)
+        )
 
     def set_rank_override(self, agent_id: str, rank: int | None) -> int | None:
         """Pin (or clear, with None) the agent's rank; returns the previous override."""

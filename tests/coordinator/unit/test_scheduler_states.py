@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedhl.backends import ROUND_EVENTS, AggregationTask, Deps
@@ -23,7 +24,7 @@ from fedhl.jobspec import JobSpec
 from fedhl.storage.blobs import FileBlobStore
 from fedhl.storage.coordination import open_coordination
 from fedhl.storage.db import transaction
-from fedhl.storage.models import AssignmentState, Job, JobStatus, Round, RoundState, Update
+from fedhl.storage.models import AssignmentState, AuditEvent, Job, JobStatus, Round, RoundState, Update
 from fedhl.storage.repos import SPECS, AgentRepo, JobRepo, RoundRepo, ShardRepo
 
 T0 = datetime(2031, 3, 1, 12, 0, tzinfo=UTC)
@@ -201,6 +202,29 @@ def test_agents_busy_in_another_round_and_revoked_agents_are_not_selected(world:
     second = world.job()  # no count: every available agent
     world.scheduler.tick()
     assert set(world.states(second)) == agents - {busy, revoked}
+
+
+def test_a_job_that_needs_a_quarantined_agent_waits_only_until_the_quarantine_expires(world: World) -> None:
+    # Prepare: 2 agents, min_clients 2; one is quarantined for 5 rounds or 100 s
+    offender, other = world.agents(2)
+    job_id = world.job(min_clients=2)
+    with transaction(world.sessions) as s:
+        assert AgentRepo(s).strike(offender, after=1, rounds=5, until=T0 + timedelta(seconds=100))
+    # Execute / Assert: no round can open (so no round passes) until the wall-time limit
+    world.scheduler.tick()
+    world.clock.advance(99)
+    world.scheduler.tick()
+    with transaction(world.sessions) as s:
+        assert RoundRepo(s).for_job(job_id) == []
+        assert AgentRepo(s).get(offender).quarantine_rounds == 5
+    world.clock.advance(1)
+    world.scheduler.tick()
+    assert set(world.states(job_id)) == {offender, other}
+    with transaction(world.sessions) as s:
+        agent = AgentRepo(s).get(offender)
+        assert (agent.quarantine_rounds, agent.quarantine_until) == (0, None)
+        expired = s.scalars(select(AuditEvent).where(AuditEvent.action == "agent_quarantine_expired")).all()
+        assert [(e.job_id, e.details) for e in expired] == [(job_id, {"agent_id": offender})]
 
 
 def test_over_selection_issues_more_assignments_than_the_target(world: World) -> None:

@@ -154,8 +154,14 @@ class AgentPublic(_Public):
     alive: bool = Field(description="its heartbeat has not expired")
     created_at: datetime
     last_seen_at: datetime | None
-    strikes: int = Field(description="refused or dropped uploads since its last clean round (clips do not count)")
+    strikes: int = Field(
+        description="strikes since its last round without one: refused uploads, dropped unsound ones, and "
+        "updates above defence.reject_k × the round's median (clips below that do not count)"
+    )
     quarantine_rounds: int = Field(description="rounds it is still left out of selection for (0: selectable)")
+    quarantine_until: datetime | None = Field(
+        description="the quarantine ends at this time at the latest, rounds left or not (null: not quarantined)"
+    )
 
     @classmethod
     def of(cls, agent: Agent, *, alive: bool) -> AgentPublic:
@@ -170,6 +176,7 @@ class AgentPublic(_Public):
             last_seen_at=agent.last_seen_at,
             strikes=agent.strikes,
             quarantine_rounds=agent.quarantine_rounds,
+            quarantine_until=agent.quarantine_until,
         )
 
 

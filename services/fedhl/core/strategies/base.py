@@ -164,7 +164,7 @@ class Strategy(ABC):
             "scale_rule": self.scaling.rule,
             "seed": self.seed,
             "max_weight_ratio": self.max_weight_ratio,
-            "clip": {"k": self.clip.k, "action": self.clip.action},
+            "clip": {"k": self.clip.k, "action": self.clip.action, "reject_k": self.clip.reject_k},
         }
 
     def _placement(self, t: Tensor) -> tuple[torch.device, torch.dtype]:
@@ -488,14 +488,18 @@ class Strategy(ABC):
         scales = dict.fromkeys(idx, 1.0)
         if self.clip.k is None or not idx:
             return scales
-        bound = clip_bound([norms[i] for i in idx], self.clip.k)
+        k = self.clip.k
+        bound = clip_bound([norms[i] for i in idx], k)
+        r = self.clip.reject_k if self.clip.reject_k is not None else math.inf
+        far = bound * r / k  # reject_k × median (inf: no such limit)
         for i in list(idx):
             if norms[i] <= bound:
                 continue
             c = updates[i].client_id
-            if self.clip.action == "reject":
-                detail = f"{what} {norms[i]:.4g} > {self.clip.k:g} × median = {bound:.4g}"
-                dropped.append(DropRecord(c, name, "update_norm_above_bound", detail))
+            if self.clip.action == "reject" or norms[i] > far:
+                limit, over = (k, bound) if norms[i] <= far else (r, far)
+                detail = f"{what} {norms[i]:.4g} > {limit:g} × median = {over:.4g}"
+                dropped.append(DropRecord(c, name, "update_norm_above_bound", detail, norms[i], bound))
                 idx.remove(i)
                 del scales[i]
             else:
