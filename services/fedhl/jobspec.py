@@ -98,7 +98,7 @@ class DefenceConfig(Strict):
     # an update counts a strike among the bound's actions (an honest agent at a larger rank sits
     # above clip_k × median); None: no such limit, bound actions never count. Refused uploads
     # and dropped unsound ones always count.
-    reject_k: float | None = Field(default=10.0, ge=1, le=1e6)
+    reject_k: float | None = Field(default=30.0, ge=1, le=1e6)  # honest MiniLM clips reached 9.4 × median
     # an agent with this many strikes since its last round without one is not selected for
     # quarantine_rounds rounds (0: never quarantined) or quarantine_s seconds, whichever ends
     # first, so a job whose min_clients needs the agent waits at most quarantine_s.

@@ -23,12 +23,12 @@ magnitudes that could overflow the compute dtype in the merge leave that upload 
 module, by name; the others are merged with their weights recomputed over who is left. Only a
 module with no upload left fails the round.
 
-Far above the bound (`reject_k × median`, ClipConfig; the job's default 10) an update is
+Far above the bound (`reject_k × median`, ClipConfig; the job's default 30) an update is
 left out whatever the action, as `reject` would.
 
 Strikes (the coordinator's quarantine counts them). An unsound upload (non-finite, overflow)
 always counts. A bound action (clip or reject) counts only when the update is more than
-`reject_k × median` (`is_strike`, default 10 > k = 3): an honest client at a larger rank
+`reject_k × median` (`is_strike`, default 30 > k = 3): an honest client at a larger rank
 moves its factors further and can sit above `k × median` round after round (measured: up to
 3.9 × median for a rank-32 client among ranks 2–32 under HetLoRA, bench/README.md), so a
 clip alone says nothing about intent; ten times the median does.

@@ -22,7 +22,7 @@ SPEC = {
 def test_defaults_strike_at_ten_times_the_median_and_limit_quarantine_to_its_rounds_deadlines() -> None:
     spec = JobSpec.model_validate(SPEC)
     d = spec.defence
-    assert (d.clip_k, d.reject_k, d.quarantine_rounds, d.quarantine_s) == (3.0, 10.0, 5, None)
+    assert (d.clip_k, d.reject_k, d.quarantine_rounds, d.quarantine_s) == (3.0, 30.0, 5, None)
     assert d.quarantine_window_s(spec.selection.deadline_s) == 300.0  # 5 rounds × 60 s
 
 
