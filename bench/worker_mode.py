@@ -86,7 +86,11 @@ def run_job(args: argparse.Namespace, workers: int, shards: int, tmp: Path) -> d
     job = c.jobs.create(spec)
     with transaction(c.deps.sessions) as s:
         tok, _ = AgentRepo(s).create_token("bench", args.clients, None)
-    agents = [c.agents.register(tok, f"client-{i:03d}", {})[0] for i in range(args.clients)]
+    # one simulated peer address per client: Register is rate-limited per peer (30 a minute)
+    agents = [
+        c.agents.register(tok, f"client-{i:03d}", {}, peer=f"ipv4:10.0.{i // 200}.{i % 200 + 1}:40000")[0]
+        for i in range(args.clients)
+    ]
     for a in agents:
         c.deps.coordination.liveness.beat(a, 3600)
     c.scheduler.advance(job.id)  # opens the round with every client
