@@ -60,16 +60,16 @@ def coordinator_process(backend: str, tmp: Path) -> Iterator[tuple[str, httpx.Cl
         [sys.executable, "-m", "fedhl.cli", "migrate"], env=env_for(settings), check=True, capture_output=True
     )
     proc = Proc(settings, tmp / "coordinator.log")
-    proc.start()
     base, headers = f"http://127.0.0.1:{settings.http_port}", {"Authorization": f"Bearer {settings.admin_token}"}
     http = httpx.Client(base_url=base, headers=headers, timeout=30)
     api = httpx.Client(base_url=f"{base}/api/v1", headers=headers, timeout=30)
     try:
+        proc.start(timeout_s=180)  # imports take long on a loaded CI machine
         yield f"127.0.0.1:{settings.grpc_port}", http, api
     finally:
         http.close()
         api.close()
-        proc.stop()
+        proc.stop()  # also when it did not come up in time
 
 
 def gauge(http: httpx.Client, name: str) -> float:

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .. import metrics as prom
-from ..backends import ROUND_EVENTS, SCHEDULER_EVENTS, Deps
+from ..backends import SCHEDULER_EVENTS, TASK_EVENTS, Deps
 from ..codec import Expected, PayloadError, validate_update_file
 from ..jobspec import INT64_MAX
 from ..settings import Settings
@@ -249,7 +249,7 @@ class AgentService:
         else None at the timeout."""
         wait_s = max(0.0, min(wait_s, self.settings.pull_wait_max_s))
         deadline = time.monotonic() + wait_s
-        with self.deps.coordination.events.subscribe(ROUND_EVENTS) as sub:
+        with self.deps.coordination.events.subscribe(TASK_EVENTS) as sub:
             task = self.begin_wait(agent_id, wait_s + self.settings.heartbeat_ttl_s)
             while task is None:
                 left = deadline - time.monotonic()

@@ -19,7 +19,7 @@ from typing import Literal
 
 from sqlalchemy.orm import Session
 
-from ..backends import ROUND_EVENTS, SCHEDULER_EVENTS, AggregationTask, Deps
+from ..backends import ROUND_EVENTS, SCHEDULER_EVENTS, TASK_EVENTS, AggregationTask, Deps
 from ..jobspec import JobSpec
 from ..storage.coordination import Subscription
 from ..storage.db import transaction
@@ -29,7 +29,7 @@ from ..storage.repos import AgentRepo, AuditRepo, JobRepo, RoundRepo, ShardRepo
 from ..supervise import LoopRegistry, LoopState, supervise
 from .ranks import AgentInfo, assign_ranks
 from .selection import quorum, select
-from .waiters import round_events
+from .waiters import task_events
 
 log = logging.getLogger(__name__)
 
@@ -176,14 +176,11 @@ class Scheduler:
             for shard in shard_list:
                 self.deps.coordination.queue.publish(AggregationTask(round_id, shard).to_fields())
             self._enqueued[round_id] = self.monotonic()
-        # Round events wake exactly the agents a new round selected (on every replica); a round
-        # handed to the aggregation names no agent (no wait has anything new to read).
-        if opened is not None:
-            for event in round_events("round_opened", job_id, opened):
-                self.deps.coordination.events.publish(ROUND_EVENTS, event)
-        if enqueue is not None:
-            for event in round_events("round_closed", job_id, []):
-                self.deps.coordination.events.publish(ROUND_EVENTS, event)
+        if opened is not None or enqueue is not None:
+            self.deps.coordination.events.publish(ROUND_EVENTS, {"type": "round_changed", "job_id": job_id})
+        if opened:  # wakes exactly the waits of the selected agents, on every replica
+            for event in task_events(job_id, opened):
+                self.deps.coordination.events.publish(TASK_EVENTS, event)
 
     def _unqueued_shards(self, round_id: int, shards: int) -> list[int]:
         """Shards of an AGGREGATING round with neither a queue entry (pending with a worker, or

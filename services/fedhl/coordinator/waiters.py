@@ -1,11 +1,10 @@
 """Event-driven PullTask waits: one registry per coordinator process, keyed by agent id, woken
-by the round events every replica receives (Redis pub/sub, or the in-process channel).
+by the task events every replica receives (Redis pub/sub, or the in-process channel).
 
-A round that opens publishes the ids of the agents it selected (`round_event`); each replica
-wakes exactly those of its waiting agents, and each of them reads the database once. An event
-without an `agents` list (from an older replica) wakes every waiter. Events are hints: a
-waiter also re-reads at its start and every `pull_recheck_s`, so a lost event delays a task,
-never loses it.
+A round that opens publishes the ids of the agents it selected on TASK_EVENTS (`task_events`);
+each replica wakes exactly those of its waiting agents, and each of them reads the database
+once. An event without an `agents` list wakes every waiter. Events are hints: a waiter also
+re-reads at its start and every `pull_recheck_s`, so a lost event delays a task, never loses it.
 
 `Waiters` lives on the agent plane's event loop; `WakeRelay` is the thread that reads the
 event subscription and hands wake-ups to that loop."""
@@ -18,7 +17,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from ..backends import ROUND_EVENTS
+from ..backends import TASK_EVENTS
 from ..metrics import AGENT_WAKEUPS as WAKEUPS
 from ..metrics import AGENTS_WAITING as WAITING
 from ..storage.coordination import Events, Subscription
@@ -29,12 +28,11 @@ log = logging.getLogger(__name__)
 EVENT_AGENTS_MAX = 1000  # agent ids per published event (a 1,000-agent round: one ≈ 37 kB message)
 
 
-def round_events(event_type: str, job_id: str, agents: Sequence[str]) -> Iterator[dict[str, Any]]:
-    """The ROUND_EVENTS messages that wake `agents` (several for a large round; at least one,
-    so a round that selected nobody here still announces itself)."""
+def task_events(job_id: str, agents: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """The TASK_EVENTS messages that wake `agents` (several for a large round)."""
     ids = list(agents)
-    for i in range(0, max(len(ids), 1), EVENT_AGENTS_MAX):
-        yield {"type": event_type, "job_id": job_id, "agents": ids[i : i + EVENT_AGENTS_MAX]}
+    for i in range(0, len(ids), EVENT_AGENTS_MAX):
+        yield {"type": "tasks_assigned", "job_id": job_id, "agents": ids[i : i + EVENT_AGENTS_MAX]}
 
 
 class Waiter:
@@ -92,7 +90,7 @@ def agents_of(event: dict[str, Any]) -> list[str] | None:
 
 
 class WakeRelay:
-    """Reads ROUND_EVENTS in a thread and wakes the named waiters on `loop`. Supervised: when
+    """Reads TASK_EVENTS in a thread and wakes the named waiters on `loop`. Supervised: when
     the subscription fails (Redis away) it backs off and subscribes again; meanwhile waits fall
     back to their periodic re-check."""
 
@@ -125,7 +123,7 @@ class WakeRelay:
         supervise(self.state, self._relay, self.stop)
 
     def _relay(self, state: LoopState) -> None:
-        with self.events.subscribe(ROUND_EVENTS) as sub:
+        with self.events.subscribe(TASK_EVENTS) as sub:
             self._sub = sub
             self._subscribed.set()
             while not self.stop.is_set():

@@ -11,7 +11,7 @@ import pytest
 from fedhl.coordinator.errors import Code, ServiceError
 from fedhl.coordinator.limits import CallLimits, Kind
 from fedhl.coordinator.pacing import Pacing
-from fedhl.coordinator.waiters import EVENT_AGENTS_MAX, Waiters, agents_of, round_events
+from fedhl.coordinator.waiters import EVENT_AGENTS_MAX, Waiters, agents_of, task_events
 
 PACING = Pacing(heartbeat_ttl_s=15.0, pull_wait_max_s=20.0, calls_per_s=100.0)
 
@@ -111,13 +111,12 @@ def test_a_new_wait_of_the_same_agent_supersedes_the_old_one() -> None:
     asyncio.run(run())
 
 
-def test_round_events_carry_the_selected_agents_in_bounded_messages() -> None:
+def test_task_events_carry_the_selected_agents_in_bounded_messages() -> None:
     ids = [f"agent-{i:04d}" for i in range(2 * EVENT_AGENTS_MAX + 1)]
-    events = list(round_events("round_opened", "job-1", ids))
+    events = list(task_events("job-1", ids))
     assert [len(e["agents"]) for e in events] == [EVENT_AGENTS_MAX, EVENT_AGENTS_MAX, 1]
     assert [a for e in events for a in e["agents"]] == ids
-    assert {e["type"] for e in events} == {"round_opened"} and {e["job_id"] for e in events} == {"job-1"}
-    closed = list(round_events("round_closed", "job-1", []))
-    assert closed == [{"type": "round_closed", "job_id": "job-1", "agents": []}]  # one message, no agent woken
-    assert agents_of({"type": "round_changed", "job_id": "j"}) is None  # an older replica's event: wake all
+    assert {e["type"] for e in events} == {"tasks_assigned"} and {e["job_id"] for e in events} == {"job-1"}
+    assert list(task_events("job-1", [])) == []
+    assert agents_of({"type": "tasks_assigned", "job_id": "j"}) is None  # names no agents: wake all
     assert agents_of({"agents": ["a", 3, "b"]}) == ["a", "b"]
