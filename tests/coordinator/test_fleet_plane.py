@@ -61,8 +61,11 @@ def coordinator_process(backend: str, tmp: Path) -> Iterator[tuple[str, httpx.Cl
     )
     proc = Proc(settings, tmp / "coordinator.log")
     base, headers = f"http://127.0.0.1:{settings.http_port}", {"Authorization": f"Bearer {settings.admin_token}"}
-    http = httpx.Client(base_url=base, headers=headers, timeout=30)
-    api = httpx.Client(base_url=f"{base}/api/v1", headers=headers, timeout=30)
+    # a fresh connection per request: uvicorn closes idle keep-alive connections after 5 s, and a
+    # request racing that close fails with ReadError
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    http = httpx.Client(base_url=base, headers=headers, timeout=30, limits=fresh)
+    api = httpx.Client(base_url=f"{base}/api/v1", headers=headers, timeout=30, limits=fresh)
     try:
         proc.start(timeout_s=180)  # imports take long on a loaded CI machine
         yield f"127.0.0.1:{settings.grpc_port}", http, api
