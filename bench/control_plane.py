@@ -117,6 +117,9 @@ def main() -> None:
         FEDHL_GRPC_HOST="127.0.0.1",
         FEDHL_SCHEDULER_INTERVAL_S="0.05",
         FEDHL_LOG_LEVEL="WARNING",
+        # every scripted agent enrols from 127.0.0.1 with one token
+        FEDHL_REGISTER_PER_PEER=str(max(30, 2 * args.agents)),
+        FEDHL_REGISTER_PER_TOKEN=str(max(120, 2 * args.agents)),
     )
     if args.backend == "postgres+redis":
         import redis

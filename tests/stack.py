@@ -156,13 +156,13 @@ class Proc:
         self.env = env_for(settings)
         self.p: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, timeout_s: float = 60.0) -> None:
         with self.log.open("ab") as out:
             self.p = subprocess.Popen(
                 [sys.executable, "-m", "fedhl.cli", "coordinator"], env=self.env, stdout=out, stderr=subprocess.STDOUT
             )
         url = f"http://127.0.0.1:{self.settings.http_port}/healthz"
-        end = time.monotonic() + 60
+        end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             assert self.p.poll() is None, f"coordinator exited:\n{self.log.read_text()[-3000:]}"
             try:

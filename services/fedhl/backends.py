@@ -14,7 +14,8 @@ from .storage.blobs import BlobStore
 from .storage.coordination import Coordination
 from .supervise import LoopRegistry
 
-ROUND_EVENTS = "rounds"  # a round opened or changed: wakes long-polling agents
+ROUND_EVENTS = "rounds"  # a round opened or changed
+TASK_EVENTS = "tasks"  # a round gave these agents tasks: {"type", "job_id", "agents": [ids]} wakes their waits
 SCHEDULER_EVENTS = "scheduler"  # uploads, commits, job changes: wake the scheduler
 
 

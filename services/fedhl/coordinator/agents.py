@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .. import metrics as prom
-from ..backends import ROUND_EVENTS, SCHEDULER_EVENTS, Deps
+from ..backends import SCHEDULER_EVENTS, TASK_EVENTS, Deps
 from ..codec import Expected, PayloadError, validate_update_file
 from ..core.downlink import choose_chain
 from ..jobspec import INT64_MAX
@@ -31,11 +31,11 @@ from .errors import Code, ServiceError
 
 MAX_HELD = 16  # held global-update versions an agent may report per pull
 LAST_SEEN_EVERY_S = 30.0  # agents.last_seen_at is informational (REST); liveness has its own TTL keys
+TOUCH_BATCH = 500  # agent ids per UPDATE when last_seen_at is flushed
 # ReportMetrics: bounded so one agent cannot grow a round's row without limit
 MAX_METRICS = 32
 MAX_METRIC_KEY = 64
-REGISTER_PER_PEER = (30, 60.0)  # Register calls per peer per window (s)
-REGISTER_PER_TOKEN = (120, 60.0)  # ... per enrolment token
+REGISTER_WINDOW_S = 60.0  # Register calls per peer / per token are counted per minute (settings)
 RESOURCE_KEYS = {
     "device_type": str,
     "device_name": str,
@@ -147,6 +147,10 @@ class AgentService:
         self.deps = deps
         self.settings = settings
         self._validations = threading.BoundedSemaphore(settings.max_concurrent_validations)
+        # agents seen since the last flush of agents.last_seen_at (calls, open waits): one
+        # batched UPDATE every LAST_SEEN_EVERY_S instead of a write transaction per call
+        self._seen_lock = threading.Lock()
+        self._seen: set[str] = set()
 
     # ---------------------------------------------------------------- identity
     def register(self, token: str, name: str, resources: dict[str, Any], peer: str = "") -> tuple[str, str]:
@@ -161,8 +165,9 @@ class AgentService:
         # key), so one caller spends only its own budget and cannot block others' enrolment
         limiter = self.deps.coordination.rate_limiter
         token_key = hashlib.sha256(token.encode()).hexdigest()[:32]
-        if not limiter.allow(f"register:peer:{peer_host(peer)}", *REGISTER_PER_PEER) or not limiter.allow(
-            f"register:token:{token_key}", *REGISTER_PER_TOKEN
+        per_peer, per_token = self.settings.register_per_peer, self.settings.register_per_token
+        if not limiter.allow(f"register:peer:{peer_host(peer)}", per_peer, REGISTER_WINDOW_S) or not limiter.allow(
+            f"register:token:{token_key}", per_token, REGISTER_WINDOW_S
         ):
             raise ServiceError(Code.RESOURCE_EXHAUSTED, "too many registrations from this peer or token; retry later")
         try:
@@ -186,24 +191,45 @@ class AgentService:
             raise ServiceError(Code.UNAUTHENTICATED, str(e)) from None
 
     # ---------------------------------------------------------------- liveness
-    def heartbeat(self, agent_id: str, resources: dict[str, Any], task_id: str, progress: float) -> str:
-        """→ "CONTINUE" or "CANCEL_TASK" (the task's round closed or its job stopped)."""
+    def heartbeat(
+        self, agent_id: str, resources: dict[str, Any], task_id: str, progress: float, ttl_s: float | None = None
+    ) -> str:
+        """→ "CONTINUE" or "CANCEL_TASK" (the task's round closed or its job stopped). `ttl_s`:
+        how long this call keeps the agent alive (default: the configured TTL)."""
         res = clean_resources(resources)
-        self.deps.coordination.liveness.beat(agent_id, self.settings.heartbeat_ttl_s)
+        self.deps.coordination.liveness.beat(agent_id, ttl_s or self.settings.heartbeat_ttl_s)
+        self.seen(agent_id)
         with transaction(self.deps.sessions, read_only=True) as s:
             agent = AgentRepo(s).find(agent_id)
-            # liveness lives in the coordination store; the row is written only when something
-            # changed or last_seen_at is stale, so idle heartbeats never queue for the write lock
-            stale = agent is not None and (
-                {**agent.resources, **res} != agent.resources
-                or agent.last_seen_at is None
-                or (utcnow() - agent.last_seen_at).total_seconds() > LAST_SEEN_EVERY_S
-            )
+            # liveness lives in the coordination store and last_seen_at is flushed in batches;
+            # the row is written here only when the reported resources changed
+            changed = agent is not None and {**agent.resources, **res} != agent.resources
             answer = self._task_answer(s, agent_id, task_id) if task_id else "CONTINUE"
-        if stale:
+        if changed:
             with transaction(self.deps.sessions) as s:
                 AgentRepo(s).touch(agent_id, res, utcnow())
         return answer
+
+    def seen(self, agent_id: str) -> None:
+        """Note a sign of life for the next `flush_seen` (no database work here)."""
+        with self._seen_lock:
+            self._seen.add(agent_id)
+
+    def flush_seen(self) -> int:
+        """Write last_seen_at = now for every agent seen since the last flush, in batched
+        UPDATEs; returns how many. Called every LAST_SEEN_EVERY_S by the agent plane."""
+        with self._seen_lock:
+            ids, self._seen = sorted(self._seen), set()
+        now = utcnow()
+        for i in range(0, len(ids), TOUCH_BATCH):
+            with transaction(self.deps.sessions) as s:
+                AgentRepo(s).touch_many(ids[i : i + TOUCH_BATCH], now)
+        return len(ids)
+
+    def fleet_size(self) -> int:
+        """Active (enrolled, not revoked) agents: what pacing scales with."""
+        with transaction(self.deps.sessions, read_only=True) as s:
+            return AgentRepo(s).count_active()
 
     @staticmethod
     def _task_answer(s: Session, agent_id: str, task_id: str) -> str:
@@ -220,19 +246,34 @@ class AgentService:
 
     # ---------------------------------------------------------------- tasks
     def pull_task(self, agent_id: str, wait_s: float, held: dict[str, int] | None = None) -> TrainTask | None:
-        """Long-poll: a task as soon as a round assigns this agent one, else None at the timeout.
-        `held`: job id -> the global-update version the agent holds (factored downlink)."""
-        self.deps.coordination.liveness.beat(agent_id, self.settings.heartbeat_ttl_s)
-        deadline = time.monotonic() + max(0.0, min(wait_s, self.settings.pull_wait_max_s))
-        with self.deps.coordination.events.subscribe(ROUND_EVENTS) as sub:
-            while True:
-                task = self._claim(agent_id, held or {})
-                if task is not None:
-                    return task
+        """Blocking long-poll for in-process callers (the gRPC plane waits on events instead,
+        see `begin_wait` / `try_claim`): a task as soon as a round assigns this agent one,
+        else None at the timeout. `held`: job id -> the global-update version the agent holds
+        (the full view's factored downlink)."""
+        wait_s = max(0.0, min(wait_s, self.settings.pull_wait_max_s))
+        deadline = time.monotonic() + wait_s
+        with self.deps.coordination.events.subscribe(TASK_EVENTS) as sub:
+            task = self.begin_wait(agent_id, wait_s + self.settings.heartbeat_ttl_s, held)
+            while task is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
-                sub.get(timeout_s=min(left, 1.0))  # woken by round events; re-check at least every 1 s
+                sub.get(timeout_s=min(left, self.settings.pull_recheck_s))
+                task = self.try_claim(agent_id, held)
+            return task
+
+    def begin_wait(self, agent_id: str, ttl_s: float, held: dict[str, int] | None = None) -> TrainTask | None:
+        """The start of a PullTask: an open wait counts as liveness for `ttl_s`; then one read."""
+        self.deps.coordination.liveness.beat(agent_id, ttl_s)
+        self.seen(agent_id)
+        return self.try_claim(agent_id, held)
+
+    def try_claim(self, agent_id: str, held: dict[str, int] | None = None) -> TrainTask | None:
+        """The agent's pending task, claimed; None without a write (or the write lock) when it
+        has none, which is the common case for an idle agent."""
+        with transaction(self.deps.sessions, read_only=True) as s:
+            pending = RoundRepo(s).pending_id_for_agent(agent_id)
+        return None if pending is None else self._claim(agent_id, held or {})
 
     def _claim(self, agent_id: str, held: dict[str, int]) -> TrainTask | None:
         """The agent's pending task; the first claim moves it ISSUED → RUNNING."""
@@ -405,6 +446,7 @@ class AgentService:
         if len(h.sha256) != 64 or any(c not in "0123456789abcdef" for c in h.sha256):
             raise ServiceError(Code.INVALID_ARGUMENT, "sha256 must be 64 lowercase hex characters")
         check_metrics(h.metrics)
+        t0 = time.perf_counter()
         exp = self._check_open(agent_id, h)
         limit = min(exp.max_bytes(), self.settings.max_upload_bytes)
         if h.size <= 0 or h.size > limit:
@@ -423,6 +465,8 @@ class AgentService:
             have = 0
         if h.offset != have:
             raise ServiceError(Code.FAILED_PRECONDITION, f"resume from offset {have}, not {h.offset}")
+        t1 = time.perf_counter()
+        prom.UPLOAD_STAGE_SECONDS.labels("check").observe(t1 - t0)
         try:
             received = blobs.staging_append(h.task_id, h.offset, _counted(chunks, prom.UPLOAD_BYTES), max_size=h.size)
         except UploadInProgress:
@@ -432,6 +476,8 @@ class AgentService:
             raise ServiceError(Code.INVALID_ARGUMENT, f"stream exceeds the declared size {h.size}") from None
         except OffsetMismatch as e:  # a concurrent stream moved the staged size
             raise ServiceError(Code.FAILED_PRECONDITION, str(e)) from None
+        t2 = time.perf_counter()
+        prom.UPLOAD_STAGE_SECONDS.labels("stage").observe(t2 - t1)  # includes waiting for the agent's chunks
         if received < h.size:
             return UploadResult("", received, False)  # resumable: the agent continues from `received`
         # Bounded: hashing and validating a large upload costs memory and CPU; past the bound the
@@ -456,7 +502,11 @@ class AgentService:
             raise ServiceError(Code.ABORTED, "another stream is uploading this task; retry") from None
         finally:
             self._validations.release()
-        return self._accept(agent_id, h, key, received)
+        t3 = time.perf_counter()
+        prom.UPLOAD_STAGE_SECONDS.labels("verify").observe(t3 - t2)
+        res = self._accept(agent_id, h, key, received)
+        prom.UPLOAD_STAGE_SECONDS.labels("accept").observe(time.perf_counter() - t3)
+        return res
 
     def _accept(self, agent_id: str, h: UploadHeader, key: str, size: int) -> UploadResult:
         try:
@@ -484,7 +534,8 @@ class AgentService:
                         metrics=dict(h.metrics),
                     )
                 )
-                rounds.transition(rnd.id, [RoundState.OPEN], RoundState.COLLECTING)
+                if rnd.state is RoundState.OPEN:  # the first upload only: no round-row write after that
+                    rounds.transition(rnd.id, [RoundState.OPEN], RoundState.COLLECTING)
                 AuditRepo(s).record(
                     f"agent:{agent_id}", "upload_accepted", rnd.job_id, round=rnd.number, task_id=a.id, bytes=size
                 )
