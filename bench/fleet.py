@@ -68,6 +68,7 @@ import torch  # noqa: E402
 
 from fedhl.codec import decode_start, encode_update  # noqa: E402
 from fedhl.core import LoRAFactors  # noqa: E402
+from fedhl.storage.db import migrate  # noqa: E402
 from fedhl.v1 import agent_pb2, agent_pb2_grpc  # noqa: E402
 from private_backends import PrivatePostgres, PrivateRedis, free_port  # noqa: E402
 
@@ -187,8 +188,8 @@ class Cluster:
             "FEDHL_BLOB_GC_INTERVAL_S": "0",
             "FEDHL_LOG_LEVEL": "WARNING",
         }
+        migrate(self.db_url)  # here, not `fedhl migrate`: one interpreter start less
         cli = [sys.executable, "-m", "fedhl.cli"]
-        subprocess.run([*cli, "migrate"], env=self.env, check=True, capture_output=True)
         self.aggregator = self._spawn([*cli, "aggregator", "--name", "fleet-agg"], {}, "aggregator.log")
         self.coordinators: list[tuple[subprocess.Popen[bytes], int, int]] = []  # (process, grpc, http)
 
