@@ -767,7 +767,7 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=300.0, help="round deadline_s")
     ap.add_argument("--round-limit", type=float, default=240.0, help="give up on a round job after this")
     ap.add_argument("--dim", type=int, default=64, help="module width (4 modules, ranks 2/4/8)")
-    ap.add_argument("--per-channel", type=int, default=100, help="agents multiplexed on one gRPC channel")
+    ap.add_argument("--per-channel", type=int, default=40, help="agents per gRPC channel (each holds up to 2 streams)")
     ap.add_argument("--per-source", type=int, default=25, help="Register calls per source address")
     ap.add_argument("--per-token", type=int, default=100, help="agents per enrolment token")
     ap.add_argument("--enrol-parallel", type=int, default=32, help="Register calls in flight")
