@@ -157,14 +157,21 @@ class Cluster:
 
     def __init__(self, work: Path, postgres: str | None, redis_url: str | None) -> None:
         self.work = work
+        self.postgres, self.redis_given = postgres, redis_url
         self.pg = None if postgres else PrivatePostgres()
         self.rd = None if redis_url else PrivateRedis()
+        self.aggregator: subprocess.Popen[bytes] | None = None
+        self.coordinators: list[tuple[subprocess.Popen[bytes], int, int]] = []  # (process, grpc, http)
+        self.db_url = postgres or (self.pg.url if self.pg else "")
+        self.redis_url = redis_url or (self.rd.url if self.rd else "")
+
+    def start(self) -> None:
+        """Backends, migrations, the aggregator (`close` stops whatever of it started)."""
+        postgres, redis_url, work = self.postgres, self.redis_given, self.work
         if self.pg:
             self.pg.start()
         if self.rd:
             self.rd.start()
-        self.db_url = postgres or (self.pg.url if self.pg else "")
-        self.redis_url = redis_url or (self.rd.url if self.rd else "")
         if postgres:  # a dedicated database: start from an empty schema
             from sqlalchemy import create_engine, text
 
@@ -191,7 +198,6 @@ class Cluster:
         migrate(self.db_url)  # here, not `fedhl migrate`: one interpreter start less
         cli = [sys.executable, "-m", "fedhl.cli"]
         self.aggregator = self._spawn([*cli, "aggregator", "--name", "fleet-agg"], {}, "aggregator.log")
-        self.coordinators: list[tuple[subprocess.Popen[bytes], int, int]] = []  # (process, grpc, http)
 
     def _spawn(self, args: list[str], env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
         with (self.work / log).open("ab") as out:
@@ -251,7 +257,7 @@ class Cluster:
 
     def close(self) -> None:
         self.stop_coordinators()
-        if self.aggregator.poll() is None:
+        if self.aggregator is not None and self.aggregator.poll() is None:
             self.aggregator.kill()
             self.aggregator.wait(10)
         if self.rd:
@@ -780,8 +786,9 @@ def main() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard) if hard != resource.RLIM_INFINITY else need, hard))
     with tempfile.TemporaryDirectory(prefix="fedhl-fleet-") as tmp:
         cluster = Cluster(Path(tmp), args.postgres, args.redis)
-        log("backends, migrations and aggregator ready")
         try:
+            cluster.start()
+            log("backends, migrations and aggregator ready")
             asyncio.run(run(args, cluster))
         finally:
             cluster.close()
