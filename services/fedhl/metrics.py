@@ -86,3 +86,25 @@ QUARANTINES = Counter(
     "Agents left out of selection after repeated refused, dropped or clipped uploads.",
     registry=REGISTRY,
 )
+AGENT_CALLS_IN_FLIGHT = Gauge(
+    "fedhl_agent_calls_in_flight",
+    "Agent calls in progress on this coordinator, by kind (call, wait, transfer).",
+    ["kind"],
+    registry=REGISTRY,
+)
+AGENT_CALLS_REFUSED = Counter(
+    "fedhl_agent_calls_refused",
+    "Agent calls refused with RESOURCE_EXHAUSTED, by cap (call, wait, transfer: global; agent: per agent).",
+    ["cap"],
+    registry=REGISTRY,
+)
+AGENTS_WAITING = Gauge(
+    "fedhl_agents_waiting",
+    "Agents holding an open PullTask wait on this coordinator.",
+    registry=REGISTRY,
+)
+AGENT_WAKEUPS = Counter(
+    "fedhl_agent_wakeups",
+    "PullTask waits woken by a round event (each wake-up costs one database read).",
+    registry=REGISTRY,
+)

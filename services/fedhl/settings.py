@@ -108,9 +108,25 @@ class Settings:
     grpc_tls_client_ca: str | None = None  # set: mTLS, agents must present a client certificate
     http_tls_cert: str | None = None
     http_tls_key: str | None = None
-    grpc_max_workers: int = 64
+    # The agent plane (grpc.aio: an open call holds no thread; blocking work runs in bounded pools)
+    grpc_max_workers: int = 64  # threads for the database work of agent calls
+    grpc_max_transfers: int = 32  # upload/download streams at once (each holds a thread while it moves bytes)
+    grpc_max_calls: int = 256  # other calls in progress at once (PullTask waits not counted)
+    grpc_max_waits: int = 20000  # PullTask long-polls held at once
+    grpc_max_calls_per_agent: int = 4  # one agent's calls at once, waits and transfers included
+    grpc_retry_after_s: int = 2  # `retry-after` sent with RESOURCE_EXHAUSTED when a cap is full
+    grpc_call_timeout_s: float = 30.0  # server-side deadline of a unary call (waits: pull_wait_max_s)
+    grpc_stream_idle_s: float = 60.0  # a transfer stream silent this long ends with DEADLINE_EXCEEDED
+    grpc_keepalive_s: float = 60.0  # the server pings a connection idle this long (dead peers are dropped)
+    grpc_max_connection_idle_s: float = 600.0  # a connection without calls this long is closed
+    grpc_max_connection_age_s: float = 1800.0  # connections are recycled (spreads agents over replicas)
+    grpc_max_streams_per_connection: int = 100  # HTTP/2 concurrent streams on one connection
     heartbeat_ttl_s: float = 15.0
     pull_wait_max_s: float = 20.0
+    pull_recheck_s: float = 15.0  # a waiting PullTask re-reads the database this often even without an event
+    fleet_calls_per_s: float = 100.0  # heartbeat intervals lengthen so the fleet sends about this many per second
+    register_per_peer: int = 30  # Register calls per peer per minute
+    register_per_token: int = 120  # Register calls per enrolment token per minute
     scheduler_interval_s: float = 0.2
     chunk_bytes: int = 1 << 20
     max_upload_bytes: int = 4 << 30
@@ -197,8 +213,23 @@ class Settings:
             "db_statement_timeout_s",
             "redis_connect_timeout_s",
             "grpc_max_workers",
+            "grpc_max_transfers",
+            "grpc_max_calls",
+            "grpc_max_waits",
+            "grpc_max_calls_per_agent",
+            "grpc_retry_after_s",
+            "grpc_call_timeout_s",
+            "grpc_stream_idle_s",
+            "grpc_keepalive_s",
+            "grpc_max_connection_idle_s",
+            "grpc_max_connection_age_s",
+            "grpc_max_streams_per_connection",
             "heartbeat_ttl_s",
             "pull_wait_max_s",
+            "pull_recheck_s",
+            "fleet_calls_per_s",
+            "register_per_peer",
+            "register_per_token",
             "scheduler_interval_s",
             "chunk_bytes",
             "max_upload_bytes",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ T = TypeVar("T")
 
 DEFAULT_HEARTBEAT_INTERVAL_S = 3.0  # until the first heartbeat response says otherwise
 CHUNK = 1 << 20
+MAX_RETRY_AFTER_S = 300.0  # a server's retry-after is honoured up to this
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -72,6 +74,32 @@ class Resources:
         return agent_pb2.Resources(**self.__dict__)
 
 
+def retry_after_s(error: grpc.RpcError) -> float | None:
+    """The server's `retry-after` trailing metadata (seconds) of a refused call, if any."""
+    trailing = getattr(error, "trailing_metadata", None)
+    try:
+        items = trailing() if callable(trailing) else None
+    except Exception:
+        return None
+    for key, value in items or ():
+        if key == "retry-after":
+            try:
+                seconds = float(value)
+            except (TypeError, ValueError):
+                return None
+            return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+    return None
+
+
+def backoff_s(error: grpc.RpcError, base_s: float, attempt: int) -> float:
+    """How long to wait before retrying: the server's retry-after when it gave one (plus up to
+    50% jitter, so refused agents do not return in step), else exponential backoff."""
+    asked = retry_after_s(error)
+    if asked is not None:
+        return asked * (1.0 + 0.5 * random.random())
+    return float(base_s * 2**attempt)
+
+
 @dataclass
 class TransferStats:
     """What this client moved and retried (read by bench/control_plane.py)."""
@@ -112,9 +140,11 @@ class AgentClient:
         self.retries = retries
         self.backoff_s = backoff_s
         self.stats = TransferStats()
-        # What the server last asked for: seconds between heartbeats, and before the next pull.
+        # What the server last asked for: seconds between heartbeats, before the next pull, and
+        # the long-poll length to request (None: the server did not say)
         self.heartbeat_interval_s = DEFAULT_HEARTBEAT_INTERVAL_S
         self.retry_after_s = 0.0
+        self.pull_wait_s: int | None = None
 
     def close(self) -> None:
         self.channel.close()
@@ -131,7 +161,7 @@ class AgentClient:
                 if e.code() not in RETRYABLE or attempt == self.retries:
                     raise
                 self.stats.retries += 1
-                time.sleep(self.backoff_s * 2**attempt)
+                time.sleep(backoff_s(e, self.backoff_s, attempt))
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ identity / liveness
@@ -169,6 +199,7 @@ class AgentClient:
         )
         if res.WhichOneof("result") != "task":
             self.retry_after_s = float(res.no_task.retry_after_seconds)
+            self.pull_wait_s = int(res.no_task.wait_seconds) or None
             return None
         self.retry_after_s = 0.0
         t = res.task
@@ -208,7 +239,7 @@ class AgentClient:
                 if e.code() not in RETRYABLE or attempt == self.retries:
                     raise
                 self.stats.retries += 1
-                time.sleep(self.backoff_s * 2**attempt)
+                time.sleep(backoff_s(e, self.backoff_s, attempt))
         if expected is None or len(buf) != expected[0] or hashlib.sha256(buf).hexdigest() != expected[1]:
             raise OSError(f"blob {key}: size or sha256 mismatch after download")
         return bytes(buf)
@@ -232,7 +263,7 @@ class AgentClient:
                 if e.code() not in RETRYABLE or attempt == self.retries:
                     raise
                 self.stats.retries += 1
-                time.sleep(self.backoff_s * 2**attempt)
+                time.sleep(backoff_s(e, self.backoff_s, attempt))
                 offset = self.upload_status(task.task_id)
         raise OSError(f"task {task.task_id}: upload incomplete after {self.retries} retries")
 

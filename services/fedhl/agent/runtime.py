@@ -30,7 +30,7 @@ from ..data import Example, load_examples
 from ..jobspec import TrainConfig
 from ..modeling import load_base, verify_base
 from ..settings import SettingsError
-from .client import TLS, AgentClient, Resources, Task
+from .client import TLS, AgentClient, Resources, Task, retry_after_s
 from .trainer import Cancelled, measure_throughput, prepare, train
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ class Agent:
             torch.set_num_threads(cfg.threads)
         self.stop = threading.Event()
         self.cancel = threading.Event()
+        self.task_started = threading.Event()  # wakes the heartbeat loop: a task heartbeats at once
         self.examples: dict[str, list[Example]] = {}
         self.bases: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.steps_per_second = 0.0
@@ -140,6 +141,11 @@ class Agent:
         self.client = AgentClient(cfg.coordinator, tls=cfg.tls)
 
     # ---------------------------------------------------------------- lifecycle
+    def shutdown(self) -> None:
+        """Stop working (a running task stops at its next step) and wake the heartbeat loop."""
+        self.stop.set()
+        self.task_started.set()
+
     def enrol(self) -> str:
         creds = Credentials(self.cfg.state_dir, self.cfg.coordinator)
         known = creds.load()
@@ -166,7 +172,8 @@ class Agent:
         beat.start()
         while not self.stop.is_set():
             try:
-                task = self.client.pull_task(self.cfg.wait_s)
+                # the long-poll length the server asked for (it lengthens with the fleet), else ours
+                task = self.client.pull_task(self.client.pull_wait_s or self.cfg.wait_s)
                 backoff = 1.0
                 if task is not None:
                     self._run_task(task)
@@ -176,8 +183,9 @@ class Agent:
                 if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                     log.error("the coordinator refused this agent: %s", e.details())
                     raise SystemExit(2) from None
-                log.warning("coordinator unavailable (%s); retrying in %.0fs", e.code().name, backoff)
-                self.stop.wait(backoff)
+                pause = retry_after_s(e) or backoff  # a busy server says when to come back
+                log.warning("coordinator unavailable (%s); retrying in %.0fs", e.code().name, pause)
+                self.stop.wait(pause)
                 backoff = min(backoff * 2, 30.0)
         log.info("agent stopped")
 
@@ -204,7 +212,10 @@ class Agent:
                     self.cancel.set()
             except grpc.RpcError:
                 pass  # the main loop handles reconnection
-            self.stop.wait(self.client.heartbeat_interval_s)  # as often as the server asks
+            # as often as the server asks (an idle agent's open PullTask keeps it alive too);
+            # a task that starts is reported at once
+            self.task_started.wait(self.client.heartbeat_interval_s)
+            self.task_started.clear()
 
     # ---------------------------------------------------------------- one task
     def _base(self, task: Task, num_labels: int, seed: int) -> tuple[Any, Any]:
@@ -227,6 +238,7 @@ class Agent:
         t0 = time.monotonic()
         self.task, self.progress = task, 0.0
         self.cancel.clear()
+        self.task_started.set()
         cfg = task.train_config
         num_labels = int(cfg.get("num_labels", 2))
         train_cfg = TrainConfig.model_validate({k: v for k, v in cfg.items() if k in TrainConfig.model_fields})
@@ -316,7 +328,7 @@ class _Either(threading.Event):
 def serve_agent(cfg: AgentConfig) -> None:
     agent = Agent(cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: agent.stop.set())
+        signal.signal(sig, lambda *_: agent.shutdown())
     try:
         agent.run()
     finally:

@@ -13,7 +13,7 @@ import torch
 
 from ..codec import decode_start, encode_update
 from ..core import LoRAFactors
-from .client import AgentClient, Resources, Task
+from .client import AgentClient, Resources, Task, retry_after_s
 
 
 @dataclass
@@ -59,14 +59,19 @@ class ScriptedAgent:
         return True
 
     def run(self, stop: threading.Event, wait_s: int = 2) -> None:
-        """Work until stopped; ride out coordinator restarts and rejected uploads."""
+        """Work until stopped; ride out coordinator restarts and rejected uploads. Heartbeats
+        as often as the server asks, and pauses between pulls when it asks to."""
+        next_beat = 0.0
         while not stop.is_set():
             try:
-                self.client.heartbeat(self.resources)
-                self.run_once(wait_s)
+                if time.monotonic() >= next_beat:
+                    self.client.heartbeat(self.resources)
+                    next_beat = time.monotonic() + self.client.heartbeat_interval_s
+                if not self.run_once(wait_s) and self.client.retry_after_s > 0:
+                    stop.wait(self.client.retry_after_s)
             except grpc.RpcError as e:
                 self.errors.append(f"{e.code().name}: {e.details()}")
-                stop.wait(0.5)
+                stop.wait(retry_after_s(e) or 0.5)
 
     def close(self) -> None:
         self.client.close()

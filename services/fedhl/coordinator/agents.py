@@ -29,11 +29,11 @@ from ..storage.repos import AgentRepo, AuditRepo, AuthError, JobRepo, NotFound, 
 from .errors import Code, ServiceError
 
 LAST_SEEN_EVERY_S = 30.0  # agents.last_seen_at is informational (REST); liveness has its own TTL keys
+TOUCH_BATCH = 500  # agent ids per UPDATE when last_seen_at is flushed
 # ReportMetrics: bounded so one agent cannot grow a round's row without limit
 MAX_METRICS = 32
 MAX_METRIC_KEY = 64
-REGISTER_PER_PEER = (30, 60.0)  # Register calls per peer per window (s)
-REGISTER_PER_TOKEN = (120, 60.0)  # ... per enrolment token
+REGISTER_WINDOW_S = 60.0  # Register calls per peer / per token are counted per minute (settings)
 RESOURCE_KEYS = {
     "device_type": str,
     "device_name": str,
@@ -145,6 +145,10 @@ class AgentService:
         self.deps = deps
         self.settings = settings
         self._validations = threading.BoundedSemaphore(settings.max_concurrent_validations)
+        # agents seen since the last flush of agents.last_seen_at (calls, open waits): one
+        # batched UPDATE every LAST_SEEN_EVERY_S instead of a write transaction per call
+        self._seen_lock = threading.Lock()
+        self._seen: set[str] = set()
 
     # ---------------------------------------------------------------- identity
     def register(self, token: str, name: str, resources: dict[str, Any], peer: str = "") -> tuple[str, str]:
@@ -159,8 +163,9 @@ class AgentService:
         # key), so one caller spends only its own budget and cannot block others' enrolment
         limiter = self.deps.coordination.rate_limiter
         token_key = hashlib.sha256(token.encode()).hexdigest()[:32]
-        if not limiter.allow(f"register:peer:{peer_host(peer)}", *REGISTER_PER_PEER) or not limiter.allow(
-            f"register:token:{token_key}", *REGISTER_PER_TOKEN
+        per_peer, per_token = self.settings.register_per_peer, self.settings.register_per_token
+        if not limiter.allow(f"register:peer:{peer_host(peer)}", per_peer, REGISTER_WINDOW_S) or not limiter.allow(
+            f"register:token:{token_key}", per_token, REGISTER_WINDOW_S
         ):
             raise ServiceError(Code.RESOURCE_EXHAUSTED, "too many registrations from this peer or token; retry later")
         try:
@@ -184,24 +189,45 @@ class AgentService:
             raise ServiceError(Code.UNAUTHENTICATED, str(e)) from None
 
     # ---------------------------------------------------------------- liveness
-    def heartbeat(self, agent_id: str, resources: dict[str, Any], task_id: str, progress: float) -> str:
-        """→ "CONTINUE" or "CANCEL_TASK" (the task's round closed or its job stopped)."""
+    def heartbeat(
+        self, agent_id: str, resources: dict[str, Any], task_id: str, progress: float, ttl_s: float | None = None
+    ) -> str:
+        """→ "CONTINUE" or "CANCEL_TASK" (the task's round closed or its job stopped). `ttl_s`:
+        how long this call keeps the agent alive (default: the configured TTL)."""
         res = clean_resources(resources)
-        self.deps.coordination.liveness.beat(agent_id, self.settings.heartbeat_ttl_s)
+        self.deps.coordination.liveness.beat(agent_id, ttl_s or self.settings.heartbeat_ttl_s)
+        self.seen(agent_id)
         with transaction(self.deps.sessions, read_only=True) as s:
             agent = AgentRepo(s).find(agent_id)
-            # liveness lives in the coordination store; the row is written only when something
-            # changed or last_seen_at is stale, so idle heartbeats never queue for the write lock
-            stale = agent is not None and (
-                {**agent.resources, **res} != agent.resources
-                or agent.last_seen_at is None
-                or (utcnow() - agent.last_seen_at).total_seconds() > LAST_SEEN_EVERY_S
-            )
+            # liveness lives in the coordination store and last_seen_at is flushed in batches;
+            # the row is written here only when the reported resources changed
+            changed = agent is not None and {**agent.resources, **res} != agent.resources
             answer = self._task_answer(s, agent_id, task_id) if task_id else "CONTINUE"
-        if stale:
+        if changed:
             with transaction(self.deps.sessions) as s:
                 AgentRepo(s).touch(agent_id, res, utcnow())
         return answer
+
+    def seen(self, agent_id: str) -> None:
+        """Note a sign of life for the next `flush_seen` (no database work here)."""
+        with self._seen_lock:
+            self._seen.add(agent_id)
+
+    def flush_seen(self) -> int:
+        """Write last_seen_at = now for every agent seen since the last flush, in batched
+        UPDATEs; returns how many. Called every LAST_SEEN_EVERY_S by the agent plane."""
+        with self._seen_lock:
+            ids, self._seen = sorted(self._seen), set()
+        now = utcnow()
+        for i in range(0, len(ids), TOUCH_BATCH):
+            with transaction(self.deps.sessions) as s:
+                AgentRepo(s).touch_many(ids[i : i + TOUCH_BATCH], now)
+        return len(ids)
+
+    def fleet_size(self) -> int:
+        """Active (enrolled, not revoked) agents: what pacing scales with."""
+        with transaction(self.deps.sessions, read_only=True) as s:
+            return AgentRepo(s).count_active()
 
     @staticmethod
     def _task_answer(s: Session, agent_id: str, task_id: str) -> str:
@@ -218,18 +244,33 @@ class AgentService:
 
     # ---------------------------------------------------------------- tasks
     def pull_task(self, agent_id: str, wait_s: float) -> TrainTask | None:
-        """Long-poll: a task as soon as a round assigns this agent one, else None at the timeout."""
-        self.deps.coordination.liveness.beat(agent_id, self.settings.heartbeat_ttl_s)
-        deadline = time.monotonic() + max(0.0, min(wait_s, self.settings.pull_wait_max_s))
+        """Blocking long-poll for in-process callers (the gRPC plane waits on events instead,
+        see `begin_wait` / `try_claim`): a task as soon as a round assigns this agent one,
+        else None at the timeout."""
+        wait_s = max(0.0, min(wait_s, self.settings.pull_wait_max_s))
+        deadline = time.monotonic() + wait_s
         with self.deps.coordination.events.subscribe(ROUND_EVENTS) as sub:
-            while True:
-                task = self._claim(agent_id)
-                if task is not None:
-                    return task
+            task = self.begin_wait(agent_id, wait_s + self.settings.heartbeat_ttl_s)
+            while task is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
-                sub.get(timeout_s=min(left, 1.0))  # woken by round events; re-check at least every 1 s
+                sub.get(timeout_s=min(left, self.settings.pull_recheck_s))
+                task = self.try_claim(agent_id)
+            return task
+
+    def begin_wait(self, agent_id: str, ttl_s: float) -> TrainTask | None:
+        """The start of a PullTask: an open wait counts as liveness for `ttl_s`; then one read."""
+        self.deps.coordination.liveness.beat(agent_id, ttl_s)
+        self.seen(agent_id)
+        return self.try_claim(agent_id)
+
+    def try_claim(self, agent_id: str) -> TrainTask | None:
+        """The agent's pending task, claimed; None without a write (or the write lock) when it
+        has none, which is the common case for an idle agent."""
+        with transaction(self.deps.sessions, read_only=True) as s:
+            pending = RoundRepo(s).pending_id_for_agent(agent_id)
+        return None if pending is None else self._claim(agent_id)
 
     def _claim(self, agent_id: str) -> TrainTask | None:
         """The agent's pending task; the first claim moves it ISSUED → RUNNING."""

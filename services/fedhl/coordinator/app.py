@@ -1,5 +1,5 @@
 """Wiring: one `Coordinator` owns the dependencies, the services and the threads of one
-coordinator process (gRPC server, scheduler, in-process aggregation worker). The worker loop
+coordinator process (the agent plane's gRPC server, scheduler, in-process aggregation worker). The worker loop
 is passed in (`aggregator`) by whoever starts the process: the coordinator never imports the
 aggregation service."""
 
@@ -11,8 +11,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import grpc
-
 from ..backends import Deps, WorkerLoop
 from ..settings import Settings
 from ..storage.blobs import open_blob_store, resolve_blob_url
@@ -20,8 +18,8 @@ from ..storage.db import migrate, schema_is_current, session_factory
 from ..storage.gc import collect
 from ..supervise import LoopRegistry, LoopState, supervise
 from .agents import AgentService
-from .grpc_api import build_server
 from .jobs import JobService
+from .plane import AgentPlane
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -36,7 +34,7 @@ class Coordinator:
     scheduler: Scheduler
     aggregator: WorkerLoop | None = None  # run in a thread when settings.inprocess_aggregator
     stop: threading.Event = field(default_factory=threading.Event)
-    grpc_server: grpc.Server | None = None
+    plane: AgentPlane | None = None  # the gRPC agent plane (asyncio, on its own thread)
     grpc_port: int = 0
     threads: list[threading.Thread] = field(default_factory=list)
     loops: LoopRegistry = field(default_factory=LoopRegistry)  # what /readyz checks
@@ -76,8 +74,8 @@ class Coordinator:
         """Start gRPC, the scheduler and (if configured) the in-process aggregation worker."""
         if self.settings.inprocess_aggregator and self.aggregator is None:
             raise RuntimeError("inprocess_aggregator is set but no worker loop was given (Coordinator aggregator=)")
-        self.grpc_server, self.grpc_port = build_server(self.agents, self.settings)
-        self.grpc_server.start()
+        self.plane = AgentPlane(self.agents, self.settings, self.loops)
+        self.grpc_port = self.plane.start()
         events_loop = self.deps.coordination.events.health
         if events_loop is not None:
             self.loops.add(events_loop)
@@ -108,8 +106,8 @@ class Coordinator:
 
     def shutdown(self, grace_s: float = 5.0) -> None:
         self.stop.set()
-        if self.grpc_server is not None:
-            self.grpc_server.stop(grace_s).wait()
+        if self.plane is not None:
+            self.plane.stop(grace_s)
         for t in self.threads:
             t.join(timeout=grace_s)
         self.deps.coordination.close()

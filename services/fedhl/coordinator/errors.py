@@ -18,6 +18,7 @@ class Code(enum.StrEnum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     OUT_OF_RANGE = "OUT_OF_RANGE"
     ABORTED = "ABORTED"  # a concurrent operation on the same resource: retry
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # the server-side deadline of a call passed
 
 
 class ServiceError(Exception):

@@ -1,14 +1,26 @@
-"""The gRPC edge: decode protobuf, authenticate, call `AgentService`, map domain errors to
-status codes. Nothing here decides anything."""
+"""The gRPC edge of the agent plane (grpc.aio): decode protobuf, admit the call (caps), then
+authenticate, call `AgentService` in a bounded thread pool, map domain errors to status codes.
+Nothing here decides anything.
+
+An open call costs no thread: PullTask waits on an asyncio event (see `waiters`), downloads
+read one chunk at a time in the transfer pool, and only the blocking database and file work of
+a call runs in a thread. Every call is admitted first (`limits`): past a cap it ends
+RESOURCE_EXHAUSTED with `retry-after` trailing metadata (seconds), and every call has a
+server-side deadline (unary calls `grpc_call_timeout_s`, streams `grpc_stream_idle_s` between
+messages)."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
 import json
 import logging
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,9 +28,12 @@ from grpc_reflection.v1alpha import reflection
 
 from ..settings import Settings
 from ..v1 import agent_pb2, agent_pb2_grpc
-from .agents import AgentService, UploadHeader
+from .agents import AgentService, TrainTask, UploadHeader
 from .errors import Code, ServiceError
-from .grpc_errors import ErrorIdInterceptor
+from .grpc_errors import AsyncErrorIdInterceptor
+from .limits import CallLimits, Kind
+from .pacing import Pacing
+from .waiters import Waiters
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,6 +49,7 @@ STATUS = {
     Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Code.OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
     Code.ABORTED: grpc.StatusCode.ABORTED,
+    Code.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 # Control messages are tiny; chunks are at most settings.chunk_bytes (≤ 3 MiB).
 MAX_MESSAGE_BYTES = 4 << 20
@@ -49,136 +65,312 @@ def resources_dict(r: agent_pb2.Resources) -> dict[str, Any]:
     }
 
 
+def task_message(task: TrainTask) -> Any:
+    return agent_pb2.TrainTask(
+        task_id=task.task_id,
+        job_id=task.job_id,
+        round=task.round,
+        ranks=task.ranks,
+        strategy=task.strategy,
+        lora_alpha=task.lora_alpha,
+        scale_rule=task.scale_rule,
+        blobs=[agent_pb2.BlobRef(key=b.key, size=b.size, name=b.name) for b in task.blobs],
+        base_model=task.base_model,
+        base_model_sha256=task.base_model_sha256,
+        task_type=task.task_type,
+        train_config_json=json.dumps(task.train_config),
+        deadline_unix_ms=int(task.deadline.timestamp() * 1000),
+    )
+
+
+def bearer(context: grpc.aio.ServicerContext) -> str:
+    md = dict(context.invocation_metadata() or ())
+    auth = md.get("authorization", "")
+    return auth[7:] if isinstance(auth, str) and auth.startswith("Bearer ") else ""
+
+
+async def abort(context: grpc.aio.ServicerContext, e: ServiceError) -> NoReturn:
+    trailing = (("retry-after", str(e.retry_after_s)),) if e.retry_after_s is not None else ()
+    await context.abort(STATUS[e.code], e.message, trailing_metadata=trailing)
+    raise AssertionError("unreachable: abort raises")
+
+
+def deadline_error(what: str, seconds: float) -> ServiceError:
+    return ServiceError(Code.DEADLINE_EXCEEDED, f"{what} took longer than the server allows ({seconds:g} s)")
+
+
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
-    def __init__(self, service: AgentService) -> None:
+    def __init__(
+        self,
+        service: AgentService,
+        limits: CallLimits,
+        waiters: Waiters,
+        fleet: Callable[[], int],
+        db: concurrent.futures.Executor,
+        transfers: concurrent.futures.Executor,
+    ) -> None:
         self.svc = service
+        self.limits = limits
+        self.waiters = waiters
+        self.fleet = fleet  # the fleet's size, refreshed by the plane (pacing scales with it)
+        self.db = db  # short blocking work: database reads and writes
+        self.transfers = transfers  # blob reads and upload streams
+        s = service.settings
+        self.pacing = Pacing(s.heartbeat_ttl_s, s.pull_wait_max_s, s.fleet_calls_per_s)
+        self.call_timeout_s = s.grpc_call_timeout_s
+        self.idle_s = s.grpc_stream_idle_s
+        self.recheck_s = s.pull_recheck_s
 
-    def _call(self, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
+    # ---------------------------------------------------------------- plumbing
+    async def _in(self, pool: concurrent.futures.Executor, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+
+    @asynccontextmanager
+    async def _admitted(self, context: grpc.aio.ServicerContext, kind: Kind) -> AsyncIterator[str]:
+        """A slot of `kind`, then the authenticated agent id and one of its own slots."""
+        with self.limits.slot(kind):
+            agent = await self._in(self.db, self.svc.authenticate, bearer(context))
+            with self.limits.agent_slot(agent):
+                yield agent
+
+    async def _unary(self, context: grpc.aio.ServicerContext, kind: Kind, body: Callable[[str], Any]) -> Any:
+        """Admit, authenticate and run `body(agent)` (a coroutine) under the call deadline."""
         try:
-            return fn()
+            async with asyncio.timeout(self.call_timeout_s):
+                async with self._admitted(context, kind) as agent:
+                    return await body(agent)
+        except TimeoutError:
+            await abort(context, deadline_error("the call", self.call_timeout_s))
         except ServiceError as e:
-            if e.retry_after_s is not None:
-                context.set_trailing_metadata((("retry-after", str(e.retry_after_s)),))
-            context.abort(STATUS[e.code], e.message)
-            raise  # unreachable: abort raises
+            await abort(context, e)
 
-    def _agent(self, context: grpc.ServicerContext) -> str:
-        md = dict(context.invocation_metadata())
-        auth = md.get("authorization", "")
-        credential = auth[7:] if auth.startswith("Bearer ") else ""
-        return self._call(context, lambda: self.svc.authenticate(credential))
+    async def _next(self, requests: AsyncIterator[Any]) -> Any:
+        """The next message of a client stream (None at its end), within the idle deadline."""
+        try:
+            async with asyncio.timeout(self.idle_s):
+                return await anext(requests, None)
+        except TimeoutError:
+            raise deadline_error("waiting for the next message", self.idle_s) from None
 
-    def Register(self, request: Any, context: grpc.ServicerContext) -> Any:
-        agent_id, cred = self._call(
-            context,
-            lambda: self.svc.register(
-                request.enrolment_token, request.name, resources_dict(request.resources), peer=context.peer()
-            ),
-        )
+    # ---------------------------------------------------------------- identity / liveness
+    async def Register(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async with asyncio.timeout(self.call_timeout_s):
+                with self.limits.slot(Kind.CALL):
+                    register = functools.partial(
+                        self.svc.register,
+                        request.enrolment_token,
+                        request.name,
+                        resources_dict(request.resources),
+                        peer=context.peer(),
+                    )
+                    agent_id, cred = await self._in(self.db, register)
+        except TimeoutError:
+            await abort(context, deadline_error("the call", self.call_timeout_s))
+        except ServiceError as e:
+            await abort(context, e)
         return agent_pb2.RegisterResponse(agent_id=agent_id, credential=cred)
 
-    def Heartbeat(self, request: Any, context: grpc.ServicerContext) -> Any:
-        agent = self._agent(context)
-        action = self._call(
-            context,
-            lambda: self.svc.heartbeat(agent, resources_dict(request.resources), request.task_id, request.progress),
-        )
-        return agent_pb2.HeartbeatResponse(
-            action=agent_pb2.HeartbeatResponse.Action.Value(action),
-            interval_seconds=max(1, int(self.svc.settings.heartbeat_ttl_s / 3)),
-        )
+    async def Heartbeat(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def body(agent: str) -> Any:
+            fleet = self.fleet()
+            action = await self._in(
+                self.db,
+                self.svc.heartbeat,
+                agent,
+                resources_dict(request.resources),
+                request.task_id,
+                request.progress,
+                self.pacing.liveness_ttl_s(fleet),
+            )
+            return agent_pb2.HeartbeatResponse(
+                action=agent_pb2.HeartbeatResponse.Action.Value(action),
+                interval_seconds=self.pacing.heartbeat_interval_s(fleet),
+            )
 
-    def PullTask(self, request: Any, context: grpc.ServicerContext) -> Any:
-        agent = self._agent(context)
-        task = self._call(context, lambda: self.svc.pull_task(agent, float(request.wait_seconds)))
-        if task is None:
-            # after a long poll the agent may pull again at once; a zero-wait poller is paced
-            pause = 0 if request.wait_seconds > 0 else 1
-            return agent_pb2.PullTaskResponse(no_task=agent_pb2.NoTask(retry_after_seconds=pause))
+        return await self._unary(context, Kind.CALL, body)
+
+    # ---------------------------------------------------------------- tasks
+    async def PullTask(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Long-poll without a thread: one database read at the start, one per wake-up (a round
+        selected this agent) and one per `pull_recheck_s`; an open wait keeps the agent alive."""
+        wait_s = max(0.0, min(float(request.wait_seconds), self.svc.settings.pull_wait_max_s))
+        try:
+            async with asyncio.timeout(wait_s + self.call_timeout_s):
+                async with self._admitted(context, Kind.WAIT) as agent:
+                    task = await self._wait_for_task(agent, wait_s)
+        except TimeoutError:
+            await abort(context, deadline_error("the wait", wait_s + self.call_timeout_s))
+        except ServiceError as e:
+            await abort(context, e)
+        if task is not None:
+            return agent_pb2.PullTaskResponse(task=task_message(task))
+        fleet = self.fleet()
         return agent_pb2.PullTaskResponse(
-            task=agent_pb2.TrainTask(
-                task_id=task.task_id,
-                job_id=task.job_id,
-                round=task.round,
-                ranks=task.ranks,
-                strategy=task.strategy,
-                lora_alpha=task.lora_alpha,
-                scale_rule=task.scale_rule,
-                blobs=[agent_pb2.BlobRef(key=b.key, size=b.size, name=b.name) for b in task.blobs],
-                base_model=task.base_model,
-                base_model_sha256=task.base_model_sha256,
-                task_type=task.task_type,
-                train_config_json=json.dumps(task.train_config),
-                deadline_unix_ms=int(task.deadline.timestamp() * 1000),
+            no_task=agent_pb2.NoTask(
+                retry_after_seconds=self.pacing.pull_pause_s(wait_s, fleet),
+                wait_seconds=self.pacing.pull_wait_s(),
             )
         )
 
-    def DownloadBlob(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        agent = self._agent(context)
-        size, sha, chunks = self._call(context, lambda: self.svc.open_blob(agent, request.key, request.offset))
-        yield agent_pb2.BlobChunk(
-            header=agent_pb2.BlobHeader(size=size, sha256=sha, chunk_size=self.svc.settings.chunk_bytes)
-        )
-        for c in chunks:
-            yield agent_pb2.BlobChunk(data=c)
+    async def _wait_for_task(self, agent: str, wait_s: float) -> TrainTask | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        # registered before the first read: a round opening during that read still wakes us
+        waiter = self.waiters.register(agent)
+        try:
+            ttl = self.pacing.wait_ttl_s(wait_s, self.fleet())
+            task: TrainTask | None = await self._in(self.db, self.svc.begin_wait, agent, ttl)
+            while task is None and not waiter.superseded:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(min(left, self.recheck_s)):
+                        await waiter.event.wait()
+                except TimeoutError:
+                    pass  # the periodic re-check: events are hints
+                if waiter.superseded:
+                    break
+                waiter.event.clear()
+                task = await self._in(self.db, self.svc.try_claim, agent)
+            return task
+        finally:
+            self.waiters.unregister(agent, waiter)
 
-    def UploadUpdate(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        agent = self._agent(context)
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be an UploadHeader")
-            raise AssertionError("unreachable: abort raises")
-        h = first.header
-        header = UploadHeader(
-            task_id=h.task_id,
-            job_id=h.job_id,
-            round=h.round,
-            size=h.size,
-            sha256=h.sha256,
-            offset=h.offset,
-            n_examples=h.n_examples,
-            metrics=dict(h.metrics),
-        )
+    # ---------------------------------------------------------------- blobs
+    async def DownloadBlob(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        """Chunks are read one at a time in the transfer pool; a reader that stops reading ends
+        with DEADLINE_EXCEEDED after `grpc_stream_idle_s` (flow control blocks the write)."""
+        try:
+            async with self._admitted(context, Kind.TRANSFER) as agent:
+                opened = await asyncio.wait_for(
+                    self._in(self.db, self.svc.open_blob, agent, request.key, request.offset), self.call_timeout_s
+                )
+                size, sha, chunks = opened
+                try:
+                    header = agent_pb2.BlobHeader(size=size, sha256=sha, chunk_size=self.svc.settings.chunk_bytes)
+                    await self._write(context, agent_pb2.BlobChunk(header=header))
+                    while (chunk := await self._in(self.transfers, next, chunks, None)) is not None:
+                        await self._write(context, agent_pb2.BlobChunk(data=chunk))
+                finally:
+                    close = getattr(chunks, "close", None)
+                    if close is not None:
+                        with contextlib.suppress(ValueError):  # still running in a pool thread after a timeout
+                            close()
+        except TimeoutError:
+            await abort(context, deadline_error("opening the blob", self.call_timeout_s))
+        except ServiceError as e:
+            await abort(context, e)
 
-        def chunks() -> Iterator[bytes]:
-            for msg in request_iterator:
-                if msg.WhichOneof("part") != "data":
-                    raise ServiceError(Code.INVALID_ARGUMENT, "only data chunks may follow the header")
-                yield msg.data
+    async def _write(self, context: grpc.aio.ServicerContext, message: Any) -> None:
+        try:
+            async with asyncio.timeout(self.idle_s):
+                await context.write(message)
+        except TimeoutError:
+            raise deadline_error("sending the next chunk", self.idle_s) from None
 
-        res = self._call(context, lambda: self.svc.upload(agent, header, chunks()))
+    # ---------------------------------------------------------------- uploads
+    async def UploadUpdate(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        """The header is read here; the chunks are handed to the service in a transfer thread,
+        which pulls each message from this loop (bounded by the idle deadline)."""
+        try:
+            async with self._admitted(context, Kind.TRANSFER) as agent:
+                first = await self._next(request_iterator)
+                if first is None or first.WhichOneof("part") != "header":
+                    raise ServiceError(Code.INVALID_ARGUMENT, "the first message must be an UploadHeader")
+                h = first.header
+                header = UploadHeader(
+                    task_id=h.task_id,
+                    job_id=h.job_id,
+                    round=h.round,
+                    size=h.size,
+                    sha256=h.sha256,
+                    offset=h.offset,
+                    n_examples=h.n_examples,
+                    metrics=dict(h.metrics),
+                )
+                chunks = self._bridge(request_iterator, asyncio.get_running_loop())
+                res = await self._in(self.transfers, self.svc.upload, agent, header, chunks)
+        except ServiceError as e:
+            await abort(context, e)
         return agent_pb2.UploadResponse(update_id=res.update_id, received=res.received, accepted=res.accepted)
 
-    def UploadStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
-        agent = self._agent(context)
-        received = self._call(context, lambda: self.svc.upload_status(agent, request.task_id))
-        return agent_pb2.UploadStatusResponse(received=received)
+    def _bridge(self, requests: AsyncIterator[Any], loop: asyncio.AbstractEventLoop) -> Iterator[bytes]:
+        """The data chunks of a client stream, for a pool thread: each message is awaited on the
+        plane's loop; the thread never waits longer than the idle deadline."""
+        while True:
+            fut = asyncio.run_coroutine_threadsafe(self._next(requests), loop)
+            try:
+                msg = fut.result(timeout=self.idle_s + 5)
+            except concurrent.futures.TimeoutError:
+                fut.cancel()
+                raise deadline_error("waiting for the next chunk", self.idle_s) from None
+            except concurrent.futures.CancelledError:
+                raise ServiceError(Code.ABORTED, "the upload stream was cancelled") from None
+            if msg is None:
+                return
+            if msg.WhichOneof("part") != "data":
+                raise ServiceError(Code.INVALID_ARGUMENT, "only data chunks may follow the header")
+            yield msg.data
 
-    def ReportMetrics(self, request: Any, context: grpc.ServicerContext) -> Any:
-        agent = self._agent(context)
-        self._call(
-            context, lambda: self.svc.report_metrics(agent, request.task_id, dict(request.metrics), request.step)
-        )
-        return agent_pb2.ReportMetricsResponse()
+    async def UploadStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def body(agent: str) -> Any:
+            received = await self._in(self.db, self.svc.upload_status, agent, request.task_id)
+            return agent_pb2.UploadStatusResponse(received=received)
+
+        return await self._unary(context, Kind.CALL, body)
+
+    async def ReportMetrics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def body(agent: str) -> Any:
+            report = self.svc.report_metrics
+            await self._in(self.db, report, agent, request.task_id, dict(request.metrics), request.step)
+            return agent_pb2.ReportMetricsResponse()
+
+        return await self._unary(context, Kind.CALL, body)
 
 
-def build_server(service: AgentService, settings: Settings) -> tuple[grpc.Server, int]:
-    """A gRPC server with the AgentService, health checking and (if `settings.grpc_reflection`)
-    reflection; unexpected errors answer INTERNAL with an error id only; (server, port)."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers, thread_name_prefix="grpc"),
-        interceptors=[ErrorIdInterceptor()],
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Message sizes, keepalive and idle-connection settings of the agent plane."""
+
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        # the server pings a quiet connection and drops it when the ping goes unanswered
+        ("grpc.keepalive_time_ms", ms(settings.grpc_keepalive_s)),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # agents may ping every 10 s (the client's keepalive is 30 s); more often is a strike
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_idle_ms", ms(settings.grpc_max_connection_idle_s)),
+        # recycled connections rebalance agents over replicas; a wait in progress may finish
+        ("grpc.max_connection_age_ms", ms(settings.grpc_max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", ms(settings.pull_wait_max_s + settings.grpc_call_timeout_s)),
+        ("grpc.max_concurrent_streams", settings.grpc_max_streams_per_connection),
+    ]
+
+
+async def build_server(servicer: AgentServicer, settings: Settings) -> tuple[grpc.aio.Server, int]:
+    """An asyncio gRPC server (call it on the loop that will run it) with the AgentService,
+    health checking and (if `settings.grpc_reflection`) reflection; unexpected errors answer
+    INTERNAL with an error id only; (server, port), not yet started."""
+    caps = servicer.limits.caps
+    server = grpc.aio.server(
+        interceptors=[AsyncErrorIdInterceptor()],
+        options=server_options(settings),
+        # a backstop behind the caps of `limits` (which answer with a retry-after)
+        maximum_concurrent_rpcs=sum(caps.values()) + 64,
     )
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(service), server)
-    health_servicer = health.HealthServicer()
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     name = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
-    health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     if settings.grpc_reflection:
         reflection.enable_server_reflection((name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{settings.grpc_host}:{settings.grpc_port}"

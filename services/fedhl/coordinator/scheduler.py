@@ -29,6 +29,7 @@ from ..storage.repos import AgentRepo, AuditRepo, JobRepo, RoundRepo, ShardRepo
 from ..supervise import LoopRegistry, LoopState, supervise
 from .ranks import AgentInfo, assign_ranks
 from .selection import quorum, select
+from .waiters import round_events
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class Scheduler:
     def advance(self, job_id: str) -> None:
         enqueue: tuple[int, list[int]] | None = None  # (round id, shards to publish)
         check: tuple[int, int] | None = None  # (round id, shards): re-publish what has no queue entry
-        opened = False
+        opened: list[str] | None = None  # the agents of a round opened now: their waits are woken
         with transaction(self.deps.sessions) as s:
             jobs = JobRepo(s)
             job = jobs.get(job_id, lock=True)  # serialises transitions of this job
@@ -175,8 +176,14 @@ class Scheduler:
             for shard in shard_list:
                 self.deps.coordination.queue.publish(AggregationTask(round_id, shard).to_fields())
             self._enqueued[round_id] = self.monotonic()
-        if opened or enqueue is not None:
-            self.deps.coordination.events.publish(ROUND_EVENTS, {"type": "round_changed", "job_id": job_id})
+        # Round events wake exactly the agents a new round selected (on every replica); a round
+        # handed to the aggregation names no agent (no wait has anything new to read).
+        if opened is not None:
+            for event in round_events("round_opened", job_id, opened):
+                self.deps.coordination.events.publish(ROUND_EVENTS, event)
+        if enqueue is not None:
+            for event in round_events("round_closed", job_id, []):
+                self.deps.coordination.events.publish(ROUND_EVENTS, event)
 
     def _unqueued_shards(self, round_id: int, shards: int) -> list[int]:
         """Shards of an AGGREGATING round with neither a queue entry (pending with a worker, or
@@ -199,7 +206,9 @@ class Scheduler:
             return [0]
         return [i for i in range(shards) if i not in queued and i not in done]
 
-    def _open(self, s: Session, job: Job, spec: JobSpec, now: datetime) -> bool:
+    def _open(self, s: Session, job: Job, spec: JobSpec, now: datetime) -> list[str] | None:
+        """Open the job's next round; → the selected agent ids, or None when none opened.
+        Reads the fleet's ids (not its rows) and loads the rows of the selected agents only."""
         job_id, number = job.id, job.current_round
         rounds = RoundRepo(s)
         # Failed attempts since the job last changed status (an admin resume starts a new count).
@@ -210,17 +219,16 @@ class Scheduler:
             if JobRepo(s).transition(job_id, [JobStatus.RUNNING], JobStatus.PAUSED, error=reason):
                 AuditRepo(s).record("scheduler", "job_paused", job_id, round=number, reason=reason)
                 log.warning("job %s paused: %s", job_id, reason)
-            return False
-        agents = {a.id: a for a in AgentRepo(s).active()}
-        live = self.deps.coordination.liveness.alive(agents)
+            return None
+        live = self.deps.coordination.liveness.alive(AgentRepo(s).active_ids())
         quarantined = AgentRepo(s).quarantined_ids()  # repeated offenders sit rounds out (issue 12)
         available = sorted(live - rounds.busy_agents() - quarantined)
         attempt = rounds.attempts(job_id, number)
         chosen = select(spec.selection, available, seed=f"{spec.seed}:{job_id}:{number}:{attempt}")
         if chosen is None:
-            return False
+            return None
         ids, target = chosen
-        infos = [AgentInfo(a.id, a.name, a.resources, a.rank_override) for a in (agents[i] for i in ids)]
+        infos = [AgentInfo(a.id, a.name, a.resources, a.rank_override) for a in AgentRepo(s).in_ids(ids)]
         values_per_rank = sum(o + i for o, i in spec.module_shapes.values())
         ranks = assign_ranks(infos, spec.rank_set, spec.rank_policy, values_per_rank, number)
         deadline = now + timedelta(seconds=spec.selection.deadline_s)
@@ -239,4 +247,4 @@ class Scheduler:
             ranks=sorted(set(ranks.values())),
             round_id=rnd.id,
         )
-        return True
+        return ids

@@ -181,7 +181,11 @@ class Round(Base):
 
 class Assignment(Base):
     __tablename__ = "assignments"
-    __table_args__ = (UniqueConstraint("round_id", "agent_id"),)
+    # (agent_id, state): the pending-task check of every PullTask reads one agent's open assignments
+    __table_args__ = (
+        UniqueConstraint("round_id", "agent_id"),
+        Index("ix_assignments_agent_state", "agent_id", "state"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)  # the task id
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)

@@ -142,6 +142,22 @@ class AgentRepo:
     def active_ids(self) -> Sequence[str]:
         return self.s.scalars(select(Agent.id).where(Agent.status == AgentStatus.ACTIVE).order_by(Agent.id)).all()
 
+    def count_active(self) -> int:
+        q = select(func.count()).select_from(Agent).where(Agent.status == AgentStatus.ACTIVE)
+        return int(self.s.scalar(q) or 0)
+
+    def in_ids(self, agent_ids: Sequence[str]) -> Sequence[Agent]:
+        """These agents' rows by id (a round's selected agents only, not the whole fleet)."""
+        ids, rows = list(agent_ids), list[Agent]()
+        for i in range(0, len(ids), 1000):  # bounded IN lists
+            rows.extend(self.s.scalars(select(Agent).where(Agent.id.in_(ids[i : i + 1000]))).all())
+        return sorted(rows, key=lambda a: a.id)
+
+    def touch_many(self, agent_ids: Sequence[str], now: datetime) -> None:
+        """last_seen_at = now for these agents, in one UPDATE (liveness proper is in Redis)."""
+        if agent_ids:
+            self.s.execute(update(Agent).where(Agent.id.in_(list(agent_ids))).values(last_seen_at=now))
+
     def touch(self, agent_id: str, resources: dict[str, Any], now: datetime) -> bool:
         """Record a sign of life: last_seen_at = now and the reported resources merged over
         the stored ones. False for an unknown agent."""
@@ -412,6 +428,22 @@ class RoundRepo:
             )
             .order_by(Assignment.created_at)
         ).first()
+
+    def pending_id_for_agent(self, agent_id: str) -> str | None:
+        """The id of what `pending_for_agent` returns, in one indexed query (no ORM rows)."""
+        return self.s.scalar(
+            select(Assignment.id)
+            .join(Round)
+            .join(Job)
+            .where(
+                Assignment.agent_id == agent_id,
+                Assignment.state.in_([AssignmentState.ISSUED, AssignmentState.RUNNING]),
+                Round.state.in_([RoundState.OPEN, RoundState.COLLECTING]),
+                Job.status == JobStatus.RUNNING,
+            )
+            .order_by(Assignment.created_at)
+            .limit(1)
+        )
 
     def busy_agents(self) -> set[str]:
         rows = self.s.scalars(

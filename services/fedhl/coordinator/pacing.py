@@ -1,0 +1,39 @@
+"""How often agents call (pure): the server tells each agent its heartbeat interval and how long
+to wait between pulls, and lengthens both as the fleet grows so that the whole fleet sends about
+`calls_per_s` heartbeats per second, whatever its size. Liveness stretches with the interval:
+an agent is alive for three intervals after its last call (or after its open wait ends)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Pacing:
+    heartbeat_ttl_s: float  # liveness after one call, for a small fleet
+    pull_wait_max_s: float  # longest long-poll
+    calls_per_s: float  # what the whole fleet's heartbeats should add up to
+
+    def heartbeat_interval_s(self, fleet: int) -> int:
+        """Seconds between an agent's heartbeats: a third of the TTL, longer for a large fleet."""
+        return max(1, int(self.heartbeat_ttl_s / 3), math.ceil(max(fleet, 0) / self.calls_per_s))
+
+    def liveness_ttl_s(self, fleet: int) -> float:
+        """How long one call keeps an agent alive: three of its heartbeat intervals."""
+        return max(self.heartbeat_ttl_s, 3.0 * self.heartbeat_interval_s(fleet))
+
+    def wait_ttl_s(self, wait_s: float, fleet: int) -> float:
+        """Liveness set when a long-poll starts: its whole length, then as after any call."""
+        return max(wait_s, 0.0) + self.liveness_ttl_s(fleet)
+
+    def pull_pause_s(self, wait_s: float, fleet: int) -> int:
+        """Seconds an agent waits before pulling again after an empty answer: none after a
+        long-poll (waiting costs the server nothing), paced like heartbeats after a zero wait."""
+        if wait_s > 0:
+            return 0
+        return max(1, math.ceil(max(fleet, 0) / self.calls_per_s))
+
+    def pull_wait_s(self) -> int:
+        """The long-poll length the server asks agents to request."""
+        return max(1, int(self.pull_wait_max_s))

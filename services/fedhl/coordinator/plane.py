@@ -1,0 +1,153 @@
+"""The agent plane of one coordinator process: the asyncio gRPC server on its own event loop
+(in a thread, beside the scheduler threads and the REST server), the two bounded thread pools
+its calls run blocking work in, the waiter registry with the thread that relays round events
+to it, and the housekeeping that batches `last_seen_at` writes and refreshes the fleet size.
+
+Every background part is supervised and registered in the coordinator's `LoopRegistry`, so
+/readyz names it when it stops ticking."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+
+import grpc
+
+from ..settings import Settings
+from ..supervise import LoopRegistry, LoopState
+from .agents import LAST_SEEN_EVERY_S, AgentService
+from .grpc_api import AgentServicer, build_server
+from .limits import CallLimits, Kind
+from .waiters import Waiters, WakeRelay
+
+log = logging.getLogger(__name__)
+
+FLEET_REFRESH_S = 30.0  # how often the fleet size (pacing) is re-read
+
+
+class AgentPlane:
+    def __init__(self, service: AgentService, settings: Settings, loops: LoopRegistry) -> None:
+        self.svc = service
+        self.settings = settings
+        self.loops = loops
+        self.limits = CallLimits(
+            {
+                Kind.CALL: settings.grpc_max_calls,
+                Kind.WAIT: settings.grpc_max_waits,
+                Kind.TRANSFER: settings.grpc_max_transfers,
+            },
+            settings.grpc_max_calls_per_agent,
+            settings.grpc_retry_after_s,
+        )
+        self.waiters = Waiters()
+        self.db = concurrent.futures.ThreadPoolExecutor(settings.grpc_max_workers, thread_name_prefix="agent-db")
+        self.transfers = concurrent.futures.ThreadPoolExecutor(
+            settings.grpc_max_transfers, thread_name_prefix="agent-transfer"
+        )
+        self.fleet = 0
+        self.port = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server: grpc.aio.Server | None = None
+        self.relay: WakeRelay | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stopped: asyncio.Event | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self, timeout_s: float = 30.0) -> int:
+        """Start the loop thread and the server; → the bound port. Raises what startup raised."""
+        self._thread = threading.Thread(target=self._run, name="agent-plane", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise RuntimeError("the agent plane did not start in time")
+        if self._error is not None:
+            raise RuntimeError(f"the agent plane did not start: {self._error}") from self._error
+        return self.port
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        loop, stopped = self.loop, self._stopped
+        if loop is not None and stopped is not None and not loop.is_closed():
+            try:
+                fut = asyncio.run_coroutine_threadsafe(self._shutdown(grace_s), loop)
+                fut.result(timeout=grace_s + 10)
+            except (RuntimeError, concurrent.futures.TimeoutError) as e:
+                log.warning("agent plane: unclean stop (%s)", e)
+        if self._thread is not None:
+            self._thread.join(timeout=grace_s + 10)
+        if self.relay is not None:
+            self.relay.close()
+        self.db.shutdown(wait=False, cancel_futures=True)
+        self.transfers.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self.loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as e:  # startup failed: start() reports it
+            self._error = e
+            self._ready.set()
+        finally:
+            loop.close()
+
+    async def _serve(self) -> None:
+        self._stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.fleet = await loop.run_in_executor(self.db, self.svc.fleet_size)
+        servicer = AgentServicer(self.svc, self.limits, self.waiters, lambda: self.fleet, self.db, self.transfers)
+        self.server, self.port = await build_server(servicer, self.settings)
+        self.relay = WakeRelay(
+            self.svc.deps.coordination.events,
+            self.waiters,
+            loop,
+            self.loops.register("agent-wakeups", self.settings.loop_stale_s),
+        )
+        await loop.run_in_executor(None, self.relay.start)
+        await self.server.start()
+        housekeeping = self.loops.register("agent-plane", max(self.settings.loop_stale_s, 2 * FLEET_REFRESH_S))
+        keeper = asyncio.create_task(self._housekeeping(housekeeping))
+        self._ready.set()
+        try:
+            await self._stopped.wait()
+        finally:
+            keeper.cancel()
+
+    async def _shutdown(self, grace_s: float) -> None:
+        if self.server is not None:
+            await self.server.stop(grace_s)
+        # the last sightings are not lost at a clean stop
+        await asyncio.get_running_loop().run_in_executor(self.db, self._flush_quietly)
+        assert self._stopped is not None
+        self._stopped.set()
+
+    # ---------------------------------------------------------------- housekeeping
+    async def _housekeeping(self, state: LoopState) -> None:
+        """Every few seconds: flush last_seen_at (every LAST_SEEN_EVERY_S) and refresh the fleet
+        size (every FLEET_REFRESH_S). Failures are logged and retried; the loop never ends."""
+        loop = asyncio.get_running_loop()
+        last_flush = last_fleet = loop.time()
+        while True:
+            await asyncio.sleep(min(5.0, self.settings.loop_stale_s / 3))
+            now = loop.time()
+            try:
+                if now - last_flush >= LAST_SEEN_EVERY_S:
+                    await loop.run_in_executor(self.db, self.svc.flush_seen)
+                    last_flush = now
+                if now - last_fleet >= FLEET_REFRESH_S:
+                    self.fleet = await loop.run_in_executor(self.db, self.svc.fleet_size)
+                    last_fleet = now
+                state.tick()
+            except Exception as e:  # the database may be away: keep going, /readyz tells
+                state.failures += 1
+                state.error = f"{type(e).__name__}: {e}"[:500]
+                log.warning("agent plane housekeeping failed (%s); retrying", state.error)
+
+    def _flush_quietly(self) -> None:
+        try:
+            self.svc.flush_seen()
+        except Exception as e:
+            log.warning("agent plane: last_seen_at not flushed at stop (%s)", e)

@@ -1,0 +1,138 @@
+"""Event-driven PullTask waits: one registry per coordinator process, keyed by agent id, woken
+by the round events every replica receives (Redis pub/sub, or the in-process channel).
+
+A round that opens publishes the ids of the agents it selected (`round_event`); each replica
+wakes exactly those of its waiting agents, and each of them reads the database once. An event
+without an `agents` list (from an older replica) wakes every waiter. Events are hints: a
+waiter also re-reads at its start and every `pull_recheck_s`, so a lost event delays a task,
+never loses it.
+
+`Waiters` lives on the agent plane's event loop; `WakeRelay` is the thread that reads the
+event subscription and hands wake-ups to that loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from ..backends import ROUND_EVENTS
+from ..metrics import AGENT_WAKEUPS as WAKEUPS
+from ..metrics import AGENTS_WAITING as WAITING
+from ..storage.coordination import Events, Subscription
+from ..supervise import LoopState, supervise
+
+log = logging.getLogger(__name__)
+
+EVENT_AGENTS_MAX = 1000  # agent ids per published event (a 1,000-agent round: one ≈ 37 kB message)
+
+
+def round_events(event_type: str, job_id: str, agents: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """The ROUND_EVENTS messages that wake `agents` (several for a large round; at least one,
+    so a round that selected nobody here still announces itself)."""
+    ids = list(agents)
+    for i in range(0, max(len(ids), 1), EVENT_AGENTS_MAX):
+        yield {"type": event_type, "job_id": job_id, "agents": ids[i : i + EVENT_AGENTS_MAX]}
+
+
+class Waiter:
+    """One open PullTask: `event` is set when it should read the database again."""
+
+    __slots__ = ("event", "superseded")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.superseded = False
+
+
+class Waiters:
+    """At most one open wait per agent: a new PullTask of the same agent supersedes the older
+    one, which answers `no_task` at once (a reconnected agent never waits behind its ghost)."""
+
+    def __init__(self) -> None:
+        self._by_agent: dict[str, Waiter] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_agent)
+
+    def register(self, agent_id: str) -> Waiter:
+        old = self._by_agent.get(agent_id)
+        if old is not None:
+            old.superseded = True
+            old.event.set()
+        w = self._by_agent[agent_id] = Waiter()
+        WAITING.set(len(self._by_agent))
+        return w
+
+    def unregister(self, agent_id: str, w: Waiter) -> None:
+        if self._by_agent.get(agent_id) is w:
+            del self._by_agent[agent_id]
+            WAITING.set(len(self._by_agent))
+
+    def wake(self, agent_ids: Iterable[str] | None) -> int:
+        """Wake these agents' waits (None: all of them); returns how many were waiting here."""
+        if agent_ids is None:
+            woken = list(self._by_agent.values())
+        else:
+            woken = [w for a in agent_ids if (w := self._by_agent.get(a)) is not None]
+        for w in woken:
+            w.event.set()
+        WAKEUPS.inc(len(woken))
+        return len(woken)
+
+
+def agents_of(event: dict[str, Any]) -> list[str] | None:
+    """The agent ids an event names, or None when it names none (wake everyone)."""
+    agents = event.get("agents")
+    if not isinstance(agents, list):
+        return None
+    return [a for a in agents if isinstance(a, str)]
+
+
+class WakeRelay:
+    """Reads ROUND_EVENTS in a thread and wakes the named waiters on `loop`. Supervised: when
+    the subscription fails (Redis away) it backs off and subscribes again; meanwhile waits fall
+    back to their periodic re-check."""
+
+    def __init__(self, events: Events, waiters: Waiters, loop: asyncio.AbstractEventLoop, state: LoopState) -> None:
+        self.events = events
+        self.waiters = waiters
+        self.loop = loop
+        self.state = state
+        self.stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="agent-wakeups", daemon=True)
+        self._sub: Subscription | None = None
+        self._subscribed = threading.Event()
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Start the thread and wait (bounded) for its first subscription, so an event published
+        after the plane started is not missed."""
+        self._thread.start()
+        if not self._subscribed.wait(timeout_s):
+            log.warning("round events: no subscription yet; waits re-check the database until there is one")
+
+    def close(self) -> None:
+        self.stop.set()
+        sub = self._sub
+        if sub is not None:
+            sub.close()  # wakes the reader blocked in get()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        supervise(self.state, self._relay, self.stop)
+
+    def _relay(self, state: LoopState) -> None:
+        with self.events.subscribe(ROUND_EVENTS) as sub:
+            self._sub = sub
+            self._subscribed.set()
+            while not self.stop.is_set():
+                event = sub.get(timeout_s=1.0)
+                state.tick()
+                if event is None:
+                    continue
+                try:
+                    self.loop.call_soon_threadsafe(self.waiters.wake, agents_of(event))
+                except RuntimeError:  # the loop closed: the plane is stopping
+                    return
