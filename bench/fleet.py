@@ -82,6 +82,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.max_send_message_length", 8 << 20),
     ("grpc.keepalive_time_ms", 30_000),
+    # channels to one target with equal arguments would share one connection (the global
+    # subchannel pool) and so the server's per-connection stream cap: one connection per channel
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 
 
@@ -113,10 +116,12 @@ class Stats:
 
 
 def retry_after(e: grpc.aio.AioRpcError, default: float = 1.0) -> float:
+    """The server's `retry-after` trailing metadata plus up to 50 % jitter (as the agent does),
+    else `default`."""
     for k, v in e.trailing_metadata() or ():
         if k == "retry-after":
             with contextlib.suppress(ValueError):
-                return float(v)
+                return min(float(v), 300.0) * (1.0 + 0.5 * random.random())
     return default
 
 
@@ -455,20 +460,23 @@ class Fleet:
 
     async def _pulls(self, a: Agent, delay: float) -> None:
         await asyncio.sleep(delay)
-        req = agent_pb2.PullTaskRequest(wait_seconds=WAIT_S)
+        wait_s = WAIT_S  # until the server says which long-poll length it honours
         while self.running:
             t0 = time.perf_counter()
             pause = 0.0
             try:
                 a.waiting = True
-                res = await a.stub.PullTask(req, metadata=a.md, timeout=WAIT_S + PULL_SLACK_S)
+                res = await a.stub.PullTask(
+                    agent_pb2.PullTaskRequest(wait_seconds=wait_s), metadata=a.md, timeout=wait_s + PULL_SLACK_S
+                )
                 a.waiting = False
                 if res.WhichOneof("result") == "task":
                     await self._work(a, res.task)
                 else:
                     if self.stats.recording:
-                        self.stats.wait_overshoot_ms.append(max(0.0, time.perf_counter() - t0 - WAIT_S) * 1000)
+                        self.stats.wait_overshoot_ms.append(max(0.0, time.perf_counter() - t0 - wait_s) * 1000)
                     pause = float(res.no_task.retry_after_seconds)
+                    wait_s = int(getattr(res.no_task, "wait_seconds", 0)) or wait_s  # 0 or absent: an older server
             except grpc.aio.AioRpcError as e:
                 a.waiting = False
                 if self.stats.recording:
