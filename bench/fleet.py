@@ -106,6 +106,7 @@ class Stats:
     refused: Counter[str] = field(default_factory=Counter)  # RESOURCE_EXHAUSTED (the agent backs off)
     uploads: int = 0
     compute_s: dict[tuple[str, int], float] = field(default_factory=dict)  # (job, round) -> slowest agent
+    loop_lag_ms: list[float] = field(default_factory=list)  # the load generator's own event-loop delay
     recording: bool = False
 
     def fail(self, method: str, e: grpc.aio.AioRpcError) -> None:
@@ -419,6 +420,7 @@ class Fleet:
 
     async def start(self, agents: list[Agent], ramp_s: float) -> None:
         self.running = True
+        self.tasks.append(asyncio.create_task(self._lag()))
         for a in agents:
             self.tasks.append(asyncio.create_task(self._heartbeats(a, random.uniform(0, ramp_s))))
             self.tasks.append(asyncio.create_task(self._pulls(a, random.uniform(0, ramp_s))))
@@ -437,6 +439,14 @@ class Fleet:
     def connected(agents: Iterable[Agent]) -> int:
         now = time.monotonic()
         return sum(not a.failed and (a.waiting or now - a.last_ok < 2 * a.interval_s + 1) for a in agents)
+
+    async def _lag(self) -> None:
+        """How late a 100 ms sleep wakes: a latency is the coordinator's only if this stays small."""
+        while self.running:
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.1)
+            if self.stats.recording:
+                self.stats.loop_lag_ms.append((time.perf_counter() - t0 - 0.1) * 1000)
 
     async def _heartbeats(self, a: Agent, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -625,6 +635,8 @@ class Bench:
             "heartbeat_p50_ms": percentile(s.heartbeat_ms, 0.5),
             "heartbeat_p99_ms": percentile(s.heartbeat_ms, 0.99),
             "heartbeat_max_ms": percentile(s.heartbeat_ms, 1.0),
+            "loadgen_loop_lag_p50_ms": percentile(s.loop_lag_ms, 0.5),
+            "loadgen_loop_lag_p99_ms": percentile(s.loop_lag_ms, 0.99),
             "waits_completed": len(s.wait_overshoot_ms),
             "wait_overshoot_p99_ms": percentile(s.wait_overshoot_ms, 0.99),
             "interval_s": statistics.median(a.interval_s for a in self.agents[:n]),
