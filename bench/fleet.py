@@ -217,7 +217,7 @@ class Cluster:
             p = self._spawn([sys.executable, "-m", "fedhl.cli", "coordinator"], env, f"coordinator{i}.log")
             self.coordinators.append((p, grpc_port, http_port))
         for p, _, http_port in self.coordinators:
-            end = time.monotonic() + 120
+            end = time.monotonic() + 300  # a loaded machine starts torch slowly
             while True:
                 if p.poll() is not None:
                     raise RuntimeError(f"coordinator exited with {p.returncode}; see {self.work}/coordinator*.log")
@@ -225,7 +225,7 @@ class Cluster:
                     if httpx.get(f"http://127.0.0.1:{http_port}/livez", timeout=2).status_code == 200:
                         break
                 if time.monotonic() > end:
-                    raise TimeoutError("coordinator did not come up in 120 s")
+                    raise TimeoutError("coordinator did not come up in 300 s")
                 time.sleep(0.3)
 
     @property
