@@ -13,6 +13,7 @@ import hashlib
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -23,9 +24,13 @@ import grpc
 import httpx
 import pytest
 
+from fedhl.agent.client import AgentClient, retry_after_s
 from fedhl.codec import decode_start, encode_update
+from fedhl.coordinator.limits import Kind
+from fedhl.storage.db import transaction
+from fedhl.storage.repos import AgentRepo
 from fedhl.v1 import agent_pb2, agent_pb2_grpc
-from stack import BACKENDS, Proc, env_for, free_port, job_spec, settings_for, wait_job
+from stack import BACKENDS, Proc, env_for, free_port, job_spec, running, settings_for, wait_job
 
 IDLE_AGENTS = 300
 WORKERS = 3
@@ -237,3 +242,47 @@ async def scenario(address: str, http: httpx.Client, api: httpx.Client) -> None:
 def test_idle_fleet_does_not_hold_up_the_working_agents(backend: str, tmp_path: Path) -> None:
     with coordinator_process(backend, tmp_path) as (address, http, api):
         asyncio.run(scenario(address, http, api))
+
+
+def test_global_transfer_cap_refuses_with_retry_after_and_other_calls_go_on(tmp_path: Path) -> None:
+    """Two agents hold the only two transfer slots with silent upload streams: a third agent's
+    download is refused RESOURCE_EXHAUSTED with a retry-after, its heartbeat is served, and
+    the slots come back when the streams end."""
+    settings = settings_for("sqlite+inprocess", tmp_path, grpc_max_transfers=2, register_per_peer=100)
+    with running(settings) as c:
+        with transaction(c.deps.sessions) as s:
+            tok, _ = AgentRepo(s).create_token("test", 3, None)
+        clients = [AgentClient(f"127.0.0.1:{c.grpc_port}", retries=0) for _ in range(3)]
+        release = threading.Event()
+
+        def silent() -> Iterator[Any]:
+            release.wait(30)
+            return
+            yield  # a generator that sends nothing until released
+
+        try:
+            for i, client in enumerate(clients):
+                client.register(tok, f"a{i}")
+            held = [cl.stub.UploadUpdate.future(silent(), metadata=cl._md()) for cl in clients[:2]]
+            assert c.plane is not None
+            end = time.monotonic() + 30
+            while c.plane.limits.open(Kind.TRANSFER) < 2:
+                assert time.monotonic() < end, "the two streams were not admitted"
+                time.sleep(0.05)
+            third = clients[2]
+            with pytest.raises(grpc.RpcError) as refused:
+                third.download("0" * 64)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert retry_after_s(refused.value) == settings.grpc_retry_after_s
+            assert third.heartbeat() == "CONTINUE"  # short calls have their own cap
+            release.set()
+            for f in held:
+                with pytest.raises(grpc.RpcError):
+                    f.result(timeout=30)  # no header: INVALID_ARGUMENT
+            with pytest.raises(grpc.RpcError) as after:
+                third.download("0" * 64)
+            assert after.value.code() == grpc.StatusCode.PERMISSION_DENIED  # admitted again (not its blob)
+        finally:
+            release.set()
+            for client in clients:
+                client.close()
