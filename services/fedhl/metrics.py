@@ -108,3 +108,11 @@ AGENT_WAKEUPS = Counter(
     "PullTask waits woken by a round event (each wake-up costs one database read).",
     registry=REGISTRY,
 )
+UPLOAD_STAGE_SECONDS = Histogram(
+    "fedhl_upload_stage_seconds",
+    "Time of one upload call per stage: check (header and task), stage (write the received bytes), "
+    "verify (sha256, validation, store), accept (the database transaction).",
+    ["stage"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)

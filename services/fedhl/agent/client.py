@@ -114,6 +114,10 @@ def open_channel(address: str, tls: TLS | None = None) -> grpc.Channel:
         ("grpc.max_receive_message_length", 8 << 20),
         ("grpc.max_send_message_length", 8 << 20),
         ("grpc.keepalive_time_ms", 30_000),
+        # one connection per agent, as on a real fleet: channels of one process to the same
+        # address would otherwise share one connection and its stream limit (the server's
+        # FEDHL_GRPC_MAX_STREAMS_PER_CONNECTION, 100)
+        ("grpc.use_local_subchannel_pool", 1),
     ]
     if tls is None:
         return grpc.insecure_channel(address, options=options)

@@ -402,6 +402,7 @@ class AgentService:
         if len(h.sha256) != 64 or any(c not in "0123456789abcdef" for c in h.sha256):
             raise ServiceError(Code.INVALID_ARGUMENT, "sha256 must be 64 lowercase hex characters")
         check_metrics(h.metrics)
+        t0 = time.perf_counter()
         exp = self._check_open(agent_id, h)
         limit = min(exp.max_bytes(), self.settings.max_upload_bytes)
         if h.size <= 0 or h.size > limit:
@@ -420,6 +421,8 @@ class AgentService:
             have = 0
         if h.offset != have:
             raise ServiceError(Code.FAILED_PRECONDITION, f"resume from offset {have}, not {h.offset}")
+        t1 = time.perf_counter()
+        prom.UPLOAD_STAGE_SECONDS.labels("check").observe(t1 - t0)
         try:
             received = blobs.staging_append(h.task_id, h.offset, _counted(chunks, prom.UPLOAD_BYTES), max_size=h.size)
         except UploadInProgress:
@@ -429,6 +432,8 @@ class AgentService:
             raise ServiceError(Code.INVALID_ARGUMENT, f"stream exceeds the declared size {h.size}") from None
         except OffsetMismatch as e:  # a concurrent stream moved the staged size
             raise ServiceError(Code.FAILED_PRECONDITION, str(e)) from None
+        t2 = time.perf_counter()
+        prom.UPLOAD_STAGE_SECONDS.labels("stage").observe(t2 - t1)  # includes waiting for the agent's chunks
         if received < h.size:
             return UploadResult("", received, False)  # resumable: the agent continues from `received`
         # Bounded: hashing and validating a large upload costs memory and CPU; past the bound the
@@ -453,7 +458,11 @@ class AgentService:
             raise ServiceError(Code.ABORTED, "another stream is uploading this task; retry") from None
         finally:
             self._validations.release()
-        return self._accept(agent_id, h, key, received)
+        t3 = time.perf_counter()
+        prom.UPLOAD_STAGE_SECONDS.labels("verify").observe(t3 - t2)
+        res = self._accept(agent_id, h, key, received)
+        prom.UPLOAD_STAGE_SECONDS.labels("accept").observe(time.perf_counter() - t3)
+        return res
 
     def _accept(self, agent_id: str, h: UploadHeader, key: str, size: int) -> UploadResult:
         try:
@@ -481,7 +490,8 @@ class AgentService:
                         metrics=dict(h.metrics),
                     )
                 )
-                rounds.transition(rnd.id, [RoundState.OPEN], RoundState.COLLECTING)
+                if rnd.state is RoundState.OPEN:  # the first upload only: no round-row write after that
+                    rounds.transition(rnd.id, [RoundState.OPEN], RoundState.COLLECTING)
                 AuditRepo(s).record(
                     f"agent:{agent_id}", "upload_accepted", rnd.job_id, round=rnd.number, task_id=a.id, bytes=size
                 )

@@ -68,6 +68,8 @@ class AgentPlane:
         return self.port
 
     def stop(self, grace_s: float = 5.0) -> None:
+        if self.relay is not None:
+            self.relay.close()  # no wake-ups during the grace period: the waits end with the server
         loop, stopped = self.loop, self._stopped
         if loop is not None and stopped is not None and not loop.is_closed():
             try:
@@ -77,8 +79,6 @@ class AgentPlane:
                 log.warning("agent plane: unclean stop (%s)", e)
         if self._thread is not None:
             self._thread.join(timeout=grace_s + 10)
-        if self.relay is not None:
-            self.relay.close()
         self.db.shutdown(wait=False, cancel_futures=True)
         self.transfers.shutdown(wait=False, cancel_futures=True)
 

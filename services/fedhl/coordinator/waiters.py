@@ -118,7 +118,8 @@ class WakeRelay:
         sub = self._sub
         if sub is not None:
             sub.close()  # wakes the reader blocked in get()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     def _run(self) -> None:
         supervise(self.state, self._relay, self.stop)

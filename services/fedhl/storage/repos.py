@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from ..jobspec import JobSpec
 from .models import (
@@ -409,7 +409,8 @@ class RoundRepo:
         return self.s.get(Assignment, task_id)
 
     def assignment(self, task_id: str) -> Assignment:
-        a = self.s.get(Assignment, task_id)
+        """The task with its round and job, in one query (every caller reads all three)."""
+        a = self.s.get(Assignment, task_id, options=[joinedload(Assignment.round).joinedload(Round.job)])
         if a is None:
             raise NotFound(f"task {task_id} not found")
         return a

@@ -1,0 +1,123 @@
+"""The agent plane's pure parts, with hand-computed expectations: pacing by fleet size, the
+call caps (global per kind and per agent), the waiter registry (wake exactly the named agents,
+one wait per agent) and the round events that carry the selected agents."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from fedhl.coordinator.errors import Code, ServiceError
+from fedhl.coordinator.limits import CallLimits, Kind
+from fedhl.coordinator.pacing import Pacing
+from fedhl.coordinator.waiters import EVENT_AGENTS_MAX, Waiters, agents_of, round_events
+
+PACING = Pacing(heartbeat_ttl_s=15.0, pull_wait_max_s=20.0, calls_per_s=100.0)
+
+
+@pytest.mark.parametrize(
+    ("fleet", "interval", "ttl"),
+    [
+        (1, 5, 15.0),  # a third of the TTL
+        (500, 5, 15.0),  # 500 agents / 5 s = 100 calls/s: still the TTL's third
+        (501, 6, 18.0),  # ceil(5.01) = 6; alive for three intervals
+        (5000, 50, 150.0),  # 5,000 agents at 100 calls/s: every 50 s
+    ],
+)
+def test_heartbeat_interval_and_liveness_lengthen_with_the_fleet(fleet: int, interval: int, ttl: float) -> None:
+    assert PACING.heartbeat_interval_s(fleet) == interval
+    assert PACING.liveness_ttl_s(fleet) == ttl
+    assert PACING.wait_ttl_s(20.0, fleet) == 20.0 + ttl  # an open wait keeps the agent alive
+
+
+def test_pull_pause_only_after_a_zero_wait() -> None:
+    assert PACING.pull_pause_s(20.0, 5000) == 0  # waiting is free: pull again at once
+    assert PACING.pull_pause_s(0.0, 10) == 1
+    assert PACING.pull_pause_s(0.0, 5000) == 50
+    assert PACING.pull_wait_s() == 20
+    assert Pacing(6.0, 5.0, 100.0).heartbeat_interval_s(1) == 2  # the TTL's third, as before
+
+
+def refused(fn: object) -> ServiceError:
+    with pytest.raises(ServiceError) as e:
+        assert callable(fn)
+        fn()
+    assert e.value.code is Code.RESOURCE_EXHAUSTED
+    return e.value
+
+
+def test_global_cap_per_kind_refuses_with_a_retry_after_and_frees_on_exit() -> None:
+    limits = CallLimits({Kind.CALL: 2, Kind.WAIT: 1, Kind.TRANSFER: 1}, per_agent=10, retry_after_s=3)
+    with limits.slot(Kind.CALL), limits.slot(Kind.CALL):
+        err = refused(lambda: limits.slot(Kind.CALL).__enter__())
+        assert err.retry_after_s == 3
+        with limits.slot(Kind.WAIT):  # other kinds have their own caps
+            assert limits.open(Kind.WAIT) == 1
+        assert limits.open(Kind.CALL) == 2
+    assert limits.open(Kind.CALL) == 0
+    with limits.slot(Kind.CALL):  # free again
+        pass
+
+
+def test_one_agent_cannot_take_more_than_its_share() -> None:
+    limits = CallLimits({Kind.CALL: 100, Kind.WAIT: 100, Kind.TRANSFER: 100}, per_agent=2, retry_after_s=1)
+    with limits.agent_slot("greedy"), limits.agent_slot("greedy"):
+        err = refused(lambda: limits.agent_slot("greedy").__enter__())
+        assert err.retry_after_s == 1 and "at most 2" in err.message
+        with limits.agent_slot("other"), limits.agent_slot("other"):  # others keep their own share
+            assert limits.agent_open("other") == 2
+    assert limits.agent_open("greedy") == 0 and limits.agent_open("other") == 0
+
+
+def test_slots_are_released_when_the_call_fails() -> None:
+    limits = CallLimits({Kind.CALL: 1, Kind.WAIT: 1, Kind.TRANSFER: 1}, per_agent=1, retry_after_s=1)
+    with pytest.raises(RuntimeError), limits.slot(Kind.CALL), limits.agent_slot("a"):
+        raise RuntimeError("the handler failed")
+    assert limits.open(Kind.CALL) == 0 and limits.agent_open("a") == 0
+
+
+def test_caps_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        CallLimits({Kind.CALL: 0, Kind.WAIT: 1, Kind.TRANSFER: 1}, per_agent=1, retry_after_s=1)
+    with pytest.raises(ValueError):
+        CallLimits({Kind.CALL: 1, Kind.WAIT: 1}, per_agent=1, retry_after_s=1)  # type: ignore[dict-item]
+
+
+def test_waiters_wake_exactly_the_named_agents() -> None:
+    async def run() -> None:
+        waiters = Waiters()
+        a, b, c = waiters.register("a"), waiters.register("b"), waiters.register("c")
+        assert waiters.wake(["a", "c", "not-here"]) == 2
+        assert a.event.is_set() and c.event.is_set() and not b.event.is_set()
+        assert waiters.wake(None) == 3  # an event that names no agents wakes everyone
+        assert b.event.is_set()
+        waiters.unregister("b", b)
+        assert len(waiters) == 2 and waiters.wake(["b"]) == 0
+
+    asyncio.run(run())
+
+
+def test_a_new_wait_of_the_same_agent_supersedes_the_old_one() -> None:
+    async def run() -> None:
+        waiters = Waiters()
+        old = waiters.register("a")
+        new = waiters.register("a")
+        assert old.superseded and old.event.is_set()
+        assert not new.superseded and not new.event.is_set()
+        waiters.unregister("a", old)  # the old call ending does not remove the new wait
+        assert len(waiters) == 1 and waiters.wake(["a"]) == 1 and new.event.is_set()
+
+    asyncio.run(run())
+
+
+def test_round_events_carry_the_selected_agents_in_bounded_messages() -> None:
+    ids = [f"agent-{i:04d}" for i in range(2 * EVENT_AGENTS_MAX + 1)]
+    events = list(round_events("round_opened", "job-1", ids))
+    assert [len(e["agents"]) for e in events] == [EVENT_AGENTS_MAX, EVENT_AGENTS_MAX, 1]
+    assert [a for e in events for a in e["agents"]] == ids
+    assert {e["type"] for e in events} == {"round_opened"} and {e["job_id"] for e in events} == {"job-1"}
+    closed = list(round_events("round_closed", "job-1", []))
+    assert closed == [{"type": "round_closed", "job_id": "job-1", "agents": []}]  # one message, no agent woken
+    assert agents_of({"type": "round_changed", "job_id": "j"}) is None  # an older replica's event: wake all
+    assert agents_of({"agents": ["a", 3, "b"]}) == ["a", "b"]
