@@ -77,6 +77,7 @@ WAIT_S = 20  # PullTask wait_seconds (the server caps it)
 HEARTBEAT_TIMEOUT_S = 10.0  # a heartbeat slower than this is an error (main's pool starves)
 PULL_SLACK_S = 10.0  # a long-poll that outlives its wait by this much is an error
 CALL_TIMEOUT_S = 30.0  # download / upload
+TRANSFER_TRIES = 20  # a download or upload refused past the transfer cap is retried (bounded)
 RANKS = [2, 4, 8]
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 8 << 20),
@@ -499,19 +500,24 @@ class Fleet:
         """Download the start factors, compute the scripted update, upload it (errors counted
         whatever `recording` says: a round's calls all count)."""
         key = task.blobs[0].key
-        try:
-            buf = bytearray()
-            header = None
-            async for msg in a.stub.DownloadBlob(
-                agent_pb2.DownloadBlobRequest(key=key), metadata=a.md, timeout=CALL_TIMEOUT_S
-            ):
-                if msg.WhichOneof("part") == "header":
-                    header = msg.header
-                else:
-                    buf += msg.data
-        except grpc.aio.AioRpcError as e:
-            self.stats.fail("DownloadBlob", e)
-            return
+        buf = bytearray()
+        header = None
+        for attempt in range(TRANSFER_TRIES):  # a refusal (transfer cap) is retried after its retry-after
+            try:
+                buf, header = bytearray(), None
+                async for msg in a.stub.DownloadBlob(
+                    agent_pb2.DownloadBlobRequest(key=key), metadata=a.md, timeout=CALL_TIMEOUT_S
+                ):
+                    if msg.WhichOneof("part") == "header":
+                        header = msg.header
+                    else:
+                        buf += msg.data
+                break
+            except grpc.aio.AioRpcError as e:
+                self.stats.fail("DownloadBlob", e)
+                if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == TRANSFER_TRIES - 1:
+                    return
+                await asyncio.sleep(retry_after(e, 1.0))
         if header is None or hashlib.sha256(buf).hexdigest() != header.sha256:
             self.stats.errors["DownloadBlob:sha256"] += 1
             return
@@ -536,7 +542,7 @@ class Fleet:
             for i in range(0, len(payload), 1 << 20):
                 yield agent_pb2.UploadMessage(data=payload[i : i + (1 << 20)])
 
-        for attempt in range(5):
+        for attempt in range(TRANSFER_TRIES):
             try:
                 res = await a.stub.UploadUpdate(messages(), metadata=a.md, timeout=CALL_TIMEOUT_S)
                 if res.accepted:
@@ -546,7 +552,7 @@ class Fleet:
                 return
             except grpc.aio.AioRpcError as e:
                 self.stats.fail("UploadUpdate", e)
-                if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == 4:
+                if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == TRANSFER_TRIES - 1:
                     return
                 await asyncio.sleep(retry_after(e, 1.0))
 
