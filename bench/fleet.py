@@ -317,6 +317,13 @@ class Agent:
     last_ok: float = 0.0  # monotonic time of the last successful heartbeat (or open wait)
     waiting: bool = False  # a long-poll is open
     failed: bool = False  # a call failed since the last success
+    failures: int = 0  # consecutive failed calls: the back-off grows with them
+
+    def backoff_s(self, e: grpc.aio.AioRpcError) -> float:
+        """As the agent client does: the server's retry-after when it gave one, else exponential
+        back-off (0.5 s × 2^n, at most 30 s) with jitter, so a failing fleet does not retry in step."""
+        self.failures += 1
+        return retry_after(e, min(30.0, 0.5 * 2 ** min(self.failures, 6)) * (1.0 + 0.5 * random.random()))
 
     @property
     def md(self) -> tuple[tuple[str, str]]:
@@ -417,7 +424,7 @@ class Fleet:
             if key not in self.channels:
                 self.channels[key] = grpc.aio.insecure_channel(self.targets[a.replica], options=CHANNEL_OPTIONS)
             a.stub = agent_pb2_grpc.AgentServiceStub(self.channels[key])
-            a.last_ok, a.waiting, a.failed = 0.0, False, False
+            a.last_ok, a.waiting, a.failed, a.failures = 0.0, False, False, 0
 
     async def start(self, agents: list[Agent], ramp_s: float) -> None:
         self.running = True
@@ -459,14 +466,14 @@ class Fleet:
                 res = await a.stub.Heartbeat(req, metadata=a.md, timeout=HEARTBEAT_TIMEOUT_S)
                 if self.stats.recording:
                     self.stats.heartbeat_ms.append((time.perf_counter() - t0) * 1000)
-                a.last_ok, a.failed = time.monotonic(), False
+                a.last_ok, a.failed, a.failures = time.monotonic(), False, 0
                 if res.interval_seconds > 0:
                     a.interval_s = pause = float(res.interval_seconds)
             except grpc.aio.AioRpcError as e:
                 if self.stats.recording:
                     self.stats.fail("Heartbeat", e)
                 a.failed = e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
-                pause = retry_after(e, 1.0)
+                pause = a.backoff_s(e)
             await asyncio.sleep(pause)
 
     async def _pulls(self, a: Agent, delay: float) -> None:
@@ -480,7 +487,7 @@ class Fleet:
                 res = await a.stub.PullTask(
                     agent_pb2.PullTaskRequest(wait_seconds=wait_s), metadata=a.md, timeout=wait_s + PULL_SLACK_S
                 )
-                a.waiting = False
+                a.waiting, a.failures = False, 0
                 if res.WhichOneof("result") == "task":
                     await self._work(a, res.task)
                 else:
@@ -493,7 +500,7 @@ class Fleet:
                 if self.stats.recording:
                     self.stats.fail("PullTask", e)
                 a.failed = e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
-                pause = retry_after(e, 1.0)
+                pause = a.backoff_s(e)
             await asyncio.sleep(pause)
 
     async def _work(self, a: Agent, task: Any) -> None:
