@@ -5,8 +5,8 @@ shape of the worker loop a coordinator may run in-process (handed to it by the p
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,6 +16,7 @@ from .supervise import LoopRegistry
 
 ROUND_EVENTS = "rounds"  # a round opened or changed
 TASK_EVENTS = "tasks"  # a round gave these agents tasks: {"type", "job_id", "agents": [ids]} wakes their waits
+AGENT_REVOKED = "agent_revoked"  # TASK_EVENTS type: {"type", "agents": [ids]}: every replica forgets their credentials
 SCHEDULER_EVENTS = "scheduler"  # uploads, commits, job changes: wake the scheduler
 
 
@@ -27,6 +28,9 @@ class Deps:
     blobs: BlobStore
     coordination: Coordination  # liveness, leases, the aggregation queue, events, rate limits
     device: str | None = None  # aggregation device; None: CUDA when present, else CPU
+    # called with revoked agent ids in this process at once (the auth cache forgets them);
+    # other replicas learn it from an AGENT_REVOKED event on TASK_EVENTS
+    on_revoked: list[Callable[[Sequence[str]], None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

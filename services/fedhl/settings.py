@@ -127,6 +127,8 @@ class Settings:
     heartbeat_ttl_s: float = 15.0
     pull_wait_max_s: float = 20.0
     pull_recheck_s: float = 15.0  # a waiting PullTask re-reads the database this often even without an event
+    auth_cache_size: int = 100_000  # credentials (as sha256 digests) remembered per process
+    auth_cache_ttl_s: float = 30.0  # a cached credential is re-checked after this; bounds a lost revocation event
     fleet_calls_per_s: float = 100.0  # heartbeat intervals lengthen so the fleet sends about this many per second
     register_per_peer: int = 30  # Register calls per peer per minute
     register_per_token: int = 120  # Register calls per enrolment token per minute
@@ -230,6 +232,8 @@ class Settings:
             "heartbeat_ttl_s",
             "pull_wait_max_s",
             "pull_recheck_s",
+            "auth_cache_size",
+            "auth_cache_ttl_s",
             "fleet_calls_per_s",
             "register_per_peer",
             "register_per_token",

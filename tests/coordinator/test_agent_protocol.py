@@ -18,6 +18,7 @@ from safetensors.torch import save
 
 from fedhl.agent.client import AgentClient, Task
 from fedhl.codec import decode_start, encode_update
+from fedhl.coordinator.admin import AgentAdmin
 from fedhl.coordinator.app import Coordinator
 from fedhl.coordinator.errors import Code, ServiceError
 from fedhl.core import LoRAFactors
@@ -72,8 +73,7 @@ def test_unauthenticated_and_revoked_calls_are_refused(world: tuple[Coordinator,
     client = AgentClient(addr)
     agent_id, _ = client.register(token(c), "a")
     assert client.heartbeat() == "CONTINUE"
-    with transaction(c.deps.sessions) as s:
-        AgentRepo(s).get(agent_id).status = AgentRepo(s).get(agent_id).status.__class__("REVOKED")
+    AgentAdmin(c.deps).revoke_agent(agent_id)  # the credential is cached now: revocation must reach the cache
     with pytest.raises(grpc.RpcError) as e:
         client.heartbeat()
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -4,16 +4,32 @@ one transaction that also records an audit event."""
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Sequence
 from datetime import timedelta
 
-from ..backends import Deps
+from ..backends import AGENT_REVOKED, TASK_EVENTS, Deps
 from ..storage.db import transaction
 from ..storage.models import Agent, EnrolmentToken, utcnow
 from ..storage.repos import AgentRepo, AuditRepo, RoundRepo
 from .errors import Code, ServiceError
 
+log = logging.getLogger(__name__)
+
 MAX_TOKEN_USES = 10_000
+
+
+def announce_revoked(deps: Deps, agent_ids: Sequence[str]) -> None:
+    """After the revocation committed: this process forgets the agents' credentials at once,
+    every replica when the AGENT_REVOKED event reaches it; a lost event is bounded by the auth
+    cache's TTL (`auth_cache_ttl_s`)."""
+    for hook in deps.on_revoked:
+        hook(agent_ids)
+    try:
+        deps.coordination.events.publish(TASK_EVENTS, {"type": AGENT_REVOKED, "agents": list(agent_ids)})
+    except Exception as e:  # committed already; other replicas re-check within the TTL
+        log.warning("revocation of %s not announced to other replicas (%s)", list(agent_ids), e)
 
 
 class AgentAdmin:
@@ -56,6 +72,7 @@ class AgentAdmin:
                         actor, "upload_withdrawn", job_id, agent_id=agent_id, round=number, round_id=round_id
                     )
             agent = agents.get(agent_id)
+        announce_revoked(self.deps, [agent_id])  # also when already revoked: a lost event is re-sent
         return agent
 
     def clear_quarantine(self, agent_id: str, actor: str = "admin") -> Agent:

@@ -7,7 +7,7 @@ import hashlib
 import math
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -27,6 +27,7 @@ from ..storage.blobs import BlobIntegrityError, BlobNotFound, BlobTooLarge, Offs
 from ..storage.db import transaction
 from ..storage.models import Assignment, AssignmentState, JobStatus, RoundState, Update, utcnow
 from ..storage.repos import AgentRepo, AuditRepo, AuthError, JobRepo, NotFound, RevokedError, RoundRepo
+from .authcache import AuthCache, TtlLru
 from .errors import Code, ServiceError
 
 MAX_HELD = 16  # held global-update versions an agent may report per pull
@@ -35,6 +36,7 @@ TOUCH_BATCH = 500  # agent ids per UPDATE when last_seen_at is flushed
 # ReportMetrics: bounded so one agent cannot grow a round's row without limit
 MAX_METRICS = 32
 MAX_METRIC_KEY = 64
+RESOURCES_CACHE_TTL_S = 300.0  # an unchanged heartbeat re-reads the agent row at least this often
 REGISTER_WINDOW_S = 60.0  # Register calls per peer / per token are counted per minute (settings)
 RESOURCE_KEYS = {
     "device_type": str,
@@ -151,6 +153,11 @@ class AgentService:
         # batched UPDATE every LAST_SEEN_EVERY_S instead of a write transaction per call
         self._seen_lock = threading.Lock()
         self._seen: set[str] = set()
+        # hot-path caches (see `authcache`): revocation empties the first at once in this
+        # process (deps.on_revoked) and on other replicas by event (the plane's relay)
+        self.auth_cache = AuthCache(settings.auth_cache_size, settings.auth_cache_ttl_s)
+        self._resources: TtlLru[tuple[tuple[str, Any], ...]] = TtlLru(settings.auth_cache_size, RESOURCES_CACHE_TTL_S)
+        deps.on_revoked.append(self.forget)
 
     # ---------------------------------------------------------------- identity
     def register(self, token: str, name: str, resources: dict[str, Any], peer: str = "") -> tuple[str, str]:
@@ -179,16 +186,34 @@ class AgentService:
         self.deps.coordination.liveness.beat(agent.id, self.settings.heartbeat_ttl_s)
         return agent.id, credential
 
-    def authenticate(self, credential: str | None) -> str:
+    def cached_agent(self, credential: str | None) -> str | None:
+        """The agent id of a credential checked within `auth_cache_ttl_s` (no I/O: safe on the
+        event loop); None when it must be checked against the database (`authenticate`)."""
         if not credential:
             raise ServiceError(Code.UNAUTHENTICATED, "missing credential (authorization: Bearer <credential>)")
+        return self.auth_cache.get(credential)
+
+    def authenticate(self, credential: str | None) -> str:
+        cached = self.cached_agent(credential)
+        if cached is not None:
+            return cached
+        assert credential  # cached_agent refused an empty one
+        epoch = self.auth_cache.epoch()
         try:
             with transaction(self.deps.sessions, read_only=True) as s:
-                return AgentRepo(s).authenticate(credential).id
+                agent_id = AgentRepo(s).authenticate(credential).id
         except RevokedError as e:
             raise ServiceError(Code.PERMISSION_DENIED, str(e)) from None
         except AuthError as e:
             raise ServiceError(Code.UNAUTHENTICATED, str(e)) from None
+        self.auth_cache.put(credential, agent_id, epoch)  # only good credentials are cached
+        return agent_id
+
+    def forget(self, agent_ids: Sequence[str]) -> None:
+        """Revoked: these agents' next calls are checked against the database (and refused)."""
+        self.auth_cache.forget(agent_ids)
+        for a in agent_ids:
+            self._resources.discard(a)
 
     # ---------------------------------------------------------------- liveness
     def heartbeat(
@@ -199,15 +224,24 @@ class AgentService:
         res = clean_resources(resources)
         self.deps.coordination.liveness.beat(agent_id, ttl_s or self.settings.heartbeat_ttl_s)
         self.seen(agent_id)
+        # liveness lives in the coordination store and last_seen_at is flushed in batches; the
+        # row is read only when the resources differ from what this agent last reported here
+        # (or that memory expired), and written only when they differ from the row
+        reported = tuple(sorted(res.items()))
+        if self._resources.get(agent_id) == reported:
+            if not task_id:
+                return "CONTINUE"
+            with transaction(self.deps.sessions, read_only=True) as s:
+                return self._task_answer(s, agent_id, task_id)
         with transaction(self.deps.sessions, read_only=True) as s:
             agent = AgentRepo(s).find(agent_id)
-            # liveness lives in the coordination store and last_seen_at is flushed in batches;
-            # the row is written here only when the reported resources changed
             changed = agent is not None and {**agent.resources, **res} != agent.resources
             answer = self._task_answer(s, agent_id, task_id) if task_id else "CONTINUE"
         if changed:
             with transaction(self.deps.sessions) as s:
                 AgentRepo(s).touch(agent_id, res, utcnow())
+        if agent is not None:
+            self._resources.put(agent_id, reported)
         return answer
 
     def seen(self, agent_id: str) -> None:

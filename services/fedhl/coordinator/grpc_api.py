@@ -129,7 +129,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
     async def _admitted(self, context: grpc.aio.ServicerContext, kind: Kind) -> AsyncIterator[str]:
         """A slot of `kind`, then the authenticated agent id and one of its own slots."""
         with self.limits.slot(kind):
-            agent = await self._in(self.db, self.svc.authenticate, bearer(context))
+            credential = bearer(context)
+            # a credential checked within the auth cache's TTL costs no thread and no query
+            agent = self.svc.cached_agent(credential)
+            if agent is None:
+                agent = await self._in(self.db, self.svc.authenticate, credential)
             with self.limits.agent_slot(agent):
                 yield agent
 

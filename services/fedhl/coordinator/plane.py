@@ -105,6 +105,7 @@ class AgentPlane:
             self.waiters,
             loop,
             self.loops.register("agent-wakeups", self.settings.loop_stale_s),
+            on_revoked=self.svc.forget,
         )
         await loop.run_in_executor(None, self.relay.start)
         await self.server.start()

@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from ..backends import TASK_EVENTS
+from ..backends import AGENT_REVOKED, TASK_EVENTS
 from ..metrics import AGENT_WAKEUPS as WAKEUPS
 from ..metrics import AGENTS_WAITING as WAITING
 from ..storage.coordination import Events, Subscription
@@ -94,8 +94,16 @@ class WakeRelay:
     the subscription fails (Redis away) it backs off and subscribes again; meanwhile waits fall
     back to their periodic re-check."""
 
-    def __init__(self, events: Events, waiters: Waiters, loop: asyncio.AbstractEventLoop, state: LoopState) -> None:
+    def __init__(
+        self,
+        events: Events,
+        waiters: Waiters,
+        loop: asyncio.AbstractEventLoop,
+        state: LoopState,
+        on_revoked: Callable[[Sequence[str]], None] | None = None,
+    ) -> None:
         self.events = events
+        self.on_revoked = on_revoked  # AGENT_REVOKED events: forget these agents' credentials
         self.waiters = waiters
         self.loop = loop
         self.state = state
@@ -131,7 +139,13 @@ class WakeRelay:
                 state.tick()
                 if event is None:
                     continue
+                agents = agents_of(event)
+                if event.get("type") == AGENT_REVOKED:
+                    if agents and self.on_revoked is not None:
+                        self.on_revoked(agents)  # thread-safe; then their waits wake and re-read
+                    if not agents:
+                        continue
                 try:
-                    self.loop.call_soon_threadsafe(self.waiters.wake, agents_of(event))
+                    self.loop.call_soon_threadsafe(self.waiters.wake, agents)
                 except RuntimeError:  # the loop closed: the plane is stopping
                     return
