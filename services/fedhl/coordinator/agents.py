@@ -296,11 +296,14 @@ class AgentService:
                 task = self.try_claim(agent_id, held)
             return task
 
-    def begin_wait(self, agent_id: str, ttl_s: float, held: dict[str, int] | None = None) -> TrainTask | None:
-        """The start of a PullTask: an open wait counts as liveness for `ttl_s`; then one read."""
+    def begin_wait(
+        self, agent_id: str, ttl_s: float, held: dict[str, int] | None = None, read: bool = True
+    ) -> TrainTask | None:
+        """The start of a PullTask: an open wait counts as liveness for `ttl_s`; then one read
+        (`read=False`: none, the caller knows no round has named the agent since its last one)."""
         self.deps.coordination.liveness.beat(agent_id, ttl_s)
         self.seen(agent_id)
-        return self.try_claim(agent_id, held)
+        return self.try_claim(agent_id, held) if read else None
 
     def try_claim(self, agent_id: str, held: dict[str, int] | None = None) -> TrainTask | None:
         """The agent's pending task, claimed; None without a write (or the write lock) when it

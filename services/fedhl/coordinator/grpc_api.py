@@ -225,7 +225,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         waiter = self.waiters.register(agent)
         try:
             ttl = self.pacing.wait_ttl_s(wait_s, self.fleet())
-            task: TrainTask | None = await self._in(self.db, self.svc.begin_wait, agent, ttl, held)
+            # no read when this agent's last one found nothing within the re-check period and
+            # no round event has named it since (events are hints: the re-check still reads)
+            read, mark = self.waiters.needs_read(agent, loop.time()), self.waiters.read_mark()
+            task: TrainTask | None = await self._in(self.db, self.svc.begin_wait, agent, ttl, held, read)
+            if read and task is None:
+                self.waiters.note_empty(agent, loop.time(), mark)
             while task is None and not waiter.superseded:
                 left = deadline - loop.time()
                 if left <= 0:
@@ -238,7 +243,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
                 if waiter.superseded:
                     break
                 waiter.event.clear()
+                mark = self.waiters.read_mark()
                 task = await self._in(self.db, self.svc.try_claim, agent, held)
+                if task is None:
+                    self.waiters.note_empty(agent, loop.time(), mark)
             return task
         finally:
             self.waiters.unregister(agent, waiter)

@@ -41,7 +41,7 @@ class AgentPlane:
             settings.grpc_max_calls_per_agent,
             settings.grpc_retry_after_s,
         )
-        self.waiters = Waiters()
+        self.waiters = Waiters(fresh_s=settings.pull_recheck_s)
         self.db = concurrent.futures.ThreadPoolExecutor(settings.grpc_max_workers, thread_name_prefix="agent-db")
         self.transfers = concurrent.futures.ThreadPoolExecutor(
             settings.grpc_max_transfers, thread_name_prefix="agent-transfer"

@@ -49,8 +49,15 @@ class Waiters:
     """At most one open wait per agent: a new PullTask of the same agent supersedes the older
     one, which answers `no_task` at once (a reconnected agent never waits behind its ghost)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fresh_s: float = 0.0) -> None:
         self._by_agent: dict[str, Waiter] = {}
+        # an agent's empty read stays fresh for `fresh_s` (the re-check period) unless an event
+        # names it (or names no one) since: then its next wait starts without a database read
+        self.fresh_s = fresh_s
+        self._seq = 0  # wake events seen
+        self._all_seq = 0  # the last event that named no one (wakes everyone)
+        self._named: dict[str, int] = {}  # agent -> the last event that named it
+        self._empty: dict[str, tuple[float, int]] = {}  # agent -> (loop time, seq) of its last empty read
 
     def __len__(self) -> int:
         return len(self._by_agent)
@@ -69,12 +76,37 @@ class Waiters:
             del self._by_agent[agent_id]
             WAITING.set(len(self._by_agent))
 
+    def read_mark(self) -> int:
+        """Take before a read whose answer may be `note_empty`: an event during it wins."""
+        return self._seq
+
+    def note_empty(self, agent_id: str, now: float, mark: int) -> None:
+        self._empty[agent_id] = (now, mark)
+        if len(self._empty) > 4 * max(len(self._by_agent), 1024):  # bounded: drop the stale ones
+            self._empty = {a: v for a, v in self._empty.items() if now - v[0] < self.fresh_s}
+
+    def needs_read(self, agent_id: str, now: float) -> bool:
+        """False when this agent's last read found nothing less than `fresh_s` ago and no event
+        has named it (or everyone) since."""
+        last = self._empty.get(agent_id)
+        if last is None or now - last[0] >= self.fresh_s:
+            return True
+        return max(self._named.get(agent_id, 0), self._all_seq) > last[1]
+
     def wake(self, agent_ids: Iterable[str] | None) -> int:
         """Wake these agents' waits (None: all of them); returns how many were waiting here."""
+        self._seq += 1
         if agent_ids is None:
+            self._all_seq = self._seq
             woken = list(self._by_agent.values())
         else:
-            woken = [w for a in agent_ids if (w := self._by_agent.get(a)) is not None]
+            ids = list(agent_ids)
+            for a in ids:
+                self._named[a] = self._seq
+            if len(self._named) > 4 * max(len(self._by_agent), 1024):  # bounded: forget, read next time
+                self._named.clear()
+                self._all_seq = self._seq
+            woken = [w for a in ids if (w := self._by_agent.get(a)) is not None]
         for w in woken:
             w.event.set()
         WAKEUPS.inc(len(woken))

@@ -120,3 +120,25 @@ def test_task_events_carry_the_selected_agents_in_bounded_messages() -> None:
     assert list(task_events("job-1", [])) == []
     assert agents_of({"type": "tasks_assigned", "job_id": "j"}) is None  # names no agents: wake all
     assert agents_of({"agents": ["a", 3, "b"]}) == ["a", "b"]
+
+
+def test_an_empty_read_stays_fresh_until_the_recheck_period_or_an_event_naming_the_agent() -> None:
+    waiters = Waiters(fresh_s=15.0)
+    assert waiters.needs_read("a", 0.0)  # never read
+    waiters.note_empty("a", 0.0, waiters.read_mark())
+    waiters.note_empty("b", 0.0, waiters.read_mark())
+    assert not waiters.needs_read("a", 14.9)
+    assert waiters.needs_read("a", 15.0)  # the re-check period bounds a lost event
+    waiters.wake(["a"])  # a round named a (not waiting here: still remembered)
+    assert waiters.needs_read("a", 1.0)
+    assert not waiters.needs_read("b", 1.0)
+    waiters.wake(None)  # an event naming no one concerns everyone
+    assert waiters.needs_read("b", 1.0)
+
+
+def test_an_event_during_the_read_makes_its_empty_answer_stale() -> None:
+    waiters = Waiters(fresh_s=15.0)
+    mark = waiters.read_mark()  # the read starts ...
+    waiters.wake(["a"])  # ... a round names a while it runs ...
+    waiters.note_empty("a", 0.0, mark)  # ... and it found nothing
+    assert waiters.needs_read("a", 1.0)
