@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,13 @@ def live_coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]
             reg = agent_pb2_grpc.AgentServiceStub(ch).Register(
                 agent_pb2.RegisterRequest(enrolment_token=token, name="fuzz"), timeout=30
             )
+        # the scheduler opens the job's first round for the new agent on its own tick: wait for it, so
+        # the fuzz starts from a settled database (a round opening mid-call is not the call's doing)
+        deadline = time.monotonic() + 60
+        while not http.get(f"/jobs/{job_id}/rounds").raise_for_status().json():
+            if time.monotonic() > deadline:
+                pytest.fail("the live coordinator opened no round for its agent within 60 s")
+            time.sleep(0.1)
         yield Live(proc, http, settings.http_port, target, reg.credential, reg.agent_id, job_id)
     finally:
         http.close()
