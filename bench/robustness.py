@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from fedhl.core import ClientStart, ClientUpdate, LoRAFactors
+from attacks import huge, scaled  # bench/attacks.py (beside this script)
+from fedhl.core import ClientStart, ClientUpdate
 from fedhl.core.types import UploadError
 from fedhl.demo.run import add_arguments as demo_arguments
 from fedhl.demo.run import job_spec, model_path, split_corpus
@@ -51,14 +52,6 @@ ATTACKS = ["size_above_bound", "size_1e12", "size_2p64", "factors_1e20", "scale_
 STRATEGIES = ["fedhl", "flexlora", "hetlora"]
 HOSTILE = "agent-0"
 DEFENCE_OFF = {"clip_k": None, "max_weight_ratio": 1e6, "max_examples_per_agent": 2**63 - 1}
-
-
-def _scaled(start: ClientStart, upd: ClientUpdate, k: float) -> ClientUpdate:
-    out = {}
-    for m, f in upd.factors.items():
-        s = start.factors[m]
-        out[m] = LoRAFactors(s.B + k * (f.B - s.B), s.A + k * (f.A - s.A))
-    return dataclasses.replace(upd, factors=out)
 
 
 def tamperer(attack: str, spec: JobSpec, defence: bool) -> Any:
@@ -76,14 +69,11 @@ def tamperer(attack: str, spec: JobSpec, defence: bool) -> Any:
             except UploadError:
                 return None  # beyond int64: refused by the core (and the edge) whatever the job says
         if attack == "factors_1e20":
-            huge = {
-                m: LoRAFactors(torch.full_like(f.B, 1e20), torch.full_like(f.A, 1e20)) for m, f in upd.factors.items()
-            }
-            return dataclasses.replace(upd, factors=huge)
+            return huge(upd)
         if attack == "scale_x1000":
-            return _scaled(start, upd, 1000.0)
+            return scaled(start, upd, 1000.0)
         if attack == "sign_flip":
-            return _scaled(start, upd, -1.0)
+            return scaled(start, upd, -1.0)
         raise ValueError(f"unknown attack {attack!r}")
 
     return tamper

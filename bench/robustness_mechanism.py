@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mechanism  # noqa: E402  (bench/mechanism.py: the problem, local training, metrics)
 import stats  # noqa: E402
+from attacks import huge, scaled  # noqa: E402  (bench/attacks.py)
 from fedhl.core import ClientStart, ClientUpdate, LoRAFactors, Strategy  # noqa: E402
 from fedhl.core.types import AggregationError, UploadError  # noqa: E402
 from fedhl.jobspec import DefenceConfig, JobSpec  # noqa: E402
@@ -103,14 +104,6 @@ def job(args: argparse.Namespace, strategy: str, defence: bool) -> JobSpec:
     )
 
 
-def _scaled(start: ClientStart, upd: ClientUpdate, k: float) -> ClientUpdate:
-    out = {}
-    for m, f in upd.factors.items():
-        s = start.factors[m]
-        out[m] = LoRAFactors(s.B + k * (f.B - s.B), s.A + k * (f.A - s.A))  # (d_out, r), (r, d_in)
-    return dataclasses.replace(upd, factors=out)
-
-
 def tamperer(attack: str, spec: JobSpec, defence: bool, hostile: str) -> Tamper:
     """The hostile client's rewrite of its own upload (None: the upload is refused at the edge)."""
     bound = spec.defence.max_examples_per_agent  # what the edge accepts in this setting
@@ -133,16 +126,13 @@ def tamperer(attack: str, spec: JobSpec, defence: bool, hostile: str) -> Tamper:
         if attack in SIZES:
             return size(upd, SIZES[attack])
         if attack == "factors_1e20":
-            huge = {
-                m: LoRAFactors(torch.full_like(f.B, 1e20), torch.full_like(f.A, 1e20)) for m, f in upd.factors.items()
-            }
-            return dataclasses.replace(upd, factors=huge)
+            return huge(upd)
         if attack == "scale_x1000":
-            return _scaled(start, upd, 1000.0)
+            return scaled(start, upd, 1000.0)
         if attack == "sign_flip":
-            return _scaled(start, upd, -1.0)
+            return scaled(start, upd, -1.0)
         if attack == "sign_flip_at_bound":
-            flipped = size(_scaled(start, upd, -1.0), "bound")
+            flipped = size(scaled(start, upd, -1.0), "bound")
             assert flipped is not None
             return flipped
         if attack == "stale":

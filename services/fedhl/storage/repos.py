@@ -450,10 +450,12 @@ class RoundRepo:
             raise NotFound(f"task {task_id} not found")
         return a
 
-    def pending_for_agent(self, agent_id: str) -> Assignment | None:
-        """The agent's oldest assignment it has not uploaded, in a round still collecting."""
-        return self.s.scalars(
-            select(Assignment)
+    @staticmethod
+    def _pending(column: Any, agent_id: str) -> Any:
+        """`column` of the agent's assignments it has not uploaded, in rounds still collecting,
+        oldest first."""
+        return (
+            select(column)
             .join(Round)
             .join(Job)
             .where(
@@ -463,23 +465,16 @@ class RoundRepo:
                 Job.status == JobStatus.RUNNING,
             )
             .order_by(Assignment.created_at)
-        ).first()
+        )
+
+    def pending_for_agent(self, agent_id: str) -> Assignment | None:
+        """The agent's oldest assignment it has not uploaded, in a round still collecting."""
+        return self.s.scalars(self._pending(Assignment, agent_id)).first()
 
     def pending_id_for_agent(self, agent_id: str) -> str | None:
         """The id of what `pending_for_agent` returns, in one indexed query (no ORM rows)."""
-        return self.s.scalar(
-            select(Assignment.id)
-            .join(Round)
-            .join(Job)
-            .where(
-                Assignment.agent_id == agent_id,
-                Assignment.state.in_([AssignmentState.ISSUED, AssignmentState.RUNNING]),
-                Round.state.in_([RoundState.OPEN, RoundState.COLLECTING]),
-                Job.status == JobStatus.RUNNING,
-            )
-            .order_by(Assignment.created_at)
-            .limit(1)
-        )
+        found: str | None = self.s.scalar(self._pending(Assignment.id, agent_id).limit(1))
+        return found
 
     def busy_agents(self) -> set[str]:
         rows = self.s.scalars(
