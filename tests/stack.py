@@ -188,8 +188,8 @@ class Proc:
 
 
 @contextmanager
-def coordinator(backend: str, tmp: Path) -> Iterator[tuple[Proc, httpx.Client]]:
-    settings = settings_for(backend, tmp, grpc_port=free_port())
+def coordinator(backend: str, tmp: Path, **overrides: object) -> Iterator[tuple[Proc, httpx.Client]]:
+    settings = settings_for(backend, tmp, **{"grpc_port": free_port(), **overrides})
     subprocess.run(
         [sys.executable, "-m", "fedhl.cli", "migrate"], env=env_for(settings), check=True, capture_output=True
     )

@@ -3,8 +3,6 @@ the security tests of this directory: the raw-socket, REST fuzz and gRPC fuzz te
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +13,7 @@ import httpx
 import pytest
 
 from fedhl.v1 import agent_pb2, agent_pb2_grpc
-from stack import Proc, env_for, free_port, fresh_redis_db, job_spec, settings_for
+from stack import Proc, coordinator, fresh_redis_db, job_spec
 
 REDIS_DB = 13  # a database of its own: the stack tests flush theirs
 
@@ -33,18 +31,8 @@ class Live:
 
 def live_coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     tmp: Path = tmp_path_factory.mktemp("security")
-    settings = settings_for("postgres+redis", tmp, grpc_port=free_port(), redis_url=fresh_redis_db(REDIS_DB))
-    subprocess.run(
-        [sys.executable, "-m", "fedhl.cli", "migrate"], env=env_for(settings), check=True, capture_output=True
-    )
-    proc = Proc(settings, tmp / "coordinator.log")
-    proc.start()
-    http = httpx.Client(
-        base_url=f"http://127.0.0.1:{settings.http_port}/api/v1",
-        headers={"Authorization": f"Bearer {settings.admin_token}"},
-        timeout=30,
-    )
-    try:
+    with coordinator("postgres+redis", tmp, redis_url=fresh_redis_db(REDIS_DB)) as (proc, http):
+        settings = proc.settings
         spec = job_spec(selection={"min_clients": 1, "deadline_s": 3600, "quorum": 1.0}, rounds=3)
         job_id = http.post("/jobs", json=spec).raise_for_status().json()["id"]
         token = http.post("/agents/enrolment-tokens", json={"label": "fuzz"}).raise_for_status().json()["token"]
@@ -61,6 +49,3 @@ def live_coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]
                 pytest.fail("the live coordinator opened no round for its agent within 60 s")
             time.sleep(0.1)
         yield Live(proc, http, settings.http_port, target, reg.credential, reg.agent_id, job_id)
-    finally:
-        http.close()
-        proc.stop()
