@@ -118,6 +118,7 @@ class Settings:
     grpc_max_waits: int = 20000  # PullTask long-polls held at once
     grpc_max_calls_per_agent: int = 4  # one agent's calls at once, waits and transfers included
     grpc_retry_after_s: int = 2  # `retry-after` sent with RESOURCE_EXHAUSTED when a cap is full
+    grpc_queue_s: float = 5.0  # a call or transfer finding its cap full waits this long for a slot (0: refuse at once)
     grpc_call_timeout_s: float = 30.0  # server-side deadline of a unary call (waits: pull_wait_max_s)
     grpc_stream_idle_s: float = 60.0  # a transfer stream silent this long ends with DEADLINE_EXCEEDED
     grpc_keepalive_s: float = 60.0  # the server pings a connection idle this long (dead peers are dropped)
@@ -125,11 +126,16 @@ class Settings:
     grpc_max_connection_age_s: float = 1800.0  # connections are recycled (spreads agents over replicas)
     grpc_max_streams_per_connection: int = 100  # HTTP/2 concurrent streams on one connection
     heartbeat_ttl_s: float = 15.0
-    pull_wait_max_s: float = 20.0
-    pull_recheck_s: float = 15.0  # a waiting PullTask re-reads the database this often even without an event
+    pull_wait_max_s: float = 20.0  # a small fleet's long-poll
+    pull_wait_fleet_max_s: float = 120.0  # a large fleet's long-polls lengthen up to this (fleet_calls_per_s)
+    # the plane finds every agent with a task to claim in one query this often (a lost round event
+    # delays a task by at most this); while that sweep fails, waits re-read per agent this often
+    pull_recheck_s: float = 15.0
     auth_cache_size: int = 100_000  # credentials (as sha256 digests) remembered per process
-    auth_cache_ttl_s: float = 30.0  # a cached credential is re-checked after this; bounds a lost revocation event
-    fleet_calls_per_s: float = 100.0  # heartbeat intervals lengthen so the fleet sends about this many per second
+    # a cached credential is re-checked after this; revocation reaches this replica at once by
+    # event, and by the agent plane's sweep (every pull_recheck_s) if that event is lost
+    auth_cache_ttl_s: float = 900.0
+    fleet_calls_per_s: float = 100.0  # long-polls and heartbeats lengthen so the fleet sends about this many per second
     register_per_peer: int = 30  # Register calls per peer per minute
     register_per_token: int = 120  # Register calls per enrolment token per minute
     scheduler_interval_s: float = 0.2
@@ -231,6 +237,7 @@ class Settings:
             "grpc_max_streams_per_connection",
             "heartbeat_ttl_s",
             "pull_wait_max_s",
+            "pull_wait_fleet_max_s",
             "pull_recheck_s",
             "auth_cache_size",
             "auth_cache_ttl_s",
@@ -246,6 +253,8 @@ class Settings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"FEDHL_{name.upper()} must be positive, got {getattr(self, name)}")
+        if not self.grpc_queue_s >= 0:
+            raise SettingsError(f"FEDHL_GRPC_QUEUE_S must be >= 0, got {self.grpc_queue_s}")
         if not (self.blob_min_age_s >= 0 and self.blob_gc_interval_s >= 0):
             raise SettingsError("FEDHL_BLOB_MIN_AGE_S and FEDHL_BLOB_GC_INTERVAL_S must be >= 0")
         if not self.redis_socket_timeout_s > 1.0:

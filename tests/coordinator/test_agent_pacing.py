@@ -1,6 +1,7 @@
 """The server paces agents over real gRPC: the heartbeat reply carries the interval (a third of
-the liveness TTL) and an empty pull says how long to wait; the client keeps both, and a task
-past its round's deadline reads as expired."""
+the liveness TTL for an agent with a task; twice the long-poll for an idle one, which its open
+long-poll keeps alive) and an empty pull says how long to wait; the client keeps both, and a
+task past its round's deadline reads as expired."""
 
 from __future__ import annotations
 
@@ -24,7 +25,11 @@ def test_heartbeat_interval_and_retry_after_reach_the_client(tmp_path: Path) -> 
             client.register(tok, "a")
             assert client.heartbeat_interval_s == DEFAULT_HEARTBEAT_INTERVAL_S
             assert client.heartbeat() == "CONTINUE"
-            assert client.heartbeat_interval_s == 2.0  # 6 s TTL / 3
+            assert client.heartbeat_interval_s == 10.0  # idle: twice the 5 s long-poll (settings_for)
+            assert client.heartbeat(task_id="no-such-task") == "CANCEL_TASK"
+            assert client.heartbeat_interval_s == 2.0  # with a task: 6 s TTL / 3
+            assert client.heartbeat() == "CONTINUE"  # idle again (answered without a query)
+            assert client.heartbeat_interval_s == 10.0
             assert client.pull_task(wait_s=0) is None
             assert client.retry_after_s == 1.0  # a zero-wait poller is paced
             assert client.pull_task(wait_s=1) is None

@@ -244,6 +244,22 @@ class AgentService:
             self._resources.put(agent_id, reported)
         return answer
 
+    def resources_unchanged(self, agent_id: str, resources: dict[str, Any]) -> bool:
+        """True when these resources are what this agent last reported here (no I/O: safe on
+        the event loop); then a heartbeat without a task needs no database work at all."""
+        reported = tuple(sorted(clean_resources(resources).items()))
+        return self._resources.get(agent_id) == reported
+
+    def sweep(self) -> set[str]:
+        """The agent plane's periodic sweep, one read-only transaction: forget the credentials
+        of revoked agents (this bounds a lost revocation event to one sweep, so the auth cache
+        can keep a credential long), and → every agent that has a task to claim or resume."""
+        with transaction(self.deps.sessions, read_only=True) as s:
+            revoked = AgentRepo(s).revoked_ids()
+            pending = RoundRepo(s).pending_agents()
+        self.auth_cache.forget(revoked)
+        return pending
+
     def seen(self, agent_id: str) -> None:
         """Note a sign of life for the next `flush_seen` (no database work here)."""
         with self._seen_lock:
@@ -305,9 +321,12 @@ class AgentService:
         self.seen(agent_id)
         return self.try_claim(agent_id, held) if read else None
 
-    def try_claim(self, agent_id: str, held: dict[str, int] | None = None) -> TrainTask | None:
+    def try_claim(self, agent_id: str, held: dict[str, int] | None = None, named: bool = False) -> TrainTask | None:
         """The agent's pending task, claimed; None without a write (or the write lock) when it
-        has none, which is the common case for an idle agent."""
+        has none, which is the common case for an idle agent. `named`: a round event or the
+        sweep named this agent, so it most likely has one: claim without the read first."""
+        if named:
+            return self._claim(agent_id, held or {})
         with transaction(self.deps.sessions, read_only=True) as s:
             pending = RoundRepo(s).pending_id_for_agent(agent_id)
         return None if pending is None else self._claim(agent_id, held or {})

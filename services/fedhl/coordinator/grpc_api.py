@@ -4,10 +4,13 @@ Nothing here decides anything.
 
 An open call costs no thread: PullTask waits on an asyncio event (see `waiters`), downloads
 read one chunk at a time in the transfer pool, and only the blocking database and file work of
-a call runs in a thread. Every call is admitted first (`limits`): past a cap it ends
-RESOURCE_EXHAUSTED with `retry-after` trailing metadata (seconds), and every call has a
-server-side deadline (unary calls `grpc_call_timeout_s`, streams `grpc_stream_idle_s` between
-messages)."""
+a call runs in a thread. An idle agent's calls need none: a heartbeat without a task whose
+resources are unchanged, and a long-poll that needs no read, are answered on the event loop
+(credential from the auth cache, liveness recorded in `beats` and written in batches).
+
+Every call is admitted first (`limits`): past a cap it ends RESOURCE_EXHAUSTED with
+`retry-after` trailing metadata (seconds), and every call has a server-side deadline (unary
+calls `grpc_call_timeout_s`, streams `grpc_stream_idle_s` between messages)."""
 
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from ..settings import Settings
 from ..v1 import agent_pb2, agent_pb2_grpc
 from .agents import MAX_HELD, AgentService, TrainTask, UploadHeader
+from .beats import LivenessBatch
 from .errors import Code, ServiceError
 from .grpc_errors import AsyncErrorIdInterceptor
 from .limits import CallLimits, Kind
@@ -108,18 +112,20 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         fleet: Callable[[], int],
         db: concurrent.futures.Executor,
         transfers: concurrent.futures.Executor,
+        beats: LivenessBatch | None = None,
     ) -> None:
         self.svc = service
+        self.beats = beats if beats is not None else LivenessBatch()  # the plane flushes it
         self.limits = limits
         self.waiters = waiters
         self.fleet = fleet  # the fleet's size, refreshed by the plane (pacing scales with it)
         self.db = db  # short blocking work: database reads and writes
         self.transfers = transfers  # blob reads and upload streams
         s = service.settings
-        self.pacing = Pacing(s.heartbeat_ttl_s, s.pull_wait_max_s, s.fleet_calls_per_s)
+        self.pacing = Pacing(s.heartbeat_ttl_s, s.pull_wait_max_s, s.fleet_calls_per_s, s.pull_wait_fleet_max_s)
         self.call_timeout_s = s.grpc_call_timeout_s
         self.idle_s = s.grpc_stream_idle_s
-        self.recheck_s = s.pull_recheck_s
+        self.queue_s = s.grpc_queue_s
 
     # ---------------------------------------------------------------- plumbing
     async def _in(self, pool: concurrent.futures.Executor, fn: Callable[..., T], *args: Any) -> T:
@@ -127,8 +133,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
 
     @asynccontextmanager
     async def _admitted(self, context: grpc.aio.ServicerContext, kind: Kind) -> AsyncIterator[str]:
-        """A slot of `kind`, then the authenticated agent id and one of its own slots."""
-        with self.limits.slot(kind):
+        """A slot of `kind` (a burst of calls or transfers queues up to `grpc_queue_s` for one),
+        then the authenticated agent id and one of its own slots."""
+        async with self.limits.queued(kind, 0.0 if kind is Kind.WAIT else self.queue_s):
             credential = bearer(context)
             # a credential checked within the auth cache's TTL costs no thread and no query
             agent = self.svc.cached_agent(credential)
@@ -178,27 +185,37 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
     async def Heartbeat(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def body(agent: str) -> Any:
             fleet = self.fleet()
+            resources = resources_dict(request.resources)
+            if not request.task_id and self.svc.resources_unchanged(agent, resources):
+                # an idle agent with nothing new to say: no thread, no query, liveness batched
+                self.beats.beat(agent, self.pacing.liveness_ttl_s(fleet))
+                self.svc.seen(agent)
+                return agent_pb2.HeartbeatResponse(
+                    action=agent_pb2.HeartbeatResponse.Action.CONTINUE,
+                    interval_seconds=self.pacing.idle_heartbeat_interval_s(fleet),
+                )
             action = await self._in(
                 self.db,
                 self.svc.heartbeat,
                 agent,
-                resources_dict(request.resources),
+                resources,
                 request.task_id,
                 request.progress,
                 self.pacing.liveness_ttl_s(fleet),
             )
+            interval = self.pacing.heartbeat_interval_s if request.task_id else self.pacing.idle_heartbeat_interval_s
             return agent_pb2.HeartbeatResponse(
-                action=agent_pb2.HeartbeatResponse.Action.Value(action),
-                interval_seconds=self.pacing.heartbeat_interval_s(fleet),
+                action=agent_pb2.HeartbeatResponse.Action.Value(action), interval_seconds=interval(fleet)
             )
 
         return await self._unary(context, Kind.CALL, body)
 
     # ---------------------------------------------------------------- tasks
     async def PullTask(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """Long-poll without a thread: one database read at the start, one per wake-up (a round
-        selected this agent) and one per `pull_recheck_s`; an open wait keeps the agent alive."""
-        wait_s = max(0.0, min(float(request.wait_seconds), self.svc.settings.pull_wait_max_s))
+        """Long-poll without a thread: a database read at the start only when a round may have
+        named this agent since its last read (`Waiters.needs_read`), then one per wake-up (a
+        round event or the plane's sweep named it); an open wait keeps the agent alive."""
+        wait_s = max(0.0, min(float(request.wait_seconds), self.pacing.pull_wait_s(self.fleet())))
         try:
             async with asyncio.timeout(wait_s + self.call_timeout_s):
                 async with self._admitted(context, Kind.WAIT) as agent:
@@ -214,7 +231,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         return agent_pb2.PullTaskResponse(
             no_task=agent_pb2.NoTask(
                 retry_after_seconds=self.pacing.pull_pause_s(wait_s, fleet),
-                wait_seconds=self.pacing.pull_wait_s(),
+                wait_seconds=self.pacing.pull_wait_s(fleet),
             )
         )
 
@@ -225,28 +242,36 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         waiter = self.waiters.register(agent)
         try:
             ttl = self.pacing.wait_ttl_s(wait_s, self.fleet())
-            # no read when this agent's last one found nothing within the re-check period and
-            # no round event has named it since (events are hints: the re-check still reads)
-            read, mark = self.waiters.needs_read(agent, loop.time()), self.waiters.read_mark()
-            task: TrainTask | None = await self._in(self.db, self.svc.begin_wait, agent, ttl, held, read)
-            if read and task is None:
-                self.waiters.note_empty(agent, loop.time(), mark)
+            task: TrainTask | None = None
+            # no read when this agent's last one found nothing and no round event or sweep has
+            # named it since: then the wait starts on this loop, with no thread and no query
+            mark = self.waiters.read_mark()
+            if self.waiters.needs_read(agent, loop.time()):
+                task = await self._in(self.db, self.svc.begin_wait, agent, ttl, held, True)
+                if task is None:
+                    self.waiters.note_empty(agent, mark)
+            else:
+                self.beats.beat(agent, ttl)
+                self.svc.seen(agent)
             while task is None and not waiter.superseded:
                 left = deadline - loop.time()
                 if left <= 0:
                     break
+                recheck = self.waiters.recheck_s(loop.time())  # None while the sweep works
                 try:
-                    async with asyncio.timeout(min(left, self.recheck_s)):
+                    async with asyncio.timeout(left if recheck is None else min(left, recheck)):
                         await waiter.event.wait()
                 except TimeoutError:
-                    pass  # the periodic re-check: events are hints
+                    if recheck is None:
+                        continue  # the wait is over (no event, and the sweep named no one)
                 if waiter.superseded:
                     break
+                named, waiter.named = waiter.named, False
                 waiter.event.clear()
                 mark = self.waiters.read_mark()
-                task = await self._in(self.db, self.svc.try_claim, agent, held)
+                task = await self._in(self.db, self.svc.try_claim, agent, held, named)
                 if task is None:
-                    self.waiters.note_empty(agent, loop.time(), mark)
+                    self.waiters.note_empty(agent, mark)
             return task
         finally:
             self.waiters.unregister(agent, waiter)
@@ -343,6 +368,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         return await self._unary(context, Kind.CALL, body)
 
 
+def longest_wait_s(settings: Settings) -> float:
+    """The longest long-poll the plane may grant (a large fleet's)."""
+    return max(settings.pull_wait_max_s, settings.pull_wait_fleet_max_s)
+
+
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     """Message sizes, keepalive and idle-connection settings of the agent plane."""
 
@@ -362,7 +392,7 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_connection_idle_ms", ms(settings.grpc_max_connection_idle_s)),
         # recycled connections rebalance agents over replicas; a wait in progress may finish
         ("grpc.max_connection_age_ms", ms(settings.grpc_max_connection_age_s)),
-        ("grpc.max_connection_age_grace_ms", ms(settings.pull_wait_max_s + settings.grpc_call_timeout_s)),
+        ("grpc.max_connection_age_grace_ms", ms(longest_wait_s(settings) + settings.grpc_call_timeout_s)),
         ("grpc.max_concurrent_streams", settings.grpc_max_streams_per_connection),
     ]
 

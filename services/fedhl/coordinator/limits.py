@@ -1,14 +1,18 @@
 """Admission of agent calls: a global cap per kind of call and a cap per agent, so a crowd
 cannot grow the server's queues without bound and one agent cannot take the slots of others.
 
-A refused call gets RESOURCE_EXHAUSTED with a `retry-after` (seconds). Used from the agent
+A refused call gets RESOURCE_EXHAUSTED with a `retry-after` (seconds). A burst (a round that
+wakes hundreds of agents, who all download and later upload at once) need not bounce: `queued`
+lets a call wait up to `queue_s` for a slot, on the event loop (no thread), behind at most
+`queue_factor × cap` others; past either bound it is refused as above. Used from the agent
 plane's event loop only (one thread), so the counters need no lock."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from ..metrics import AGENT_CALLS_IN_FLIGHT as IN_FLIGHT
 from ..metrics import AGENT_CALLS_REFUSED as REFUSED
@@ -31,6 +35,10 @@ class CallLimits:
         self.retry_after_s = retry_after_s
         self._open: dict[Kind, int] = dict.fromkeys(Kind, 0)
         self._by_agent: dict[str, int] = {}
+        self._queues: dict[Kind, list[asyncio.Future[None]]] = {k: [] for k in Kind}
+
+    def queued_count(self, kind: Kind) -> int:
+        return len(self._queues[kind])
 
     def open(self, kind: Kind) -> int:
         return self._open[kind]
@@ -38,23 +46,67 @@ class CallLimits:
     def agent_open(self, agent_id: str) -> int:
         return self._by_agent.get(agent_id, 0)
 
+    def _busy(self, kind: Kind) -> ServiceError:
+        REFUSED.labels(kind.value).inc()
+        return ServiceError(
+            Code.RESOURCE_EXHAUSTED,
+            f"the server is busy ({self.caps[kind]} {kind.value}s in progress); retry in {self.retry_after_s} s",
+            retry_after_s=self.retry_after_s,
+        )
+
+    def _release(self, kind: Kind) -> None:
+        self._open[kind] -= 1
+        IN_FLIGHT.labels(kind.value).dec()
+        queue = self._queues[kind]
+        while queue:  # hand the slot to the oldest waiter still waiting
+            fut = queue.pop(0)
+            if not fut.done():
+                self._open[kind] += 1
+                IN_FLIGHT.labels(kind.value).inc()
+                fut.set_result(None)
+                return
+
     @contextmanager
     def slot(self, kind: Kind) -> Iterator[None]:
         """Hold one of the `kind` slots for the block, or raise RESOURCE_EXHAUSTED."""
-        if self._open[kind] >= self.caps[kind]:
-            REFUSED.labels(kind.value).inc()
-            raise ServiceError(
-                Code.RESOURCE_EXHAUSTED,
-                f"the server is busy ({self.caps[kind]} {kind.value}s in progress); retry in {self.retry_after_s} s",
-                retry_after_s=self.retry_after_s,
-            )
+        if self._open[kind] >= self.caps[kind] or self._queues[kind]:
+            raise self._busy(kind)
         self._open[kind] += 1
         IN_FLIGHT.labels(kind.value).inc()
         try:
             yield
         finally:
-            self._open[kind] -= 1
-            IN_FLIGHT.labels(kind.value).dec()
+            self._release(kind)
+
+    @asynccontextmanager
+    async def queued(self, kind: Kind, queue_s: float, queue_factor: int = 4) -> AsyncIterator[None]:
+        """`slot`, but a call that finds the slots full waits up to `queue_s` for one (first
+        come, first served) when fewer than `queue_factor × cap` calls already wait."""
+        if self._open[kind] < self.caps[kind] and not self._queues[kind]:
+            self._open[kind] += 1
+            IN_FLIGHT.labels(kind.value).inc()
+        else:
+            queue = self._queues[kind]
+            if queue_s <= 0 or len(queue) >= queue_factor * self.caps[kind]:
+                raise self._busy(kind)
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            queue.append(fut)
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), queue_s)
+            except (TimeoutError, asyncio.CancelledError) as e:
+                if fut.done() and not fut.cancelled():  # granted as we gave up: give it back
+                    self._release(kind)
+                else:
+                    fut.cancel()
+                    if fut in queue:
+                        queue.remove(fut)
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                raise self._busy(kind) from None
+        try:
+            yield
+        finally:
+            self._release(kind)
 
     @contextmanager
     def agent_slot(self, agent_id: str) -> Iterator[None]:

@@ -3,8 +3,12 @@ by the task events every replica receives (Redis pub/sub, or the in-process chan
 
 A round that opens publishes the ids of the agents it selected on TASK_EVENTS (`task_events`);
 each replica wakes exactly those of its waiting agents, and each of them reads the database
-once. An event without an `agents` list wakes every waiter. Events are hints: a waiter also
-re-reads at its start and every `pull_recheck_s`, so a lost event delays a task, never loses it.
+once. An event without an `agents` list wakes every waiter. Events are hints; the guarantee is
+the plane's *sweep*: every `pull_recheck_s`, one query lists every agent with a task to claim
+(`AgentService.pending_agents`) and wakes those (`Waiters.swept`), so a lost event delays a
+task by at most one sweep, and an idle agent costs no query at all: its wait starts without a
+read when its last read found nothing and no event or sweep has named it since. While sweeps
+fail (the database away), waits fall back to a read at their start and every `pull_recheck_s`.
 
 `Waiters` lives on the agent plane's event loop; `WakeRelay` is the thread that reads the
 event subscription and hands wake-ups to that loop."""
@@ -36,12 +40,14 @@ def task_events(job_id: str, agents: Sequence[str]) -> Iterator[dict[str, Any]]:
 
 
 class Waiter:
-    """One open PullTask: `event` is set when it should read the database again."""
+    """One open PullTask: `event` is set when it should read the database again; `named` when
+    an event or the sweep named this agent (it most likely has a task: claim at once)."""
 
-    __slots__ = ("event", "superseded")
+    __slots__ = ("event", "named", "superseded")
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
+        self.named = False
         self.superseded = False
 
 
@@ -49,15 +55,14 @@ class Waiters:
     """At most one open wait per agent: a new PullTask of the same agent supersedes the older
     one, which answers `no_task` at once (a reconnected agent never waits behind its ghost)."""
 
-    def __init__(self, fresh_s: float = 0.0) -> None:
+    def __init__(self, sweep_s: float = 15.0) -> None:
         self._by_agent: dict[str, Waiter] = {}
-        # an agent's empty read stays fresh for `fresh_s` (the re-check period) unless an event
-        # names it (or names no one) since: then its next wait starts without a database read
-        self.fresh_s = fresh_s
-        self._seq = 0  # wake events seen
+        self.sweep_s = sweep_s  # how often the plane sweeps (pull_recheck_s)
+        self.last_sweep: float | None = None  # loop time of the last successful sweep
+        self._seq = 0  # wake events seen (sweeps included)
         self._all_seq = 0  # the last event that named no one (wakes everyone)
         self._named: dict[str, int] = {}  # agent -> the last event that named it
-        self._empty: dict[str, tuple[float, int]] = {}  # agent -> (loop time, seq) of its last empty read
+        self._empty: dict[str, int] = {}  # agent -> the event count when its last read found nothing
 
     def __len__(self) -> int:
         return len(self._by_agent)
@@ -76,22 +81,39 @@ class Waiters:
             del self._by_agent[agent_id]
             WAITING.set(len(self._by_agent))
 
+    def _bound(self) -> int:
+        return 4 * max(len(self._by_agent), 1024)
+
+    def swept_recently(self, now: float) -> bool:
+        """Whether the sweep is working (its last success less than two periods ago)."""
+        return self.last_sweep is not None and now - self.last_sweep < 2 * self.sweep_s + 1.0
+
+    def recheck_s(self, now: float) -> float | None:
+        """How often an open wait must re-read by itself: never while the sweep works."""
+        return None if self.swept_recently(now) else self.sweep_s
+
     def read_mark(self) -> int:
         """Take before a read whose answer may be `note_empty`: an event during it wins."""
         return self._seq
 
-    def note_empty(self, agent_id: str, now: float, mark: int) -> None:
-        self._empty[agent_id] = (now, mark)
-        if len(self._empty) > 4 * max(len(self._by_agent), 1024):  # bounded: drop the stale ones
-            self._empty = {a: v for a, v in self._empty.items() if now - v[0] < self.fresh_s}
+    def note_empty(self, agent_id: str, mark: int) -> None:
+        if len(self._empty) >= self._bound():  # bounded: forget them all, each reads once more
+            self._empty.clear()
+        self._empty[agent_id] = mark
 
     def needs_read(self, agent_id: str, now: float) -> bool:
-        """False when this agent's last read found nothing less than `fresh_s` ago and no event
-        has named it (or everyone) since."""
+        """False when the sweep works, this agent's last read found nothing, and no event or
+        sweep has named it (or everyone) since."""
         last = self._empty.get(agent_id)
-        if last is None or now - last[0] >= self.fresh_s:
+        if last is None or not self.swept_recently(now):
             return True
-        return max(self._named.get(agent_id, 0), self._all_seq) > last[1]
+        return max(self._named.get(agent_id, 0), self._all_seq) > last
+
+    def swept(self, pending: Iterable[str], now: float) -> int:
+        """A sweep's answer: wake (and mark) every agent with a task; → how many were waiting."""
+        woken = self.wake(pending)
+        self.last_sweep = now
+        return woken
 
     def wake(self, agent_ids: Iterable[str] | None) -> int:
         """Wake these agents' waits (None: all of them); returns how many were waiting here."""
@@ -103,10 +125,12 @@ class Waiters:
             ids = list(agent_ids)
             for a in ids:
                 self._named[a] = self._seq
-            if len(self._named) > 4 * max(len(self._by_agent), 1024):  # bounded: forget, read next time
+            if len(self._named) > self._bound():  # bounded: forget, everyone reads next time
                 self._named.clear()
                 self._all_seq = self._seq
             woken = [w for a in ids if (w := self._by_agent.get(a)) is not None]
+            for w in woken:
+                w.named = True
         for w in woken:
             w.event.set()
         WAKEUPS.inc(len(woken))
@@ -123,8 +147,8 @@ def agents_of(event: dict[str, Any]) -> list[str] | None:
 
 class WakeRelay:
     """Reads TASK_EVENTS in a thread and wakes the named waiters on `loop`. Supervised: when
-    the subscription fails (Redis away) it backs off and subscribes again; meanwhile waits fall
-    back to their periodic re-check."""
+    the subscription fails (Redis away) it backs off and subscribes again; meanwhile the sweep
+    finds the tasks."""
 
     def __init__(
         self,
@@ -149,7 +173,7 @@ class WakeRelay:
         after the plane started is not missed."""
         self._thread.start()
         if not self._subscribed.wait(timeout_s):
-            log.warning("round events: no subscription yet; waits re-check the database until there is one")
+            log.warning("round events: no subscription yet; the sweep finds tasks until there is one")
 
     def close(self) -> None:
         self.stop.set()

@@ -140,6 +140,9 @@ class AgentRepo:
     def active(self) -> Sequence[Agent]:
         return self.s.scalars(select(Agent).where(Agent.status == AgentStatus.ACTIVE).order_by(Agent.id)).all()
 
+    def revoked_ids(self) -> Sequence[str]:
+        return self.s.scalars(select(Agent.id).where(Agent.status == AgentStatus.REVOKED)).all()
+
     def active_ids(self) -> Sequence[str]:
         return self.s.scalars(select(Agent.id).where(Agent.status == AgentStatus.ACTIVE).order_by(Agent.id)).all()
 
@@ -476,6 +479,22 @@ class RoundRepo:
         found: str | None = self.s.scalar(self._pending(Assignment.id, agent_id).limit(1))
         return found
 
+    def pending_agents(self) -> set[str]:
+        """Every agent with an assignment it has not uploaded in a round still collecting of a
+        running job: one query, O(open rounds' assignments), whatever the fleet's size."""
+        rows = self.s.scalars(
+            select(Assignment.agent_id)
+            .join(Round)
+            .join(Job)
+            .where(
+                Assignment.state.in_([AssignmentState.ISSUED, AssignmentState.RUNNING]),
+                Round.state.in_([RoundState.OPEN, RoundState.COLLECTING]),
+                Job.status == JobStatus.RUNNING,
+            )
+            .distinct()
+        ).all()
+        return set(rows)
+
     def busy_agents(self) -> set[str]:
         rows = self.s.scalars(
             select(Assignment.agent_id)
@@ -544,6 +563,12 @@ class RoundRepo:
 
     def updates(self, round_id: int) -> Sequence[Update]:
         return self.s.scalars(select(Update).where(Update.round_id == round_id).order_by(Update.agent_id)).all()
+
+    def expected_count(self, round_id: int) -> int:
+        """The round's assignments that may still upload or have (every one but the cancelled)."""
+        q = select(func.count()).select_from(Assignment)
+        q = q.where(Assignment.round_id == round_id, Assignment.state != AssignmentState.CANCELLED)
+        return int(self.s.scalar(q) or 0)
 
     def update_count(self, round_id: int) -> int:
         return int(self.s.scalar(select(func.count()).select_from(Update).where(Update.round_id == round_id)) or 0)

@@ -36,6 +36,21 @@ def test_pull_pause_only_after_a_zero_wait() -> None:
     assert PACING.pull_pause_s(0.0, 10) == 1
     assert PACING.pull_pause_s(0.0, 5000) == 50
     assert PACING.pull_wait_s() == 20
+
+
+@pytest.mark.parametrize(
+    ("fleet", "wait", "idle_interval"),
+    [
+        (1, 20, 40),  # a small fleet: the configured long-poll; idle heartbeats at twice it
+        (2000, 20, 40),  # 2,000 / 20 s = 100 long-polls per second
+        (5000, 50, 100),  # long-polls lengthen to keep ~100 per second
+        (50_000, 120, 500),  # long-polls up to pull_wait_fleet_max_s; heartbeats paced as a busy one's
+    ],
+)
+def test_long_polls_and_idle_heartbeats_lengthen_with_the_fleet(fleet: int, wait: int, idle_interval: int) -> None:
+    assert PACING.pull_wait_s(fleet) == wait
+    assert PACING.idle_heartbeat_interval_s(fleet) == idle_interval
+    assert PACING.idle_heartbeat_interval_s(fleet) >= PACING.heartbeat_interval_s(fleet)
     assert Pacing(6.0, 5.0, 100.0).heartbeat_interval_s(1) == 2  # the TTL's third, as before
 
 
@@ -58,6 +73,57 @@ def test_global_cap_per_kind_refuses_with_a_retry_after_and_frees_on_exit() -> N
     assert limits.open(Kind.CALL) == 0
     with limits.slot(Kind.CALL):  # free again
         pass
+
+
+def test_a_burst_queues_for_a_slot_first_come_first_served_within_its_bounds() -> None:
+    async def run() -> None:
+        limits = CallLimits({Kind.CALL: 1, Kind.WAIT: 1, Kind.TRANSFER: 2}, per_agent=10, retry_after_s=3)
+        order: list[int] = []
+        release = asyncio.Event()
+
+        async def transfer(i: int, queue_s: float = 5.0) -> None:
+            async with limits.queued(Kind.TRANSFER, queue_s):
+                order.append(i)
+                await release.wait()
+
+        running = [asyncio.create_task(transfer(i)) for i in range(2)]
+        await asyncio.sleep(0)
+        assert limits.open(Kind.TRANSFER) == 2
+        queued = [asyncio.create_task(transfer(i)) for i in range(2, 10)]  # 4 × cap = 8 may wait
+        await asyncio.sleep(0)
+        assert limits.queued_count(Kind.TRANSFER) == 8
+        with pytest.raises(ServiceError) as full:  # the ninth finds the queue full: refused at once
+            await transfer(10)
+        assert full.value.code is Code.RESOURCE_EXHAUSTED and full.value.retry_after_s == 3
+        with pytest.raises(ServiceError):  # the plain slot does not jump the queue either
+            limits.slot(Kind.TRANSFER).__enter__()
+        release.set()
+        await asyncio.gather(*running, *queued)
+        assert order == list(range(10))  # in arrival order
+        assert limits.open(Kind.TRANSFER) == 0 and limits.queued_count(Kind.TRANSFER) == 0
+
+    asyncio.run(run())
+
+
+def test_a_queued_call_is_refused_after_its_wait_and_leaves_no_slot_behind() -> None:
+    async def run() -> None:
+        limits = CallLimits({Kind.CALL: 1, Kind.WAIT: 1, Kind.TRANSFER: 1}, per_agent=10, retry_after_s=1)
+        async with limits.queued(Kind.CALL, 1.0):
+            with pytest.raises(ServiceError) as late:
+                async with limits.queued(Kind.CALL, 0.05):
+                    pass
+            assert late.value.code is Code.RESOURCE_EXHAUSTED
+            waiting = asyncio.create_task(limits.queued(Kind.CALL, 5.0).__aenter__())
+            await asyncio.sleep(0)
+            waiting.cancel()  # a caller that goes away while queued
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            assert limits.queued_count(Kind.CALL) == 0
+        assert limits.open(Kind.CALL) == 0
+        async with limits.queued(Kind.CALL, 0.0):  # free again
+            assert limits.open(Kind.CALL) == 1
+
+    asyncio.run(run())
 
 
 def test_one_agent_cannot_take_more_than_its_share() -> None:
@@ -122,23 +188,53 @@ def test_task_events_carry_the_selected_agents_in_bounded_messages() -> None:
     assert agents_of({"agents": ["a", 3, "b"]}) == ["a", "b"]
 
 
-def test_an_empty_read_stays_fresh_until_the_recheck_period_or_an_event_naming_the_agent() -> None:
-    waiters = Waiters(fresh_s=15.0)
-    assert waiters.needs_read("a", 0.0)  # never read
-    waiters.note_empty("a", 0.0, waiters.read_mark())
-    waiters.note_empty("b", 0.0, waiters.read_mark())
-    assert not waiters.needs_read("a", 14.9)
-    assert waiters.needs_read("a", 15.0)  # the re-check period bounds a lost event
+def test_an_empty_read_stays_fresh_while_the_sweep_works_until_an_event_or_sweep_names_the_agent() -> None:
+    waiters = Waiters(sweep_s=15.0)
+    waiters.note_empty("a", waiters.read_mark())
+    waiters.note_empty("b", waiters.read_mark())
+    assert waiters.needs_read("a", 0.0)  # no sweep yet: every wait reads
+    assert waiters.recheck_s(0.0) == 15.0  # ... and re-reads by itself
+    waiters.swept([], 0.0)  # a sweep found no pending agent
+    assert not waiters.needs_read("a", 5.0)
+    assert waiters.recheck_s(5.0) is None  # waits need no periodic read while sweeps work
+    assert waiters.needs_read("c", 5.0)  # never read
     waiters.wake(["a"])  # a round named a (not waiting here: still remembered)
-    assert waiters.needs_read("a", 1.0)
-    assert not waiters.needs_read("b", 1.0)
+    assert waiters.needs_read("a", 5.0)
+    assert not waiters.needs_read("b", 5.0)
+    waiters.swept(["b"], 15.0)  # the sweep finds b's task (its event was lost)
+    assert waiters.needs_read("b", 16.0)
+    waiters.note_empty("b", waiters.read_mark())
     waiters.wake(None)  # an event naming no one concerns everyone
-    assert waiters.needs_read("b", 1.0)
+    assert waiters.needs_read("b", 16.0)
+    waiters.note_empty("b", waiters.read_mark())
+    assert not waiters.needs_read("b", 45.0)
+    assert waiters.needs_read("b", 46.0)  # two sweep periods (+1 s) without one: back to reading
+    assert waiters.recheck_s(46.0) == 15.0
+
+
+def test_a_sweep_wakes_the_pending_agents_waiting_here() -> None:
+    async def run() -> None:
+        waiters = Waiters(sweep_s=15.0)
+        a, b = waiters.register("a"), waiters.register("b")
+        assert waiters.swept(["b", "z"], 0.0) == 1  # z has a task but waits on another replica
+        assert (a.event.is_set(), b.event.is_set()) == (False, True)
+
+    asyncio.run(run())
 
 
 def test_an_event_during_the_read_makes_its_empty_answer_stale() -> None:
-    waiters = Waiters(fresh_s=15.0)
+    waiters = Waiters(sweep_s=15.0)
+    waiters.swept([], 0.0)
     mark = waiters.read_mark()  # the read starts ...
     waiters.wake(["a"])  # ... a round names a while it runs ...
-    waiters.note_empty("a", 0.0, mark)  # ... and it found nothing
+    waiters.note_empty("a", mark)  # ... and it found nothing
     assert waiters.needs_read("a", 1.0)
+
+
+def test_the_empty_reads_remembered_are_bounded() -> None:
+    waiters = Waiters(sweep_s=15.0)
+    waiters.swept([], 0.0)
+    for i in range(5000):
+        waiters.note_empty(f"agent-{i}", waiters.read_mark())
+    assert len(waiters._empty) <= 4 * 1024
+    assert waiters.needs_read("agent-0", 1.0)  # forgotten: it reads once more

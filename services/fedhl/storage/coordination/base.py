@@ -9,7 +9,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -35,6 +35,10 @@ class Liveness(Protocol):
     """Agent heartbeats: an agent is alive until `ttl_s` after its last beat."""
 
     def beat(self, agent_id: str, ttl_s: float) -> None: ...
+
+    def beat_many(self, beats: Mapping[str, float]) -> None:
+        """`beat` for each agent id -> ttl_s, in one round trip."""
+        ...
 
     def alive(self, agent_ids: Iterable[str]) -> set[str]: ...
 

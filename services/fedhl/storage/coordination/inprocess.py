@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,12 @@ class InProcessLiveness:
         ttl = _ttl_ms(ttl_s)
         with self._lock:
             self._beats.set(agent_id, True, ttl, time.monotonic())
+
+    def beat_many(self, beats: Mapping[str, float]) -> None:
+        with self._lock:
+            now = time.monotonic()
+            for agent_id, ttl_s in beats.items():
+                self._beats.set(agent_id, True, _ttl_ms(ttl_s), now)
 
     def alive(self, agent_ids: Iterable[str]) -> set[str]:
         with self._lock:

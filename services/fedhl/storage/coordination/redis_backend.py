@@ -9,7 +9,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import redis
@@ -99,6 +99,14 @@ class RedisLiveness:
 
     def beat(self, agent_id: str, ttl_s: float) -> None:
         self._r.set(self._prefix + agent_id, "1", px=_ttl_ms(ttl_s))
+
+    def beat_many(self, beats: Mapping[str, float]) -> None:
+        items = list(beats.items())
+        for i in range(0, len(items), self._MGET_BATCH):  # one pipelined round trip per batch
+            pipe = self._r.pipeline(transaction=False)
+            for agent_id, ttl_s in items[i : i + self._MGET_BATCH]:
+                pipe.set(self._prefix + agent_id, "1", px=_ttl_ms(ttl_s))
+            pipe.execute()
 
     def alive(self, agent_ids: Iterable[str]) -> set[str]:
         ids = list(dict.fromkeys(agent_ids))
