@@ -108,6 +108,7 @@ class Stats:
     uploads: int = 0
     compute_s: dict[tuple[str, int], float] = field(default_factory=dict)  # (job, round) -> slowest agent
     loop_lag_ms: list[float] = field(default_factory=list)  # the load generator's own event-loop delay
+    ramp_errors: Counter[str] = field(default_factory=Counter)  # failed calls before the window (ramp, warm-up)
     recording: bool = False
 
     def fail(self, method: str, e: grpc.aio.AioRpcError) -> None:
@@ -472,6 +473,8 @@ class Fleet:
             except grpc.aio.AioRpcError as e:
                 if self.stats.recording:
                     self.stats.fail("Heartbeat", e)
+                elif e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    self.stats.ramp_errors[f"Heartbeat:{e.code().name}"] += 1
                 a.failed = e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
                 pause = a.backoff_s(e)
             await asyncio.sleep(pause)
@@ -488,6 +491,7 @@ class Fleet:
                     agent_pb2.PullTaskRequest(wait_seconds=wait_s), metadata=a.md, timeout=wait_s + PULL_SLACK_S
                 )
                 a.waiting, a.failures = False, 0
+                a.failed = False  # an answered long-poll: connected again
                 if res.WhichOneof("result") == "task":
                     await self._work(a, res.task)
                 else:
@@ -499,6 +503,8 @@ class Fleet:
                 a.waiting = False
                 if self.stats.recording:
                     self.stats.fail("PullTask", e)
+                elif e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    self.stats.ramp_errors[f"PullTask:{e.code().name}"] += 1
                 a.failed = e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
                 pause = a.backoff_s(e)
             await asyncio.sleep(pause)
@@ -618,6 +624,7 @@ class Bench:
             "coordinator_live": live,
             "errors": sum(fleet.stats.errors.values()),
             "error_kinds": dict(fleet.stats.errors),
+            "ramp_errors": dict(fleet.stats.ramp_errors),  # before the measured window (not in `errors`)
             "refused": sum(fleet.stats.refused.values()),
             "coordinator_cpu_s": round(sum(cpu_s(p) for p in self.cluster.pids) - cpu0, 2),
             "coordinator_peak_rss_mb": round(max(rss_peak_mb(p) for p in self.cluster.pids), 1),
