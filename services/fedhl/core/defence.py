@@ -4,16 +4,24 @@ The strategy base class calls these for every strategy (STYLE.md item 11: a boun
 around the algorithm, not a fork of it); the strategies only see the resulting coefficients.
 
 Data sizes. A client's `n_examples` is its own claim. Before any weight is computed, every
-claim is bounded by what the round's other clients claim: `n_i → min(n_i, size_k · med)` with
-`med` the lower median of the round's reported sizes (`bounded_sizes`; `size_k=None`: off).
+claim is bounded by what the round's other clients claim: `n_i → min(n_i, size_k · med_j n_j)`
+with `med` the lower median of the round's reported sizes, over every upload of the round
+(`bounded_sizes`; `size_k=None`, the core's default, leaves sizes as reported; a job's
+`defence.size_k` defaults to `SIZE_K` = 1: no client counts more than the median claim).
 One client cannot move the lower median when N ≥ 3; with N = 2 it is the smaller claim (so
 the larger is at most `size_k ×` the smaller), with N = 1 the client's own (its weight is 1
-anyway). A liar among N clients whose sizes are all near `med` thus holds at most about
-`size_k / (size_k + N − 1)` of a data-size merge, whatever it claims (2**63−1 included); an
-honest client with more than `size_k ×` the median is counted as `size_k ×` the median. The
-bounded sizes feed every weight that uses sizes (FedHL's `n_i / (e_i + ε)`, the baselines'
-data-size weights, the non-LoRA parameters' average), and the round report names every
-clamped size (`sizes_bounded`: reported → counted). The coordinator's edge still refuses
+anyway). A liar among N clients thus holds at most `size_k · med / (size_k · med + Σ_{j≠i} n_j)`
+of a data-size merge whatever it claims (2**63−1 included; `n_j` as counted), about
+`size_k / (size_k + N − 1)`;
+FedHL's `n_i / (e_i + ε)` scales it by the liar's own error. An honest client with more than
+`size_k ×` the median is counted as `size_k ×` the median: at `size_k` 1 the upper half of the
+round weighs as the median client (measured in bench/README.md: FedHL's clean loss improved,
+FlexLoRA's rose 1.8 points in the regression). The bounded
+sizes feed every weight that uses sizes (FedHL's `n_i / (e_i + ε)`, the baselines' data-size
+weights, the non-LoRA parameters' average; HetLoRA's norm weights use none), once per round
+over every upload (also one a module later leaves out), so every shard of a sharded merge
+counts the same sizes; the round report names every clamped size (`sizes_bounded`: reported →
+counted). The coordinator's edge still refuses
 sizes above `max_examples_per_agent` or an admin-set `expected_examples`.
 
 Weights. Every strategy then caps every client's weight at `max_weight_ratio / N` (N uploads
