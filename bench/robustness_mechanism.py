@@ -20,7 +20,8 @@ Client `--hostile` (default c0, rank 2) trains honestly, then rewrites its uploa
   scale_x1000       start + 1000 × (trained − start), per factor
   sign_flip         start − (trained − start)
   sign_flip_at_bound  sign_flip with n_examples = 10**6 (the strongest
-                    single-agent attack the defaults admit: full cap weight, norm ≈ honest)
+                    single-agent attack the defaults admit: the weight of a client at
+                    size_k × the median size, norm ≈ honest)
   stale             the factors it uploaded the round before (a replayed update re-sent as
                     this round's; the message-level replay of another round's task is refused
                     by the coordinator: tests/coordinator/test_hostile_agents.py)
