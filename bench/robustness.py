@@ -1,17 +1,20 @@
 """Robustness of the global model to one hostile agent (issue 12), on `fedhl simulate`'s demo
 setting: MiniLM-L6, the vendored review corpus, 6 agents (ranks 2, 4, 8, 16 in turn), agent-0
 hostile. Each attack runs against each strategy with the defences on (the job's defaults:
-`max_examples_per_agent`, weights ≤ `max_weight_ratio / N`, update bound 3 × median, clip)
-and off (no size bound, no weight cap, no update bound), next to a clean run of the same
-strategy and defence setting.
+`max_examples_per_agent` refused at the edge, reported sizes counted at most `size_k` × the
+round's median size, weights ≤ `max_weight_ratio / N`, update bound 3 × median, clip; `--size-k`
+overrides one) and off (no size bound, no weight cap, no update bound), next to a clean run of
+the same strategy and defence setting.
 
 The hostile agent trains honestly, then rewrites its upload (`simulate(tamper=...)`):
   size_above_bound  n_examples = max_examples_per_agent + 1
+  size_at_bound     n_examples = 10**6, the default max_examples_per_agent (the largest accepted)
   size_1e12         n_examples = 10**12
   size_2p64         n_examples = 2**64 - 1
   factors_1e20      every factor entry 1e20
   scale_x1000       start + 1000 × (trained − start), per factor
   sign_flip         start − (trained − start)
+  sign_flip_at_bound  sign_flip with n_examples = 10**6
 With the defences on, a size above the bound is refused as the coordinator's edge refuses it
 (the agent is left out of that round); 2**64-1 is refused by the core in any case (beyond int64).
 Control-plane attacks (replay, revocation, restart mid-upload, metric flooding) do not touch
@@ -48,26 +51,40 @@ from fedhl.demo.run import job_spec, model_path, split_corpus
 from fedhl.jobspec import JobSpec
 from fedhl.simulation import SimClient, simulate
 
-ATTACKS = ["size_above_bound", "size_1e12", "size_2p64", "factors_1e20", "scale_x1000", "sign_flip"]
+ATTACKS = [
+    "size_above_bound",
+    "size_at_bound",
+    "size_1e12",
+    "size_2p64",
+    "factors_1e20",
+    "scale_x1000",
+    "sign_flip",
+    "sign_flip_at_bound",
+]
 STRATEGIES = ["fedhl", "flexlora", "hetlora"]
 HOSTILE = "agent-0"
-DEFENCE_OFF = {"clip_k": None, "max_weight_ratio": 1e6, "max_examples_per_agent": 2**63 - 1}
+DEFENCE_OFF = {"clip_k": None, "max_weight_ratio": 1e6, "max_examples_per_agent": 2**63 - 1, "size_k": None}
+SIZES = {"size_above_bound": 1_000_000 + 1, "size_at_bound": 1_000_000, "size_1e12": 10**12, "size_2p64": 2**64 - 1}
 
 
 def tamperer(attack: str, spec: JobSpec, defence: bool) -> Any:
     bound = spec.defence.max_examples_per_agent
 
+    def size(upd: ClientUpdate, n: int) -> ClientUpdate | None:
+        if defence and n > bound:
+            return None  # the coordinator refuses it at the edge: INVALID_ARGUMENT, nothing stored
+        try:
+            return dataclasses.replace(upd, n_examples=n)
+        except UploadError:
+            return None  # beyond int64: refused by the core (and the edge) whatever the job says
+
     def tamper(round_: int, start: ClientStart, upd: ClientUpdate) -> ClientUpdate | None:
         if upd.client_id != HOSTILE or attack == "clean":
             return upd
-        if attack.startswith("size_"):
-            n = {"size_above_bound": 1_000_000 + 1, "size_1e12": 10**12, "size_2p64": 2**64 - 1}[attack]
-            if defence and n > bound:
-                return None  # the coordinator refuses it at the edge: INVALID_ARGUMENT, nothing stored
-            try:
-                return dataclasses.replace(upd, n_examples=n)
-            except UploadError:
-                return None  # beyond int64: refused by the core (and the edge) whatever the job says
+        if attack in SIZES:
+            return size(upd, SIZES[attack])
+        if attack == "sign_flip_at_bound":
+            return size(scaled(start, upd, -1.0), SIZES["size_at_bound"])
         if attack == "factors_1e20":
             return huge(upd)
         if attack == "scale_x1000":
@@ -87,7 +104,8 @@ def run_one(args: argparse.Namespace, strategy: str, attack: str, defence: bool,
     ranks = [int(r) for r in args.ranks.split(",")]
     train, test, shards = split_corpus(ns)
     raw = job_spec(ns, model_path(args.model), ranks, None)
-    raw["defence"] = {} if defence else DEFENCE_OFF
+    on = {} if args.size_k is None else {"size_k": None if args.size_k == "none" else float(args.size_k)}
+    raw["defence"] = on if defence else DEFENCE_OFF
     spec = JobSpec.model_validate(raw)
     clients = [SimClient(f"agent-{i}", ranks[i % len(ranks)], [train[j] for j in idx]) for i, idx in enumerate(shards)]
     t0 = time.monotonic()
@@ -97,7 +115,8 @@ def run_one(args: argparse.Namespace, strategy: str, attack: str, defence: bool,
     named = 0
     for r in rows:
         rep = r.get("report") or {}
-        named += any(d["client"] == HOSTILE for d in rep.get("dropped", []) + rep.get("clipped", []))
+        acts = rep.get("dropped", []) + rep.get("clipped", []) + rep.get("sizes_bounded", [])
+        named += any(d["client"] == HOSTILE for d in acts)
     hostile_w = [r["report"]["effective_weights"].get(HOSTILE, 0.0) for r in rows if "report" in r]
     k = spec.defence.clip_k
     honest_ratios = [  # an honest agent's clipped norm in multiples of its module's median
@@ -125,8 +144,13 @@ def run_one(args: argparse.Namespace, strategy: str, attack: str, defence: bool,
         "honest_clips": len(honest_ratios),
         "honest_clip_ratio_max": max(honest_ratios, default=None),
         "honest_dropped": honest_dropped,
+        "sizes_bounded": [(r["round"], x) for r in rows for x in (r.get("report") or {}).get("sizes_bounded", [])],
+        "weights": [(r.get("report") or {}).get("effective_weights") for r in rows],
         "wall_s": round(time.monotonic() - t0, 1),
-        "config": {k: getattr(args, k) for k in ("rounds", "local_steps", "agents", "ranks", "seed", "test_size")},
+        "config": {
+            k: getattr(args, k) for k in ("rounds", "local_steps", "agents", "ranks", "seed", "test_size", "size_k")
+        },
+        "defence_block": raw["defence"],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res))
@@ -141,6 +165,7 @@ def main() -> int:
     p.add_argument("--attacks", default=",".join(ATTACKS))
     p.add_argument("--defences", default="on,off", help="on, off or both (a second process can take the other)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--size-k", default=None, help="defence on: this size_k instead of the default ('none': off)")
     p.add_argument("--summary-only", action="store_true", help="summarise the runs on disk; run nothing")
     p.add_argument("--attacks-first", action="store_true", help="run the attacks before the clean run")
     p.add_argument(
@@ -167,11 +192,11 @@ def main() -> int:
         for defence in [d == "on" for d in args.defences.split(",")]:
             d = "on" if defence else "off"
             if args.attacks_first:  # the attacked runs first (resumable: read back below)
-                for attack in args.attacks.split(","):
+                for attack in filter(None, args.attacks.split(",")):
                     run_one(args, strategy, attack, defence, out / tag / strategy / d / f"{attack}.json")
             clean = run_one(args, strategy, "clean", defence, out / tag / strategy / d / "clean.json")
             print(json.dumps(clean), flush=True)
-            for attack in args.attacks.split(","):
+            for attack in filter(None, args.attacks.split(",")):
                 res = run_one(args, strategy, attack, defence, out / tag / strategy / d / f"{attack}.json")
                 res["clean_last5_accuracy"] = clean["last5_accuracy"]
                 res["drop_pt"] = 100 * (clean["last5_accuracy"] - res["last5_accuracy"])

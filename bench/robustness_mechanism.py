@@ -6,8 +6,9 @@ seeds with paired statistics.
 
 The strategies are the production ones, built as a job builds them (`JobSpec.build_strategy`,
 the job's `defence` block): defences **on** = the job defaults (`max_examples_per_agent` 10⁶
-refused at the edge, weights ≤ 4/N, update bound 3 × median per module, clip); **off** = no
-size bound, no weight cap, no update bound. The non-finite / overflow screen is not a switch.
+refused at the edge, reported sizes counted at most `size_k` × the round's median size, weights
+≤ 4/N, update bound 3 × median per module, clip; `--size-k`, `--max-weight-ratio` override
+two of them); **off** = no size bound, no weight cap, no update bound. The non-finite / overflow screen is not a switch.
 
 Client `--hostile` (default c0, rank 2) trains honestly, then rewrites its upload:
   size_above_bound  n_examples = 10**6 + 1, the default max_examples_per_agent + 1 (on: refused,
@@ -19,7 +20,8 @@ Client `--hostile` (default c0, rank 2) trains honestly, then rewrites its uploa
   scale_x1000       start + 1000 × (trained − start), per factor
   sign_flip         start − (trained − start)
   sign_flip_at_bound  sign_flip with n_examples = 10**6 (the strongest
-                    single-agent attack the defaults admit: full cap weight, norm ≈ honest)
+                    single-agent attack the defaults admit: the weight of a client at
+                    size_k × the median size, norm ≈ honest)
   stale             the factors it uploaded the round before (a replayed update re-sent as
                     this round's; the message-level replay of another round's task is refused
                     by the coordinator: tests/coordinator/test_hostile_agents.py)
@@ -76,7 +78,7 @@ ATTACKS = [
     "stale",
 ]
 STRATEGIES = ["fedhl", "flexlora", "hetlora"]
-DEFENCE_OFF = {"clip_k": None, "max_weight_ratio": 1e6, "max_examples_per_agent": 2**63 - 1}
+DEFENCE_OFF = {"clip_k": None, "max_weight_ratio": 1e6, "max_examples_per_agent": 2**63 - 1, "size_k": None}
 SIZES = {"size_above_bound": "bound+1", "size_at_bound": "bound", "size_1e12": 10**12, "size_2p64": 2**64 - 1}
 TIE_TOL = 0.2  # drop_pt within which a seed counts as a tie (points of the starting loss)
 Tamper = Callable[[int, ClientStart, ClientUpdate], ClientUpdate | None]
@@ -97,11 +99,19 @@ def job(args: argparse.Namespace, strategy: str, defence: bool) -> JobSpec:
             "lora_alpha": args.lora_alpha,
             "strategy": strategy,
             "rounds": args.rounds,
-            "defence": ({"max_weight_ratio": args.max_weight_ratio} if args.max_weight_ratio else {})
-            if defence
-            else DEFENCE_OFF,
+            "defence": defence_on(args) if defence else DEFENCE_OFF,
         }
     )
+
+
+def defence_on(args: argparse.Namespace) -> dict[str, Any]:
+    """The job defaults, with --max-weight-ratio / --size-k where given."""
+    out: dict[str, Any] = {}
+    if args.max_weight_ratio:
+        out["max_weight_ratio"] = args.max_weight_ratio
+    if args.size_k is not None:
+        out["size_k"] = None if args.size_k == "none" else float(args.size_k)
+    return out
 
 
 def tamperer(attack: str, spec: JobSpec, defence: bool, hostile: str) -> Tamper:
@@ -186,6 +196,7 @@ def run_one(args: argparse.Namespace, strategy_name: str, attack: str, defence: 
                     "weights": report.weights,
                     "effective_weights": report.effective_weights,
                     "dropped": [dataclasses.asdict(d) for d in report.dropped],
+                    "sizes_bounded": [dataclasses.asdict(r) for r in report.sizes_bounded],
                     # norm / median of the module's uploads (the bound is k × median)
                     "clip_ratios": [
                         {"client": c.client, "module": c.module, "ratio": c.norm * k / c.bound}
@@ -202,6 +213,7 @@ def run_one(args: argparse.Namespace, strategy_name: str, attack: str, defence: 
         for r in history[1:]
         if any(d["client"] == args.hostile for d in r.get("dropped", []))
         or any(c["client"] == args.hostile for c in r.get("clip_ratios", []))
+        or any(c["client"] == args.hostile for c in r.get("sizes_bounded", []))
     )
     honest = [  # every client is honest in the clean run
         c["ratio"]
@@ -365,6 +377,12 @@ def main() -> int:
         type=float,
         default=None,
         help="defence on: this weight cap (× 1/N) instead of the default 4",
+    )
+    ap.add_argument(
+        "--size-k",
+        default=None,
+        help="defence on: reported sizes count at most this × the round's median size ('none': off) "
+        "instead of the default",
     )
     ap.add_argument("--summary-only", action="store_true")
     args = ap.parse_args()

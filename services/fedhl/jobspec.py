@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .core import WEIGHT_PRESETS, Strategy, WeightConfig, build_strategy
+from .core.defence import SIZE_K
 
 INT64_MAX = 2**63 - 1  # the largest integer the database stores; the wire's uint64 goes beyond it
 
@@ -92,6 +93,9 @@ class DefenceConfig(Strict):
     # update-size bound: k × the round's median update norm per module; None: off
     clip_k: float | None = Field(default=3.0, ge=1, le=1e6)
     clip_action: Literal["clip", "reject"] = "clip"
+    # a reported n_examples counts at most size_k × the lower median of the round's reported
+    # sizes (core/defence.py bounded_sizes), before any weight uses it; None: off
+    size_k: float | None = Field(default=SIZE_K, ge=1, le=1e6)
     # no client weighs more than max_weight_ratio / N; None: the strategy's default (4)
     max_weight_ratio: float | None = Field(default=None, ge=1, le=1e6)
     # an update above reject_k × median is left out whatever clip_action says, and only such
@@ -202,7 +206,11 @@ class JobSpec(Strict):
             raise ValueError("rank_policy.default_rank must be in rank_set")
         if self.strategy == "fedit" and len(self.rank_set) != 1:
             raise ValueError("strategy 'fedit' needs a single rank in rank_set (use 'zeropad' or 'hetlora')")
-        for key, where in (("clip", "defence.clip_k / defence.clip_action"), ("max_weight_ratio", "defence")):
+        for key, where in (
+            ("clip", "defence.clip_k / defence.clip_action"),
+            ("max_weight_ratio", "defence"),
+            ("size_k", "defence"),
+        ):
             if key in self.strategy_options:
                 raise ValueError(f"strategy_options.{key}: set it in the job's defence block ({where})")
         self.build_strategy()  # unknown strategy or options raise ValueError here → 422
@@ -240,5 +248,6 @@ class JobSpec(Strict):
             scale_rule=self.scale_rule,
             seed=self.seed,
             clip=clip,
+            size_k=d.size_k,
             **options,
         )

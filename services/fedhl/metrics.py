@@ -77,7 +77,8 @@ AGGREGATOR_DEVICE = Gauge(
 )
 DEFENCE_ACTIONS = Counter(
     "fedhl_defence_actions",
-    "Uploads bounded by a defence, by action (refused, dropped, clipped) and reason; one per upload and module.",
+    "Uploads bounded by a defence, by action (refused, dropped, clipped, size_bounded) and reason; "
+    "one per upload and module (size_bounded: one per upload).",
     ["action", "reason"],
     registry=REGISTRY,
 )

@@ -39,6 +39,8 @@ class RoundReport:
     effective_weights: dict[str, float] = field(default_factory=dict)
     dropped: list[dict[str, Any]] = field(default_factory=list)
     clipped: list[dict[str, Any]] = field(default_factory=list)
+    # reported data sizes above `size_k ×` the round's median, counted as that bound
+    sizes_bounded: list[dict[str, Any]] = field(default_factory=list)
     # what the next round's agents download (`downlink_summary`); empty in older reports
     downlink: dict[str, Any] = field(default_factory=dict)
 
@@ -95,10 +97,13 @@ class RoundReport:
             effective_weights=effective,
             dropped=[d for p in parts for d in p["dropped"]],
             clipped=[c for p in parts for c in p["clipped"]],
+            sizes_bounded=first.get("sizes_bounded", []),  # every shard bounds the same sizes
         )
 
     def offences(self) -> dict[str, list[str]]:
-        """Agent → the reasons its upload was dropped or clipped in some module (sorted, unique)."""
+        """Agent → the reasons its upload was dropped or clipped in some module (sorted, unique).
+        A bounded size is not an offence: under the default `size_k` = 1 every agent above the
+        round's median size is bounded every round; `sizes_bounded` in the report names them."""
         out: dict[str, set[str]] = {}
         for d in self.dropped:
             out.setdefault(d["client"], set()).add(d["reason"])
@@ -157,6 +162,7 @@ def partial(report: AggregationReport, n_modules: int, timings: dict[str, float]
         "effective_sum": {c: w * n_modules for c, w in report.effective_weights.items()},
         "dropped": [asdict(d) for d in report.dropped],
         "clipped": [asdict(c) for c in report.clipped],
+        "sizes_bounded": [asdict(r) for r in report.sizes_bounded],
         "update_sq": {c: v * v for c, v in report.update_norms.items()},
         "change_sq": report.global_update_norm**2,
         "truncation_errors": report.truncation_errors,

@@ -76,6 +76,9 @@ def test_sharded_report_matches_unsharded_and_keeps_svd_time(tmp_path: Path) -> 
     key = lambda d: (d["client"], d["module"])  # noqa: E731
     assert sorted(sharded.dropped, key=key) == sorted(whole.dropped, key=key)
     assert sorted(sharded.clipped, key=key) == sorted(whole.clipped, key=key)
+    # two agents: the larger claim (47) counts as the smaller (40), in every shard alike
+    assert sharded.sizes_bounded == whole.sizes_bounded
+    assert [(r["client"], r["reported"], r["bounded"]) for r in whole.sizes_bounded] == [(agents[1].agent_id, 47, 40.0)]
     assert sharded.n_eff == pytest.approx(effective_participants(list(sharded.weights.values())))
     assert 1.0 <= sharded.n_eff <= 2.0
     assert sharded.svd["seconds"] > 0  # the round's spectra were timed where they were computed

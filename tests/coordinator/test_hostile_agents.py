@@ -4,9 +4,11 @@ Round 0: lying data sizes (just above the bound, 10**12, 2**64-1), a replayed he
 another round, metric flooding, a restart mid-upload, then a ×1000-scaled update (left out:
 far above reject_k × median). The
 attacker is then quarantined (three refusals) and an admin clears it. Round 1: 1e20 factors.
-Round 2: a sign-flipped update. Round 3: the attacker uploads, is revoked before the merge,
-and its upload is withdrawn. Every round commits; the attacker's effective weight stays
-within `max_weight_ratio / N`; the report names it; the honest agents' uploads are merged.
+Round 2: a sign-flipped update claiming the largest size the job accepts (its size counts as
+the round's median). Round 3: the attacker uploads, is revoked before the merge, and its
+upload is withdrawn. Every upload of the attacker claims `max_examples_per_agent`. Every
+round commits; the attacker's effective weight stays within `max_weight_ratio / N` and within
+the median agent's share; the report names it; the honest agents' uploads are merged.
 """
 
 from __future__ import annotations
@@ -129,6 +131,12 @@ def check_round(c: Coordinator, rnd: Round, attacker: str, honest: list[str], *,
     eff = report["effective_weights"]
     if attacker in report["clients"]:
         assert eff[attacker] <= RATIO / len(report["clients"]) + 1e-9
+        # its claim of BOUND counts as the round's median size (defence.size_k = 1, the default):
+        # the lower median of 40, 41, 42 and BOUND is 41, and so is the largest honest size after it
+        sizes = {r["client"]: r for r in report["sizes_bounded"]}  # type: ignore[union-attr]
+        assert sizes[attacker] == {"client": attacker, "reported": BOUND, "bounded": 41.0, "bound": 41.0}
+        assert set(sizes) == {attacker, honest[2]}  # honest-2 reported 42: counted as 41, named, merged
+        assert eff[attacker] <= 41 / (40 + 41 + 41 + 41) + 1e-9  # no more than the median agent's share
     if must_name:
         assert attacker in named(report), report
     for h in honest:
@@ -198,7 +206,8 @@ def test_one_hostile_agent_among_honest_ones(backend: str, tmp_path: Path) -> No
             assert report["effective_weights"][attacker] == 0.0  # type: ignore[index]
             assert counted("refused", "n_examples_above_bound") == refused_before + 3
             assert counted("dropped", "update_norm_above_bound") >= dropped_before + 1
-            assert RoundPublic.of(rnd).defence["agents"] == 1  # REST: the round's counts
+            assert RoundPublic.of(rnd).defence["agents"] == 2  # REST: the attacker and honest-2's size
+            assert RoundPublic.of(rnd).defence["sizes_bounded"] == 2
             with transaction(c.deps.sessions) as s:
                 refusals = s.scalars(select(AuditEvent).where(AuditEvent.action == "upload_refused")).all()
                 assert {e.actor for e in refusals} == {f"agent:{attacker}"}
@@ -220,12 +229,16 @@ def test_one_hostile_agent_among_honest_ones(backend: str, tmp_path: Path) -> No
                 c, wait(c, job.id, 1, {RoundState.COMMITTED, RoundState.FAILED}), attacker, honest, must_name=True
             )
 
-            # -- round 2: a sign flip keeps its norm: merged, but with at most the capped weight
+            # -- round 2: a sign flip at the size bound keeps its norm: merged, with the weight of
+            # an agent at the median size (equal ranks: data-size weights, 41 / 163), not BOUND's
+            sizes_before = counted("size_bounded", "n_examples_above_median_bound")
             task = pull(evil)
             evil.upload(task, payload(evil.download(task.blobs[0][0]), -1.0), BOUND)
-            check_round(
+            report = check_round(
                 c, wait(c, job.id, 2, {RoundState.COMMITTED, RoundState.FAILED}), attacker, honest, must_name=False
             )
+            assert report["effective_weights"][attacker] == pytest.approx(41 / 163, rel=1e-9)  # type: ignore[index]
+            assert counted("size_bounded", "n_examples_above_median_bound") == sizes_before + 2
 
             # -- round 3: upload, then revocation before the merge withdraws it
             task = pull(evil)

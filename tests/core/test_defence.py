@@ -1,5 +1,6 @@
-"""What one hostile upload can do to a round's math (issue 12): weight caps that ignore
-client-reported sizes, the per-module update-size bound, attribution in the report."""
+"""What one hostile upload can do to a round's math (issue 12): reported sizes bounded by the
+round's median, weight caps that ignore client-reported sizes, the per-module update-size
+bound, attribution in the report."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from fedhl.core import (
     clip_bound,
     lower_median,
 )
-from fedhl.core.defence import bound_excess, is_strike
+from fedhl.core.defence import SIZE_K, bound_excess, bounded_sizes, is_strike
+from fedhl.jobspec import JobSpec
 from fedhl.round_report import RoundReport
 
 ALPHA = 8.0
@@ -133,7 +135,7 @@ def test_max_weight_ratio_goes_inside_fedhl_weights() -> None:
 )
 def test_liar_with_huge_n_gets_at_most_ratio_over_n_and_so_does_its_head(name: str, opts) -> None:
     # Prepare: five honest clients and x, an honest-looking upload claiming 10**12 examples
-    strategy, state, plan, ups = honest_round(name, clip="off", **opts)  # the cap alone
+    strategy, state, plan, ups = honest_round(name, clip="off", size_k=None, **opts)  # the cap alone
     liar = trained(strategy, state, plan, "x", 10**12, seed=99)
     liar = replace(liar, extras={"head": torch.full((4,), 1.0, dtype=F64)})  # honest heads are ~0.1
     cap = 2.0 / 6
@@ -166,9 +168,127 @@ def test_old_cap_semantics_would_have_handed_the_liar_everything() -> None:
     liar = trained(strategy, state, plan, "x", 10**12, seed=99)
     _, report = strategy.aggregate(state, plan, [*ups, liar])
     assert report.weights["x"] == pytest.approx(1 / 6, rel=1e-12)
-    uncapped, state, plan, ups = honest_round("fedhl", weights={"rule": "data_size", "max_weight_ratio": None})
+    uncapped, state, plan, ups = honest_round(
+        "fedhl", weights={"rule": "data_size", "max_weight_ratio": None}, size_k=None
+    )
     _, report = uncapped.aggregate(state, plan, [*ups, trained(uncapped, state, plan, "x", 10**12, seed=99)])
     assert report.weights["x"] > 0.999999
+
+
+# ------------------------------------------------------------------ reported sizes
+
+
+def test_bounded_sizes_by_hand() -> None:
+    # the lower median of six claims is the third smallest (120): the bound is 2 × 120
+    sizes, bound = bounded_sizes([100, 110, 120, 130, 140, 2**63 - 1], 2.0)
+    assert bound == 240.0
+    assert sizes == [100.0, 110.0, 120.0, 130.0, 140.0, 240.0]
+    assert bounded_sizes([100, 110, 120, 130, 140, 2**63 - 1], None) == (
+        [100.0, 110.0, 120.0, 130.0, 140.0, float(2**63 - 1)],
+        math.inf,
+    )
+    assert bounded_sizes([5], 2.0) == ([5.0], 10.0)  # one client: its own claim bounds nothing
+    assert bounded_sizes([100, 10**12], 2.0) == ([100.0, 200.0], 200.0)  # two: the smaller claim
+    assert bounded_sizes([10**12, 100], 1.0) == ([100.0, 100.0], 100.0)
+    # one liar cannot move the bound: the same whatever it claims (N ≥ 3)
+    for claim in (1, 10**6, 2**63 - 1):
+        assert bounded_sizes([300, 200, 100, claim], 3.0)[1] == (300.0 if claim < 200 else 600.0)
+
+
+@pytest.mark.parametrize("bad", [0.5, float("inf"), float("nan"), 0])
+def test_size_k_is_validated(bad) -> None:
+    with pytest.raises(ValueError, match="size_k"):
+        build_strategy("flexlora", alpha=ALPHA, size_k=bad)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_size_liar_weighs_what_a_client_at_size_k_times_the_median_would(name: str) -> None:
+    # Prepare: five honest clients (100..140 examples) and x, an honest-looking upload whose
+    # claim runs from the job's default bound up to int64's largest; the cap is off so that the
+    # size bound alone is measured, and a reference x that honestly reports 2 × median
+    uncapped = {"weights": {"max_weight_ratio": None}} if name == "fedhl" else {"max_weight_ratio": None}
+    strategy, state, plan, ups = honest_round(name, clip="off", size_k=2.0, **uncapped)
+    base = trained(strategy, state, plan, "x", 240, seed=99)
+    base = replace(base, extras={"head": torch.full((4,), 1.0, dtype=F64)})  # honest heads are ~0.1
+    median = 120.0  # the lower median of 100, 110, 120, 130, 140 and x's claim
+    ref, ref_report = strategy.aggregate(state, plan, [*ups, base])
+    for claim in (10**6, 10**12, 2**63 - 1):
+        # Execute
+        new, report = strategy.aggregate(state, plan, [*ups, replace(base, n_examples=claim)])
+        # Assert: the same merge as an honest client at 2 × median, bit for bit, and named
+        assert report.weights == ref_report.weights
+        for k, v in new.tensors().items():
+            assert torch.equal(v, ref.tensors()[k]), k
+        assert [(r.client, r.reported, r.bounded, r.bound) for r in report.sizes_bounded] == [
+            ("x", claim, 2 * median, 2 * median)
+        ]
+        assert report.to_dict()["sizes_bounded"] == [
+            {"client": "x", "reported": claim, "bounded": 240.0, "bound": 240.0}
+        ]
+        # hand-computed: data-size weights give x exactly 240 / (600 + 240); so does the head
+        share = 240.0 / (100 + 110 + 120 + 130 + 140 + 240)
+        if name in ("flexlora", "flora", "zeropad", "fedit"):
+            assert report.weights["x"] == pytest.approx(share, rel=1e-12)
+        honest = honest_head_average(ups, strategy)
+        assert ((new.extras["head"] - honest) / (1.0 - honest)).tolist() == pytest.approx([share] * 4, rel=1e-9)
+    assert ref_report.sizes_bounded == []  # an honest 2 × median is within the bound
+
+
+@pytest.mark.parametrize("name", ["fedhl", "flexlora"])
+def test_two_clients_the_larger_claim_counts_at_most_size_k_times_the_smaller(name: str) -> None:
+    # Prepare: data-size weights, no cap (with N = 2 a cap of 4/N binds nothing anyway)
+    opts = {"weights": {"rule": "data_size", "max_weight_ratio": None}} if name == "fedhl" else {}
+    strategy, state, plan = setup(name, {"h1": 1, "x": 2}, clip="off", size_k=SIZE_K, **opts)
+    h1 = trained(strategy, state, plan, "h1", 100, seed=20)
+    x = trained(strategy, state, plan, "x", 2**63 - 1, seed=99)
+    # Execute
+    _, report = strategy.aggregate(state, plan, [h1, x])
+    # Assert: x counts SIZE_K × the smaller claim
+    assert report.weights["x"] == pytest.approx(SIZE_K / (SIZE_K + 1), rel=1e-12)
+    assert [(r.client, r.bounded) for r in report.sizes_bounded] == [("x", SIZE_K * 100)]
+    # one client: nothing to bound against, its weight is 1 and nothing is named
+    plan1 = strategy.plan_round(state, {"x": dict.fromkeys(SHAPES, 2)})
+    _, alone = strategy.aggregate(state, plan1, [trained(strategy, state, plan1, "x", 2**63 - 1, seed=99)])
+    assert alone.weights == {"x": 1.0} and alone.sizes_bounded == []
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("k", [SIZE_K, 2.0])
+def test_sizes_within_size_k_times_the_median_change_nothing(name: str, k: float) -> None:
+    # honest sizes 100..140 and x: all within k × median (k = 1: all equal), so the bound binds
+    # nothing and the merge is the unbounded one, bit for bit
+    on, state, plan, ups = honest_round(name, clip="off", size_k=k)
+    if k == 1.0:
+        ups = [replace(u, n_examples=100) for u in ups]
+    x = trained(on, state, plan, "x", int(k * 100) if k == 1.0 else 240, seed=99)
+    off = build_strategy(name, alpha=ALPHA, clip="off", size_k=None)
+    new_on, rep_on = on.aggregate(state, plan, [*ups, x])
+    new_off, rep_off = off.aggregate(state, plan, [*ups, x])
+    assert rep_on.sizes_bounded == [] and rep_on.weights == rep_off.weights
+    for key, v in new_on.tensors().items():
+        assert torch.equal(v, new_off.tensors()[key]), key
+    assert on.options()["size_k"] == k and off.options()["size_k"] is None
+    assert build_strategy(name, alpha=ALPHA).options()["size_k"] is None  # the core's default: off
+
+
+def test_size_bound_is_on_in_every_job_and_set_only_in_its_defence_block() -> None:
+    spec = {
+        "name": "j",
+        "base_model": "m",
+        "target_modules": ["q"],
+        "module_shapes": {"q": [8, 6]},
+        "rank_set": [2],
+        "rounds": 1,
+    }
+    for strategy in ALL:
+        job = JobSpec.model_validate({**spec, "strategy": strategy})
+        assert job.defence.size_k == SIZE_K == 1.0 and job.build_strategy().size_k == SIZE_K
+    assert JobSpec.model_validate({**spec, "defence": {"size_k": None}}).build_strategy().size_k is None
+    assert JobSpec.model_validate({**spec, "defence": {"size_k": 3}}).build_strategy().options()["size_k"] == 3
+    with pytest.raises(ValueError, match="size_k"):
+        JobSpec.model_validate({**spec, "defence": {"size_k": 0.5}})
+    with pytest.raises(ValueError, match="defence"):
+        JobSpec.model_validate({**spec, "strategy_options": {"size_k": 1.0}})
 
 
 # ------------------------------------------------------------------ update-size bound
@@ -323,11 +443,14 @@ def test_sharded_merge_makes_the_same_decisions_as_the_unsharded_one(name: str, 
 
 @pytest.mark.parametrize("name", ALL)
 def test_defence_on_is_bit_identical_to_off_for_honest_rounds(name: str) -> None:
-    # honest uploads within k × median and no weight over the cap: the defences bind nothing,
-    # and the merge is the unguarded one bit for bit (same code path for every kept upload)
+    # honest uploads within k × median and no weight over the cap: the update bound and the cap
+    # bind nothing, and the merge is the unguarded one bit for bit (same code path for every
+    # kept upload). The size bound has its own tests above: at a job's default size_k = 1 it
+    # does count honest sizes above the median as the median
     on, state, plan, ups = honest_round(name)
-    off = build_strategy(name, alpha=ALPHA, clip="off", max_weight_ratio=None) if name != "fedhl" else None
-    off = off or build_strategy("fedhl", alpha=ALPHA, clip="off", weights=WeightConfig(max_weight_ratio=None))
+    off_opts = {"clip": "off", "size_k": None}
+    off = build_strategy(name, alpha=ALPHA, max_weight_ratio=None, **off_opts) if name != "fedhl" else None
+    off = off or build_strategy("fedhl", alpha=ALPHA, weights=WeightConfig(max_weight_ratio=None), **off_opts)
     new_on, rep_on = on.aggregate(state, plan, ups)
     new_off, rep_off = off.aggregate(state, plan, ups)
     assert rep_on.clipped == [] and rep_on.dropped == []

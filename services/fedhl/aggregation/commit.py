@@ -112,6 +112,7 @@ def commit_round(deps: Deps, inp: RoundInputs, shard_keys: list[tuple[str, float
     for d in report.dropped:
         metrics.DEFENCE_ACTIONS.labels("dropped", d["reason"]).inc()
     metrics.DEFENCE_ACTIONS.labels("clipped", "update_norm_above_bound").inc(len(report.clipped))
+    metrics.DEFENCE_ACTIONS.labels("size_bounded", "n_examples_above_median_bound").inc(len(report.sizes_bounded))
     metrics.AGGREGATION_SECONDS.observe(report.timings["total_s"])
     deps.coordination.events.publish(
         SCHEDULER_EVENTS, {"type": "round_committed", "job_id": inp.job_id, "round_id": inp.round_id}

@@ -46,6 +46,7 @@ from .types import (
     DropRecord,
     GlobalState,
     LoRAFactors,
+    SizeRecord,
     UploadError,
 )
 from .weights import (
@@ -78,6 +79,7 @@ __all__ = [
     "ModuleStream",
     "RoundPlan",
     "SVDConfig",
+    "SizeRecord",
     "Spectrum",
     "Strategy",
     "UploadError",

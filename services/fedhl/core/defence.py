@@ -3,9 +3,30 @@
 The strategy base class calls these for every strategy (STYLE.md item 11: a bound applied
 around the algorithm, not a fork of it); the strategies only see the resulting coefficients.
 
-Weights. Every strategy caps every client's weight at `max_weight_ratio / N` (N uploads in
-the round, water-filled, renormalised; weights.cap_weights), for the LoRA factors and the
-non-LoRA parameters alike, so a client-reported `n_examples` moves at most that much weight.
+Data sizes. A client's `n_examples` is its own claim. Before any weight is computed, every
+claim is bounded by what the round's other clients claim: `n_i → min(n_i, size_k · med_j n_j)`
+with `med` the lower median of the round's reported sizes, over every upload of the round
+(`bounded_sizes`; `size_k=None`, the core's default, leaves sizes as reported; a job's
+`defence.size_k` defaults to `SIZE_K` = 1: no client counts more than the median claim).
+One client cannot move the lower median when N ≥ 3; with N = 2 it is the smaller claim (so
+the larger is at most `size_k ×` the smaller), with N = 1 the client's own (its weight is 1
+anyway). A liar among N clients thus holds at most `size_k · med / (size_k · med + Σ_{j≠i} n_j)`
+of a data-size merge whatever it claims (2**63−1 included; `n_j` as counted), about
+`size_k / (size_k + N − 1)`;
+FedHL's `n_i / (e_i + ε)` scales it by the liar's own error. An honest client with more than
+`size_k ×` the median is counted as `size_k ×` the median: at `size_k` 1 the upper half of the
+round weighs as the median client (measured in bench/README.md: FedHL's clean loss improved,
+FlexLoRA's rose 1.8 points in the regression). The bounded
+sizes feed every weight that uses sizes (FedHL's `n_i / (e_i + ε)`, the baselines' data-size
+weights, the non-LoRA parameters' average; HetLoRA's norm weights use none), once per round
+over every upload (also one a module later leaves out), so every shard of a sharded merge
+counts the same sizes; the round report names every clamped size (`sizes_bounded`: reported →
+counted). The coordinator's edge still refuses
+sizes above `max_examples_per_agent` or an admin-set `expected_examples`.
+
+Weights. Every strategy then caps every client's weight at `max_weight_ratio / N` (N uploads
+in the round, water-filled, renormalised; weights.cap_weights), for the LoRA factors and the
+non-LoRA parameters alike: a second bound, from the participant count alone.
 
 Update size, per module. Client i's update in module ℓ is what the strategy merges:
 `Δ_i = s_i B_i' A_i' − s_i B_i⁰ A_i⁰` for the dense strategies (FedHL: `s_i B_i⁰ A_i⁰ =
@@ -34,8 +55,9 @@ moves its factors further and can sit above `k × median` round after round (mea
 clip alone says nothing about intent; ten times the median does.
 
 What it does not stop: an update inside the bound in any direction, including `−Δ` (a
-sign-flipped update keeps its norm); a colluding majority, which sets the median; a lie about
-`n_examples` up to the cap (a server-side bound on it is the coordinator's job).
+sign-flipped update keeps its norm), though a flipped update holds no more weight than an
+honest client at `size_k ×` the median size could; a colluding majority, which sets both
+medians.
 """
 
 from __future__ import annotations
@@ -49,7 +71,17 @@ import torch
 from torch import Tensor
 
 ClipAction = Literal["clip", "reject"]
+# a job's default size bound (JobSpec.defence.size_k): a reported size counts at most the round's
+# median size (chosen on bench/robustness_mechanism.py, bench/README.md); the core's default is off
+SIZE_K = 1.0
 BOUND_REASONS = frozenset({"clipped", "update_norm_above_bound"})  # the update-size bound's two actions
+
+
+def check_size_k(k: float | None) -> float | None:
+    """`size_k` must be a finite number ≥ 1 or None (off)."""
+    if k is not None and not (isinstance(k, int | float) and math.isfinite(k) and k >= 1):
+        raise ValueError(f"size_k must be a finite number ≥ 1 or None (off), got {k!r}")
+    return k
 
 
 @dataclass(frozen=True)
@@ -92,6 +124,16 @@ def lower_median(values: Sequence[float]) -> float:
     if not values:
         raise ValueError("median of no values")
     return sorted(values)[(len(values) - 1) // 2]
+
+
+def bounded_sizes(sizes: Sequence[float], k: float | None) -> tuple[list[float], float]:
+    """Every reported size clamped to `k ×` the round's lower median size, and that bound
+    (inf with `k=None`: off). Server-side in the sense that matters: no single client's claim
+    moves the bound when N ≥ 3, and with N ≤ 2 the bound follows the smaller claim."""
+    if k is None or not sizes:
+        return [float(n) for n in sizes], math.inf
+    bound = k * float(lower_median([float(n) for n in sizes]))
+    return [min(float(n), bound) for n in sizes], bound
 
 
 def clip_bound(norms: Sequence[float], k: float) -> float:

@@ -170,6 +170,17 @@ class ClipRecord:
     scale: float
 
 
+@dataclass(frozen=True)
+class SizeRecord:
+    """One reported data size clamped to the round's bound (`size_k ×` the lower median of
+    the round's reported sizes): the weights counted `bounded`, not `reported`."""
+
+    client: ClientId
+    reported: int
+    bounded: float
+    bound: float
+
+
 @dataclass
 class AggregationReport:
     """What a round's merge did, for logs, the REST API and experiments."""
@@ -190,6 +201,7 @@ class AggregationReport:
     effective_weights: dict[ClientId, float] = field(default_factory=dict)
     dropped: list[DropRecord] = field(default_factory=list)
     clipped: list[ClipRecord] = field(default_factory=list)
+    sizes_bounded: list[SizeRecord] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe view (no tensors, no NaN)."""
@@ -213,4 +225,5 @@ class AggregationReport:
             "effective_weights": dict(self.effective_weights),
             "dropped": [asdict(d) for d in self.dropped],
             "clipped": [asdict(c) for c in self.clipped],
+            "sizes_bounded": [asdict(r) for r in self.sizes_bounded],
         }

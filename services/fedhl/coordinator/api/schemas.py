@@ -93,7 +93,8 @@ class RoundPublic(_Public):
     defence: dict[str, int] = Field(
         default_factory=dict,
         description="uploads the defences bounded in this round: `dropped` and `clipped` (per upload and module), "
-        "and `agents` named by either; details in `report.dropped` / `report.clipped`",
+        "`sizes_bounded` (reported sizes counted as size_k × the median), and `agents` named by any; "
+        "details in `report.dropped` / `report.clipped` / `report.sizes_bounded`",
     )
 
     @classmethod
@@ -101,8 +102,15 @@ class RoundPublic(_Public):
         out = cls.model_validate(rnd)
         report = rnd.report or {}
         dropped, clipped = report.get("dropped", []), report.get("clipped", [])
+        sizes = report.get("sizes_bounded", [])
         named = {d.get("client") for d in dropped} | {c.get("client") for c in clipped}
-        out.defence = {"dropped": len(dropped), "clipped": len(clipped), "agents": len(named)}
+        named |= {r.get("client") for r in sizes}
+        out.defence = {
+            "dropped": len(dropped),
+            "clipped": len(clipped),
+            "sizes_bounded": len(sizes),
+            "agents": len(named),
+        }
         return out
 
 

@@ -54,7 +54,8 @@ def build_strategy(
     `weights` (FedHL only) is a preset name ('default', 'paper-literal', 'uniform',
     'data-size'), a `WeightConfig`, or a dict of its fields. `clip` (every strategy) is
     'off', a `ClipConfig`, or a dict of its fields (`k`, `action`); None: the default bound.
-    The baselines take `max_weight_ratio` directly; FedHL inside `weights`.
+    The baselines take `max_weight_ratio` directly; FedHL inside `weights`. Every strategy
+    takes `size_k` (the bound on reported sizes, core/defence.py; None: off).
     """
     try:
         cls = STRATEGIES[name]

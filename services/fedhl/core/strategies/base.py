@@ -12,8 +12,9 @@ A round has two halves:
 
 Subclasses supply the algorithm in a few hooks; the base class guards inputs (ranks, shapes,
 duplicates), screens uploads (non-finite or overflowing ones are left out by name, update
-sizes bounded: core/defence.py), casts to the compute device/dtype, averages non-LoRA
-parameters by capped data size and assembles the report.
+sizes bounded: core/defence.py), bounds every reported data size by the round's median
+(core/defence.py `bounded_sizes`) before any weight sees it, casts to the compute
+device/dtype, averages non-LoRA parameters by capped data size and assembles the report.
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
-from ..defence import ClipConfig, clip_bound, clip_scale, max_abs, overflow_limit, product_may_overflow
+from ..defence import (
+    ClipConfig,
+    bounded_sizes,
+    check_size_k,
+    clip_bound,
+    clip_scale,
+    max_abs,
+    overflow_limit,
+    product_may_overflow,
+)
 from ..merge import change_norms_sq, factor_change_sq, lora_init, lowrank_fro_sq, weighted_average
 from ..scaling import LoRAScaling
 from ..svd import Spectrum, SVDConfig, partial_svd
@@ -44,6 +54,7 @@ from ..types import (
     LoRAFactors,
     ModuleName,
     RankMap,
+    SizeRecord,
     UploadError,
 )
 from ..weights import capped_data_size_weights, effective_participants
@@ -139,17 +150,22 @@ class Strategy(ABC):
         svd: SVDConfig | None = None,
         max_weight_ratio: float | None = 4.0,
         clip: ClipConfig | None = None,
+        size_k: float | None = None,
     ) -> None:
         """`max_weight_ratio`: no client weighs more than `max_weight_ratio / N` (N uploads in
         the round; None: no cap), for the factors and the non-LoRA parameters alike.
         `clip`: the update-size bound (default `ClipConfig()`: k = 3, clip; `ClipConfig.off()`
-        turns it off)."""
+        turns it off). `size_k`: every reported `n_examples` counts at most `size_k ×` the
+        lower median of the round's reported sizes (None, the core's default: sizes as
+        reported, the algorithms as ALGORITHMS.md writes them; a job's `defence.size_k` sets it,
+        default `SIZE_K` = 1)."""
         if compute_dtype is not None and compute_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"compute_dtype must be float32 or float64, got {compute_dtype}")
         if max_weight_ratio is not None and not max_weight_ratio >= 1:
             raise ValueError(f"max_weight_ratio must be ≥ 1 or None, got {max_weight_ratio}")
         self.max_weight_ratio = max_weight_ratio
         self.clip = clip if clip is not None else ClipConfig()
+        self.size_k = check_size_k(size_k)
         self.scaling = scaling
         self.seed = seed
         self.device = torch.device(device) if device is not None else None
@@ -164,6 +180,7 @@ class Strategy(ABC):
             "scale_rule": self.scaling.rule,
             "seed": self.seed,
             "max_weight_ratio": self.max_weight_ratio,
+            "size_k": self.size_k,
             "clip": {"k": self.clip.k, "action": self.clip.action, "reject_k": self.clip.reject_k},
         }
 
@@ -307,7 +324,9 @@ class Strategy(ABC):
         contribution could overflow the compute dtype, is left out of that module and the
         rest are merged with their weights recomputed over who is left; with the update-size
         bound on (`clip`), updates above `k × median` are scaled down or left out
-        (core/defence.py). The report names every such upload (`dropped`, `clipped`).
+        (core/defence.py). Reported sizes above `size_k ×` the round's median size count as
+        that (once per round, over every upload). The report names every such upload
+        (`dropped`, `clipped`, `sizes_bounded`).
 
         Raises `UploadError` for an upload that does not match the plan (shapes, dtype,
         parameters) and `AggregationError` when a module has no upload left or its merge is
@@ -327,7 +346,13 @@ class Strategy(ABC):
             if u.client_id not in plan.ranks:
                 raise UploadError(u.client_id, f"no assignment in round {plan.round}")
             self._check_extras(state, u)
-        n = torch.tensor([float(u.n_examples) for u in updates], dtype=torch.float64)
+        counted, size_bound = bounded_sizes([u.n_examples for u in updates], self.size_k)
+        sizes_bounded = [
+            SizeRecord(u.client_id, u.n_examples, c, size_bound)
+            for u, c in zip(updates, counted, strict=True)
+            if c < u.n_examples
+        ]
+        n = torch.tensor(counted, dtype=torch.float64)  # (N,) the sizes every weight below sees
         pre = self._round_weights(state, plan, updates, n)
 
         new = GlobalState(round=state.round + 1) if not inplace else state
@@ -397,6 +422,7 @@ class Strategy(ABC):
             effective_weights=effective,
             dropped=dropped,
             clipped=clipped,
+            sizes_bounded=sizes_bounded,
         )
         return new, report
 
