@@ -118,6 +118,7 @@ class Settings:
     grpc_max_waits: int = 20000  # PullTask long-polls held at once
     grpc_max_calls_per_agent: int = 4  # one agent's calls at once, waits and transfers included
     grpc_retry_after_s: int = 2  # `retry-after` sent with RESOURCE_EXHAUSTED when a cap is full
+    grpc_max_db_backlog: int = 256  # agent calls queued for a database thread before new ones are refused
     grpc_queue_s: float = 5.0  # a call or transfer finding its cap full waits this long for a slot (0: refuse at once)
     grpc_call_timeout_s: float = 30.0  # server-side deadline of a unary call (waits: pull_wait_max_s)
     grpc_stream_idle_s: float = 60.0  # a transfer stream silent this long ends with DEADLINE_EXCEEDED
@@ -229,6 +230,7 @@ class Settings:
             "grpc_max_waits",
             "grpc_max_calls_per_agent",
             "grpc_retry_after_s",
+            "grpc_max_db_backlog",
             "grpc_call_timeout_s",
             "grpc_stream_idle_s",
             "grpc_keepalive_s",

@@ -289,3 +289,33 @@ def test_global_transfer_cap_refuses_with_retry_after_and_other_calls_go_on(tmp_
             release.set()
             for client in clients:
                 client.close()
+
+
+def test_a_crowd_past_the_database_backlog_is_refused_with_a_spread_retry_after(tmp_path: Path) -> None:
+    """Twenty agents' first heartbeats (each needs a database read) arrive at once at a plane
+    whose database backlog bound is 1: the calls past it are refused RESOURCE_EXHAUSTED at once,
+    each with a retry-after inside the pacing period, and every agent is answered (no timeout)."""
+    settings = settings_for("sqlite+inprocess", tmp_path, grpc_max_db_backlog=1, register_per_peer=100)
+    with running(settings) as c:
+        with transaction(c.deps.sessions) as s:
+            tok, _ = AgentRepo(s).create_token("test", 20, None)
+        address = f"127.0.0.1:{c.grpc_port}"
+
+        async def crowd() -> list[Any]:
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = agent_pb2_grpc.AgentServiceStub(channel)
+                creds = []
+                for i in range(20):  # one at a time: Register's database work counts in the backlog too
+                    req = agent_pb2.RegisterRequest(enrolment_token=tok, name=f"c{i}")
+                    creds.append((await stub.Register(req, timeout=30)).credential)
+                beat = agent_pb2.HeartbeatRequest(resources=agent_pb2.Resources(device_type="cuda"))
+                calls = [stub.Heartbeat(beat, metadata=md(cred), timeout=30) for cred in creds]
+                return list(await asyncio.gather(*calls, return_exceptions=True))
+
+        answers = asyncio.run(crowd())
+    refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+    assert refused, "nobody was refused past a backlog of 1"
+    assert len(refused) < len(answers)  # the first one was served
+    for e in refused:
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+        assert 1 <= float(dict(e.trailing_metadata() or ())["retry-after"]) <= 2  # 20 agents: a 2 s period

@@ -126,10 +126,28 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         self.call_timeout_s = s.grpc_call_timeout_s
         self.idle_s = s.grpc_stream_idle_s
         self.queue_s = s.grpc_queue_s
+        self.db_backlog_max = s.grpc_max_db_backlog
+        self._db_backlog = 0  # calls waiting for or holding a database thread (this loop only)
 
     # ---------------------------------------------------------------- plumbing
     async def _in(self, pool: concurrent.futures.Executor, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+        if pool is not self.db:
+            return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+        # Database work queues for the pool's threads. Past `db_backlog_max` queued calls (about
+        # a second of work) a call is refused at once with a retry-after spread over the fleet's
+        # pacing period, instead of queueing into a client timeout: a reconnect storm (every
+        # agent of a restarted coordinator at once) is spread out instead of feeding on itself.
+        if self._db_backlog >= self.db_backlog_max:
+            raise ServiceError(
+                Code.RESOURCE_EXHAUSTED,
+                f"the server is busy ({self._db_backlog} database calls queued); retry later",
+                retry_after_s=self.pacing.spread_retry_after_s(self.fleet()),
+            )
+        self._db_backlog += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+        finally:
+            self._db_backlog -= 1
 
     @asynccontextmanager
     async def _admitted(self, context: grpc.aio.ServicerContext, kind: Kind) -> AsyncIterator[str]:

@@ -9,6 +9,7 @@ agent is alive for three intervals after its last call (or after its open wait e
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 
@@ -41,6 +42,12 @@ class Pacing:
         if wait_s > 0:
             return 0
         return max(1, math.ceil(max(fleet, 0) / self.calls_per_s))
+
+    def spread_retry_after_s(self, fleet: int, rng: random.Random | None = None) -> int:
+        """A refused agent's retry-after when the server is overloaded: uniform over the fleet's
+        pacing period, so a crowd that arrived together comes back spread out."""
+        period = max(2, math.ceil(max(fleet, 0) / self.calls_per_s))
+        return (rng or random).randint(1, period)
 
     def pull_wait_s(self, fleet: int = 0) -> int:
         """The long-poll length the server asks agents to request (and the most it grants):

@@ -5,6 +5,7 @@ one wait per agent) and the round events that carry the selected agents."""
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
@@ -52,6 +53,15 @@ def test_long_polls_and_idle_heartbeats_lengthen_with_the_fleet(fleet: int, wait
     assert PACING.idle_heartbeat_interval_s(fleet) == idle_interval
     assert PACING.idle_heartbeat_interval_s(fleet) >= PACING.heartbeat_interval_s(fleet)
     assert Pacing(6.0, 5.0, 100.0).heartbeat_interval_s(1) == 2  # the TTL's third, as before
+
+
+def test_an_overloaded_server_spreads_retries_over_the_pacing_period() -> None:
+    rng = random.Random(0)
+    small = {PACING.spread_retry_after_s(10, rng) for _ in range(200)}
+    assert small <= {1, 2} and len(small) == 2  # a small fleet: back in a second or two
+    large = [PACING.spread_retry_after_s(5000, rng) for _ in range(5000)]
+    assert min(large) >= 1 and max(large) <= 50  # 5,000 agents at 100 calls/s: over 50 s
+    assert 20 < sum(large) / len(large) < 30  # uniform: about 100 come back per second
 
 
 def refused(fn: object) -> ServiceError:
