@@ -162,9 +162,9 @@ class AgentPlane:
         """One query for every agent with a task to claim (and one for the revoked); wake
         those waiting here."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started, mark = loop.time(), self.waiters.read_mark()
         pending = await loop.run_in_executor(self.db, self.svc.sweep)
-        self.waiters.swept(pending, started)  # the sweep's age counts from before its query
+        self.waiters.swept(pending, started, mark)  # its age and event mark count from before its query
 
     async def _flush_liveness(self) -> None:
         """Write the idle calls' liveness beats recorded since the last flush, in one round trip."""

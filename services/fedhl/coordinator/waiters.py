@@ -63,6 +63,7 @@ class Waiters:
         self._all_seq = 0  # the last event that named no one (wakes everyone)
         self._named: dict[str, int] = {}  # agent -> the last event that named it
         self._empty: dict[str, int] = {}  # agent -> the event count when its last read found nothing
+        self._sweep_mark = 0  # the event count when the last successful sweep's query started
 
     def __len__(self) -> int:
         return len(self._by_agent)
@@ -102,17 +103,20 @@ class Waiters:
         self._empty[agent_id] = mark
 
     def needs_read(self, agent_id: str, now: float) -> bool:
-        """False when the sweep works, this agent's last read found nothing, and no event or
-        sweep has named it (or everyone) since."""
-        last = self._empty.get(agent_id)
-        if last is None or not self.swept_recently(now):
+        """False when the sweep works and no event or sweep has named this agent (or everyone)
+        since its last empty read, or, for an agent that never read here, since the last sweep
+        started (which would have named it had it had a task): a replica that restarts does not
+        read once per agent of its fleet."""
+        if not self.swept_recently(now):
             return True
+        last = self._empty.get(agent_id, self._sweep_mark)
         return max(self._named.get(agent_id, 0), self._all_seq) > last
 
-    def swept(self, pending: Iterable[str], now: float) -> int:
-        """A sweep's answer: wake (and mark) every agent with a task; → how many were waiting."""
+    def swept(self, pending: Iterable[str], now: float, mark: int) -> int:
+        """A sweep's answer: wake (and mark) every agent with a task; → how many were waiting.
+        `mark`: `read_mark()` taken before its query (an event during the query still counts)."""
         woken = self.wake(pending)
-        self.last_sweep = now
+        self.last_sweep, self._sweep_mark = now, mark
         return woken
 
     def wake(self, agent_ids: Iterable[str] | None) -> int:

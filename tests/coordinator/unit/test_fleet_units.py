@@ -204,14 +204,14 @@ def test_an_empty_read_stays_fresh_while_the_sweep_works_until_an_event_or_sweep
     waiters.note_empty("b", waiters.read_mark())
     assert waiters.needs_read("a", 0.0)  # no sweep yet: every wait reads
     assert waiters.recheck_s(0.0) == 15.0  # ... and re-reads by itself
-    waiters.swept([], 0.0)  # a sweep found no pending agent
+    waiters.swept([], 0.0, waiters.read_mark())  # a sweep found no pending agent
     assert not waiters.needs_read("a", 5.0)
     assert waiters.recheck_s(5.0) is None  # waits need no periodic read while sweeps work
-    assert waiters.needs_read("c", 5.0)  # never read
+    assert not waiters.needs_read("c", 5.0)  # never read here, but the sweep would have named it
     waiters.wake(["a"])  # a round named a (not waiting here: still remembered)
     assert waiters.needs_read("a", 5.0)
     assert not waiters.needs_read("b", 5.0)
-    waiters.swept(["b"], 15.0)  # the sweep finds b's task (its event was lost)
+    waiters.swept(["b"], 15.0, waiters.read_mark())  # the sweep finds b's task (its event was lost)
     assert waiters.needs_read("b", 16.0)
     waiters.note_empty("b", waiters.read_mark())
     waiters.wake(None)  # an event naming no one concerns everyone
@@ -226,7 +226,7 @@ def test_a_sweep_wakes_the_pending_agents_waiting_here() -> None:
     async def run() -> None:
         waiters = Waiters(sweep_s=15.0)
         a, b = waiters.register("a"), waiters.register("b")
-        assert waiters.swept(["b", "z"], 0.0) == 1  # z has a task but waits on another replica
+        assert waiters.swept(["b", "z"], 0.0, waiters.read_mark()) == 1  # z has a task but waits on another replica
         assert (a.event.is_set(), b.event.is_set()) == (False, True)
 
     asyncio.run(run())
@@ -234,17 +234,29 @@ def test_a_sweep_wakes_the_pending_agents_waiting_here() -> None:
 
 def test_an_event_during_the_read_makes_its_empty_answer_stale() -> None:
     waiters = Waiters(sweep_s=15.0)
-    waiters.swept([], 0.0)
+    waiters.swept([], 0.0, waiters.read_mark())
     mark = waiters.read_mark()  # the read starts ...
     waiters.wake(["a"])  # ... a round names a while it runs ...
     waiters.note_empty("a", mark)  # ... and it found nothing
     assert waiters.needs_read("a", 1.0)
 
 
+def test_a_sweep_names_a_never_read_agent_with_a_task_and_an_event_during_its_query_counts() -> None:
+    waiters = Waiters(sweep_s=15.0)
+    mark = waiters.read_mark()  # the sweep's query starts ...
+    waiters.wake(["late"])  # ... a round opens for `late` while it runs (its event arrives first)
+    waiters.swept(["pending"], 0.0, mark)  # ... and the query saw `pending` only
+    assert waiters.needs_read("pending", 1.0)
+    assert waiters.needs_read("late", 1.0)
+    assert not waiters.needs_read("idle", 1.0)
+
+
 def test_the_empty_reads_remembered_are_bounded() -> None:
     waiters = Waiters(sweep_s=15.0)
-    waiters.swept([], 0.0)
+    waiters.swept([], 0.0, waiters.read_mark())
     for i in range(5000):
         waiters.note_empty(f"agent-{i}", waiters.read_mark())
     assert len(waiters._empty) <= 4 * 1024
-    assert waiters.needs_read("agent-0", 1.0)  # forgotten: it reads once more
+    assert not waiters.needs_read("agent-0", 1.0)  # forgotten: the sweep's mark stands in for it
+    waiters.wake(["agent-0"])
+    assert waiters.needs_read("agent-0", 1.0)
