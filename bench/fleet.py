@@ -106,6 +106,7 @@ class Stats:
     errors: Counter[str] = field(default_factory=Counter)  # "Method:CODE"
     refused: Counter[str] = field(default_factory=Counter)  # RESOURCE_EXHAUSTED (the agent backs off)
     uploads: int = 0
+    probes: int = 0  # heartbeats sent by the probe (counted in heartbeat_ms too)
     compute_s: dict[tuple[str, int], float] = field(default_factory=dict)  # (job, round) -> slowest agent
     loop_lag_ms: list[float] = field(default_factory=list)  # the load generator's own event-loop delay
     # failed or refused calls before the window (ramp, warm-up): "Method:CODE"
@@ -486,6 +487,17 @@ class Fleet:
                 pause = a.backoff_s(e)
             await asyncio.sleep(pause)
 
+    async def probe(self, a: Agent) -> None:
+        """One extra heartbeat of an idle agent, timed like the others."""
+        req = agent_pb2.HeartbeatRequest(resources=agent_pb2.Resources(device_type="cuda"))
+        t0 = time.perf_counter()
+        try:
+            await a.stub.Heartbeat(req, metadata=a.md, timeout=HEARTBEAT_TIMEOUT_S)
+            self.stats.heartbeat_ms.append((time.perf_counter() - t0) * 1000)
+            self.stats.probes += 1
+        except grpc.aio.AioRpcError as e:
+            self.stats.fail("Heartbeat", e)
+
     async def _pulls(self, a: Agent, delay: float) -> None:
         await asyncio.sleep(delay)
         wait_s = WAIT_S  # until the server says which long-poll length it honours
@@ -646,9 +658,14 @@ class Bench:
             fleet.stats.recording = True
             samples: list[int] = []
             end = time.monotonic() + self.args.duration
+            probes: list[asyncio.Task[None]] = []
             while time.monotonic() < end:
                 samples.append(Fleet.connected(agents))
+                # a large fleet's own heartbeats are rare (every 100 s at 5,000): --probes random
+                # agents per second send one more, so the latency is measured within the window
+                probes += [asyncio.create_task(fleet.probe(a)) for a in random.sample(agents, min(self.args.probes, n))]
                 await asyncio.sleep(1.0)
+            await asyncio.gather(*probes)
             fleet.stats.recording = False
             return {"connected_min": min(samples), "connected_end": samples[-1]}
 
@@ -659,6 +676,7 @@ class Bench:
             "duration_s": self.args.duration,
             **out,
             "heartbeats": len(s.heartbeat_ms),
+            "probe_heartbeats": s.probes,
             "heartbeat_p50_ms": percentile(s.heartbeat_ms, 0.5),
             "heartbeat_p99_ms": percentile(s.heartbeat_ms, 0.99),
             "heartbeat_max_ms": percentile(s.heartbeat_ms, 1.0),
@@ -814,6 +832,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=60.0, help="measured seconds per idle scenario")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per round scenario")
     ap.add_argument("--replicas", type=int, choices=[1, 2], default=1, help="2: run with 1 replica, then 2")
+    ap.add_argument("--probes", type=int, default=20, help="extra heartbeats per second from random idle agents")
     ap.add_argument("--ramp", type=float, default=5.0, help="agents start spread over this many seconds")
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds after the ramp before measuring")
     ap.add_argument("--settle", type=float, default=2.0, help="pause between scenarios")

@@ -20,6 +20,7 @@ import contextlib
 import functools
 import json
 import logging
+import random
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn, TypeVar
@@ -234,6 +235,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         named this agent since its last read (`Waiters.needs_read`), then one per wake-up (a
         round event or the plane's sweep named it); an open wait keeps the agent alive."""
         wait_s = max(0.0, min(float(request.wait_seconds), self.pacing.pull_wait_s(self.fleet())))
+        # up to a fifth shorter, at random: a fleet that connected together (a restart) would
+        # otherwise end its waits together, wave after wave
+        wait_s *= 1.0 - 0.2 * random.random()
         try:
             async with asyncio.timeout(wait_s + self.call_timeout_s):
                 async with self._admitted(context, Kind.WAIT) as agent:
