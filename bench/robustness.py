@@ -63,7 +63,13 @@ ATTACKS = [
 ]
 STRATEGIES = ["fedhl", "flexlora", "hetlora"]
 HOSTILE = "agent-0"
-DEFENCE_OFF = {"clip_k": None, "max_weight_ratio": 1e6, "max_examples_per_agent": 2**63 - 1, "size_k": None}
+DEFENCE_OFF = {
+    "clip_k": None,
+    "max_weight_ratio": 1e6,
+    "max_examples_per_agent": 2**63 - 1,
+    "size_k": None,
+    "min_cosine": None,
+}
 SIZES = {"size_above_bound": 1_000_000 + 1, "size_at_bound": 1_000_000, "size_1e12": 10**12, "size_2p64": 2**64 - 1}
 
 
@@ -104,7 +110,11 @@ def run_one(args: argparse.Namespace, strategy: str, attack: str, defence: bool,
     ranks = [int(r) for r in args.ranks.split(",")]
     train, test, shards = split_corpus(ns)
     raw = job_spec(ns, model_path(args.model), ranks, None)
-    on = {} if args.size_k is None else {"size_k": None if args.size_k == "none" else float(args.size_k)}
+    on: dict[str, Any] = (
+        {} if args.size_k is None else {"size_k": None if args.size_k == "none" else float(args.size_k)}
+    )
+    if args.min_cosine is not None:
+        on["min_cosine"] = None if args.min_cosine == "none" else float(args.min_cosine)
     raw["defence"] = on if defence else DEFENCE_OFF
     spec = JobSpec.model_validate(raw)
     clients = [SimClient(f"agent-{i}", ranks[i % len(ranks)], [train[j] for j in idx]) for i, idx in enumerate(shards)]
@@ -146,9 +156,17 @@ def run_one(args: argparse.Namespace, strategy: str, attack: str, defence: bool,
         "honest_dropped": honest_dropped,
         "sizes_bounded": [(r["round"], x) for r in rows for x in (r.get("report") or {}).get("sizes_bounded", [])],
         "weights": [(r.get("report") or {}).get("effective_weights") for r in rows],
+        "cosines": [r.get("cosines") for r in rows],  # the direction screen's measurements, per round
+        "direction_dropped": [
+            (r["round"], d["client"], d["module"], d["cosine"])
+            for r in rows
+            for d in (r.get("report") or {}).get("dropped", [])
+            if d["reason"] == "update_against_round"
+        ],
         "wall_s": round(time.monotonic() - t0, 1),
         "config": {
-            k: getattr(args, k) for k in ("rounds", "local_steps", "agents", "ranks", "seed", "test_size", "size_k")
+            k: getattr(args, k)
+            for k in ("rounds", "local_steps", "agents", "ranks", "seed", "test_size", "size_k", "min_cosine")
         },
         "defence_block": raw["defence"],
     }
@@ -166,6 +184,11 @@ def main() -> int:
     p.add_argument("--defences", default="on,off", help="on, off or both (a second process can take the other)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--size-k", default=None, help="defence on: this size_k instead of the default ('none': off)")
+    p.add_argument(
+        "--min-cosine",
+        default=None,
+        help="defence on: the direction screen's threshold instead of the default ('none': off; -1: measure only)",
+    )
     p.add_argument("--summary-only", action="store_true", help="summarise the runs on disk; run nothing")
     p.add_argument("--attacks-first", action="store_true", help="run the attacks before the clean run")
     p.add_argument(

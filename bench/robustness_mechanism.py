@@ -78,7 +78,13 @@ ATTACKS = [
     "stale",
 ]
 STRATEGIES = ["fedhl", "flexlora", "hetlora"]
-DEFENCE_OFF = {"clip_k": None, "max_weight_ratio": 1e6, "max_examples_per_agent": 2**63 - 1, "size_k": None}
+DEFENCE_OFF = {
+    "clip_k": None,
+    "max_weight_ratio": 1e6,
+    "max_examples_per_agent": 2**63 - 1,
+    "size_k": None,
+    "min_cosine": None,
+}
 SIZES = {"size_above_bound": "bound+1", "size_at_bound": "bound", "size_1e12": 10**12, "size_2p64": 2**64 - 1}
 TIE_TOL = 0.2  # drop_pt within which a seed counts as a tie (points of the starting loss)
 Tamper = Callable[[int, ClientStart, ClientUpdate], ClientUpdate | None]
@@ -111,6 +117,8 @@ def defence_on(args: argparse.Namespace) -> dict[str, Any]:
         out["max_weight_ratio"] = args.max_weight_ratio
     if args.size_k is not None:
         out["size_k"] = None if args.size_k == "none" else float(args.size_k)
+    if args.min_cosine is not None:
+        out["min_cosine"] = None if args.min_cosine == "none" else float(args.min_cosine)
     return out
 
 
@@ -197,6 +205,7 @@ def run_one(args: argparse.Namespace, strategy_name: str, attack: str, defence: 
                     "effective_weights": report.effective_weights,
                     "dropped": [dataclasses.asdict(d) for d in report.dropped],
                     "sizes_bounded": [dataclasses.asdict(r) for r in report.sizes_bounded],
+                    "cosines": report.cosines,  # the direction screen's measurements
                     # norm / median of the module's uploads (the bound is k × median)
                     "clip_ratios": [
                         {"client": c.client, "module": c.module, "ratio": c.norm * k / c.bound}
@@ -383,6 +392,11 @@ def main() -> int:
         default=None,
         help="defence on: reported sizes count at most this × the round's median size ('none': off) "
         "instead of the default",
+    )
+    ap.add_argument(
+        "--min-cosine",
+        default=None,
+        help="defence on: the direction screen's threshold instead of the default ('none': off; -1: measure only)",
     )
     ap.add_argument("--summary-only", action="store_true")
     args = ap.parse_args()

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .core import WEIGHT_PRESETS, Strategy, WeightConfig, build_strategy
-from .core.defence import SIZE_K
+from .core.defence import MIN_COSINE, SIZE_K
 
 INT64_MAX = 2**63 - 1  # the largest integer the database stores; the wire's uint64 goes beyond it
 
@@ -96,6 +96,11 @@ class DefenceConfig(Strict):
     # a reported n_examples counts at most size_k × the lower median of the round's reported
     # sizes (core/defence.py bounded_sizes), before any weight uses it; None: off
     size_k: float | None = Field(default=SIZE_K, ge=1, le=1e6)
+    # the direction screen: per module, an upload whose update has a cosine below min_cosine to
+    # the sum of the other uploads' unit-normalised updates is left out of that module
+    # (core/defence.py; never in a round of fewer than 3, never half the round); -1: measure
+    # and report only; None: off
+    min_cosine: float | None = Field(default=MIN_COSINE, ge=-1, le=1)
     # no client weighs more than max_weight_ratio / N; None: the strategy's default (4)
     max_weight_ratio: float | None = Field(default=None, ge=1, le=1e6)
     # an update above reject_k × median is left out whatever clip_action says, and only such
@@ -210,6 +215,7 @@ class JobSpec(Strict):
             ("clip", "defence.clip_k / defence.clip_action"),
             ("max_weight_ratio", "defence"),
             ("size_k", "defence"),
+            ("min_cosine", "defence"),
         ):
             if key in self.strategy_options:
                 raise ValueError(f"strategy_options.{key}: set it in the job's defence block ({where})")
@@ -249,5 +255,6 @@ class JobSpec(Strict):
             seed=self.seed,
             clip=clip,
             size_k=d.size_k,
+            min_cosine=d.min_cosine,
             **options,
         )

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .core import AggregationReport, Strategy, effective_participants
-from .core.defence import bound_excess, is_strike
+from .core.defence import DIRECTION_REASON, bound_excess, direction_strike, is_strike
 
 
 class RoundReportError(ValueError):
@@ -111,10 +111,17 @@ class RoundReport:
             out.setdefault(c["client"], set()).add("clipped")
         return {a: sorted(r) for a, r in sorted(out.items())}
 
-    def struck(self, clip_k: float | None, reject_k: float | None) -> set[str]:
+    def struck(self, clip_k: float | None, reject_k: float | None, modules: int = 0) -> set[str]:
         """Agents with an offence that counts a strike (core/defence.py `is_strike`): any drop
-        of an unsound upload; a clip or reject only above `reject_k × median` in some module."""
+        of an unsound upload; a clip or reject only above `reject_k × median` in some module;
+        the direction screen's leave-outs only in at least `DIRECTION_STRIKE_SHARE` of the
+        round's `modules` LoRA modules (`direction_strike`; 0: never)."""
         out: set[str] = set()
+        against: dict[str, int] = {}
+        for d in self.dropped:
+            if d["reason"] == DIRECTION_REASON and not str(d["module"]).startswith("extra::"):
+                against[d["client"]] = against.get(d["client"], 0) + 1
+        out |= {c for c, k in against.items() if direction_strike(k, modules)}
         for d in self.dropped:
             norm, bound = d.get("norm"), d.get("bound")
             ok = clip_k is not None and norm is not None and bound is not None

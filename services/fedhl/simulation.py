@@ -282,6 +282,7 @@ def simulate(
                 "evaluate_s": evaluate_s,
             },
             "report": round_report.to_dict(),
+            "cosines": report.cosines,  # the direction screen's measurements (core/defence.py)
         }
         rows.append(row)
         if on_round is not None:

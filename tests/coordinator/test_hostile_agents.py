@@ -5,7 +5,8 @@ another round, metric flooding, a restart mid-upload, then a ×1000-scaled updat
 far above reject_k × median). The
 attacker is then quarantined (three refusals) and an admin clears it. Round 1: 1e20 factors.
 Round 2: a sign-flipped update claiming the largest size the job accepts (its size counts as
-the round's median). Round 3: the attacker uploads, is revoked before the merge, and its
+the round's median; the honest agents share a change direction, and the direction screen
+leaves the flip out of every module by name). Round 3: the attacker uploads, is revoked before the merge, and its
 upload is withdrawn. Every upload of the attacker claims `max_examples_per_agent`. Every
 round commits; the attacker's effective weight stays within `max_weight_ratio / N` and within
 the median agent's share; the report names it; the honest agents' uploads are merged.
@@ -24,7 +25,7 @@ import torch
 from sqlalchemy import select
 
 from fedhl.agent.client import AgentClient, Task
-from fedhl.agent.scripted import ScriptedAgent
+from fedhl.agent.scripted import ScriptedAgent, drift_direction
 from fedhl.codec import decode_start, encode_update, load_state
 from fedhl.coordinator.admin import AgentAdmin
 from fedhl.coordinator.api.schemas import RoundPublic
@@ -39,6 +40,7 @@ from fedhl.v1 import agent_pb2
 from stack import job_spec, running, settings_for
 
 BOUND = 1000  # defence.max_examples_per_agent
+DRIFT = 0.1  # the honest agents share a change of this size (and add their own noise of 0.05)
 RATIO = 1.5  # defence.max_weight_ratio: with 4 uploads no agent weighs more than 0.375
 SPEC = job_spec(
     n_layers=1,
@@ -62,13 +64,17 @@ def rejected(fn: object, code: grpc.StatusCode, *words: str) -> None:
         assert w in (e.value.details() or ""), e.value.details()
 
 
-def payload(start_bytes: bytes, scale: float, honest_seed: int = 99) -> bytes:
-    """The start factors moved by a small honest-looking step, times `scale`."""
+def payload(start_bytes: bytes, scale: float, honest_seed: int = 99, round_: int | None = None) -> bytes:
+    """The start factors moved by a small honest-looking step, times `scale`; with `round_`, the
+    step includes the honest agents' shared change of that round (`DRIFT`), as theirs does."""
     start = decode_start(start_bytes)
     g = torch.Generator().manual_seed(honest_seed)
     out = {}
     for m, f in start.factors.items():
         dB, dA = 0.05 * torch.randn(f.B.shape, generator=g), 0.05 * torch.randn(f.A.shape, generator=g)
+        if round_ is not None:
+            sB, sA = drift_direction(round_, m, tuple(f.B.shape), tuple(f.A.shape))
+            dB, dA = dB + DRIFT * sB, dA + DRIFT * sA
         out[m] = LoRAFactors(f.B + scale * dB, f.A + scale * dA)
     return encode_update(out, {k: v.clone() for k, v in start.extras.items()})
 
@@ -160,7 +166,7 @@ def test_one_hostile_agent_among_honest_ones(backend: str, tmp_path: Path) -> No
         address = f"127.0.0.1:{c.grpc_port}"
         # the honest agents take a moment to "train", so the attacker's moves land first
         good = [
-            ScriptedAgent(address, tok, f"honest-{i}", n_examples=40 + i, noise=0.05, seed=i, delay_s=1.0)
+            ScriptedAgent(address, tok, f"honest-{i}", n_examples=40 + i, noise=0.05, seed=i, delay_s=1.0, drift=DRIFT)
             for i in range(3)
         ]
         stop = threading.Event()
@@ -229,16 +235,26 @@ def test_one_hostile_agent_among_honest_ones(backend: str, tmp_path: Path) -> No
                 c, wait(c, job.id, 1, {RoundState.COMMITTED, RoundState.FAILED}), attacker, honest, must_name=True
             )
 
-            # -- round 2: a sign flip at the size bound keeps its norm: merged, with the weight of
-            # an agent at the median size (equal ranks: data-size weights, 41 / 163), not BOUND's
+            # -- round 2: a sign flip (of an honest-looking step, the round's shared change included)
+            # at the size bound keeps its norm; the direction screen leaves it out of every module
+            # by name with its cosine to the others (negative), and counts a strike
             sizes_before = counted("size_bounded", "n_examples_above_median_bound")
+            against_before = counted("dropped", "update_against_round")
             task = pull(evil)
-            evil.upload(task, payload(evil.download(task.blobs[0][0]), -1.0), BOUND)
-            report = check_round(
-                c, wait(c, job.id, 2, {RoundState.COMMITTED, RoundState.FAILED}), attacker, honest, must_name=False
-            )
-            assert report["effective_weights"][attacker] == pytest.approx(41 / 163, rel=1e-9)  # type: ignore[index]
+            evil.upload(task, payload(evil.download(task.blobs[0][0]), -1.0, round_=task.round), BOUND)
+            rnd = wait(c, job.id, 2, {RoundState.COMMITTED, RoundState.FAILED})
+            report = check_round(c, rnd, attacker, honest, must_name=True)
+            against = [x for x in report["dropped"] if x["reason"] == "update_against_round"]  # type: ignore[union-attr]
+            assert {x["module"] for x in against} == set(SPEC["module_shapes"])  # every LoRA module
+            assert all(x["client"] == attacker and x["cosine"] < 0 for x in against), against
+            assert "cosine" in against[0]["detail"]
+            assert report["effective_weights"][attacker] == 0.0  # type: ignore[index]
+            assert counted("dropped", "update_against_round") == against_before + len(against)
             assert counted("size_bounded", "n_examples_above_median_bound") == sizes_before + 2
+            with transaction(c.deps.sessions) as s:
+                bounded = s.scalars(select(AuditEvent).where(AuditEvent.action == "upload_bounded")).all()
+                in_round = [(e.details["agent_id"], e.details["strike"]) for e in bounded if e.details["round"] == 2]
+                assert in_round == [(attacker, True)]  # left out of every module: a strike
 
             # -- round 3: upload, then revocation before the merge withdraws it
             task = pull(evil)

@@ -22,7 +22,19 @@ from fedhl.core import (
     clip_bound,
     lower_median,
 )
-from fedhl.core.defence import SIZE_K, bound_excess, bounded_sizes, is_strike
+from fedhl.core.defence import (
+    DIRECTION_REASON,
+    MIN_COSINE,
+    SIZE_K,
+    bound_excess,
+    bounded_sizes,
+    cosines_to_others,
+    direction_outliers,
+    direction_threshold,
+    is_strike,
+    lowrank_gram,
+    vector_gram,
+)
 from fedhl.jobspec import JobSpec
 from fedhl.round_report import RoundReport
 
@@ -473,6 +485,7 @@ def test_report_to_dict_lists_the_actions() -> None:
         "detail": "factors contain NaN or Inf",
         "norm": None,
         "bound": None,
+        "cosine": None,
     } in d["dropped"]
     assert {c["module"] for c in d["clipped"]} == {"q", "o", "extra::head"}
     assert all(set(c) == {"client", "module", "norm", "bound", "scale"} for c in d["clipped"])
@@ -584,3 +597,200 @@ def test_reject_k_below_k_is_refused() -> None:
     with pytest.raises(ValueError, match="reject_k"):
         ClipConfig(k=3.0, reject_k=2.0)
     assert ClipConfig(k=3.0, reject_k=3.0).reject_k == 3.0
+
+
+# ------------------------------------------------------------------ direction screen
+
+
+def test_lowrank_gram_equals_the_dense_inner_products() -> None:
+    # ⟨B1 A1, B2 A2⟩ = tr((B1ᵀ B2)(A2 A1ᵀ)), any inner sizes
+    g = gen(5)
+    Ls = [randn(7, k, g=g) for k in (1, 3, 4)]
+    Rs = [randn(k, 9, g=g) for k in (1, 3, 4)]
+    dense = [(L @ R).reshape(-1) for L, R in zip(Ls, Rs, strict=True)]
+    expected = torch.tensor([[float(a @ b) for b in dense] for a in dense], dtype=F64)
+    assert torch.allclose(lowrank_gram(Ls, Rs), expected, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(vector_gram(dense), expected, rtol=1e-12, atol=1e-12)
+    # float32 factors are widened: the same Gram to float64 rounding of the inputs
+    L32, R32 = [x.float() for x in Ls], [x.float() for x in Rs]
+    wide = lowrank_gram(L32, R32)
+    assert wide.dtype == F64
+    assert torch.allclose(wide, lowrank_gram([x.double() for x in L32], [x.double() for x in R32]), rtol=0, atol=0)
+
+
+def test_cosines_to_the_others_by_hand() -> None:
+    e1, e2 = torch.tensor([1.0, 0.0], dtype=F64), torch.tensor([0.0, 1.0], dtype=F64)
+    # u1 = u2 = e1, u3 = e2: client 1's others sum to e1 + e2 (cos 1/√2); client 3's to 2 e1 (cos 0)
+    cos = cosines_to_others(vector_gram([e1, 5 * e1, e2]))  # norms do not count
+    assert cos == pytest.approx([1 / math.sqrt(2), 1 / math.sqrt(2), 0.0], abs=1e-15)
+    # a sign flip among three agreeing clients: −1; each honest one sees e1 + e1 − e1 = e1: +1
+    assert cosines_to_others(vector_gram([e1, e1, e1, -3 * e1])) == pytest.approx([1, 1, 1, -1], abs=1e-15)
+    # a zero update has no direction (0) and adds nothing to the others' reference
+    assert cosines_to_others(vector_gram([e1, e1, 0 * e1])) == pytest.approx([1, 1, 0], abs=1e-15)
+    assert cosines_to_others(vector_gram([e1])) == [0.0]
+    assert cosines_to_others(vector_gram([e1, -e1])) == pytest.approx([-1, -1], abs=1e-15)
+
+
+def test_direction_threshold_and_outliers_by_hand() -> None:
+    # m = lower median = 0.5 > |−0.15|: the round has a direction, threshold −0.15
+    cos = [0.6, 0.5, 0.7, -0.2, 0.4]
+    assert direction_threshold(cos, -0.15) == -0.15
+    assert direction_outliers(cos, -0.15) == [3]
+    assert direction_outliers(cos, -0.25) == []  # −0.2 is not below −0.25
+    assert direction_outliers(cos, None) == [] and direction_threshold(cos, None) == -math.inf
+    # −1: measured, never acted on (no cosine is below −1, and no median above 1)
+    assert direction_outliers([0.9, 0.9, 0.9, -1.0], -1.0) == []
+    # an honest orthogonal update (cosine 0) is not against a round that agrees
+    assert direction_outliers([0.6, 0.5, 0.7, 0.0, 0.4], -0.15) == []
+    # a round without a direction (median ≤ 0.15: updates that cancel near a stationary point): no screen
+    assert direction_threshold([0.1, -0.3, 0.9, -0.2, 0.12], -0.15) == -math.inf
+    assert direction_outliers([0.1, -0.3, 0.9, -0.2, 0.12], -0.15) == []
+    # N = 2 (each is the other's only reference) and N = 1: nothing to decide
+    assert direction_outliers([-1.0, -1.0], -0.15) == [] and direction_outliers([0.0], -0.15) == []
+    # the lowest first; never half the round (with m > 0, fewer than half are below m), and a
+    # colluding half sets the median: no screen
+    assert direction_outliers([0.9, 0.8, 0.9, 0.9, 0.85, -0.9, -0.99], -0.15) == [6, 5]
+    assert direction_outliers([0.9, 0.8, 0.9, -0.95, -0.9, -0.99], -0.15) == []
+
+
+@pytest.mark.parametrize("bad", [1.5, -2.0, float("nan"), float("inf")])
+def test_min_cosine_is_validated(bad) -> None:
+    with pytest.raises(ValueError, match="min_cosine"):
+        build_strategy("fedhl", alpha=ALPHA, min_cosine=bad)
+
+
+def aligned_round(name: str, flip: float | None = -1.0, n_honest: int = 5):
+    """Honest clients at one rank that share a change direction (plus 30 % noise), and x:
+    the same change × `flip` (None: no x)."""
+    ranks = dict.fromkeys([*HONEST[:n_honest], "x"], 3 if name == "fedit" else 2)
+    strategy, state, plan = setup(name, ranks, min_cosine=MIN_COSINE)
+    g = gen(3)
+    r = ranks["x"]
+    common = {m: (randn(d_out, r, g=g), randn(r, d_in, g=g)) for m, (d_out, d_in) in SHAPES.items()}
+    head = randn(4, g=g)
+
+    def upload(c: str, sign: float, noise: float, seed: int) -> ClientUpdate:
+        start = strategy.client_start(state, plan, c)
+        h = gen(seed)
+        fs = {}
+        for m, f in start.factors.items():
+            dB, dA = common[m]
+            fs[m] = LoRAFactors(
+                f.B + 0.05 * (sign * dB + noise * randn(*dB.shape, g=h)),
+                f.A + 0.05 * (sign * dA + noise * randn(*dA.shape, g=h)),
+            )
+        x = start.extras["head"] + 0.05 * (sign * head + noise * randn(4, g=h))
+        return ClientUpdate(c, fs, n_examples=100, extras={"head": x})
+
+    ups = [upload(c, 1.0, 0.3, 40 + i) for i, c in enumerate(HONEST[:n_honest])]
+    if flip is not None:
+        ups.append(upload("x", flip, 0.3, 99))
+    return strategy, state, plan, ups
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_sign_flipped_update_is_left_out_of_every_module_and_named(name: str) -> None:
+    strategy, state, plan, ups = aligned_round(name)
+    _, report = strategy.aggregate(state, plan, ups)
+    against = {d.module: d for d in report.dropped if d.reason == DIRECTION_REASON}
+    assert set(against) == set(SHAPES)  # every LoRA module; the head is measured, never screened
+    assert report.cosines["extra::head"]["x"] < -0.5
+    assert all(d.client == "x" and d.cosine is not None and d.cosine < -0.5 for d in against.values())
+    assert report.effective_weights["x"] == 0.0
+    assert all(c > 0.5 for m in report.cosines.values() for k, c in m.items() if k != "x")
+    rr = RoundReport.of(report)
+    assert rr.struck(3.0, 30.0, modules=len(SHAPES)) == {"x"}  # every LoRA module: a strike
+    assert rr.to_dict()["dropped"][0]["cosine"] == against[rr.dropped[0]["module"]].cosine
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_screen_leaves_out_x_as_if_it_had_not_taken_part(name: str) -> None:
+    strategy, state, plan, ups = aligned_round(name)
+    new, report = strategy.aggregate(state, plan, ups)
+    alone, _ = strategy.aggregate(state, plan, ups[:-1])  # the honest five, no x at all
+    assert all(d.client == "x" for d in report.dropped)
+    for k, v in alone.tensors().items():  # every LoRA module as without x; the head keeps x
+        same = torch.allclose(new.tensors()[k], v, rtol=1e-12, atol=1e-12)
+        assert same != k.startswith("extra::"), k
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_an_honest_round_is_not_screened(name: str) -> None:
+    strategy, state, plan, ups = aligned_round(name, flip=1.0)  # x agrees too
+    _, report = strategy.aggregate(state, plan, ups)
+    assert report.dropped == []
+    assert set(report.cosines) == {*SHAPES, "extra::head"}
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_two_clients_and_one_are_never_screened(name: str) -> None:
+    strategy, state, plan, ups = aligned_round(name, n_honest=1)  # h1 and its flip x: N = 2
+    _, report = strategy.aggregate(state, plan, ups)
+    assert report.dropped == [] and report.cosines[next(iter(SHAPES))]["x"] < -0.5
+    strategy, state, plan, ups = aligned_round(name, flip=None, n_honest=1)
+    _, report = strategy.aggregate(state, plan, ups)
+    assert report.dropped == [] and report.cosines[next(iter(SHAPES))] == {"h1": 0.0}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_screen_off_merges_the_flip_and_measures_nothing(name: str) -> None:
+    on, state, plan, ups = aligned_round(name)
+    off = build_strategy(name, alpha=ALPHA, min_cosine=None)
+    assert off.options()["min_cosine"] is None and on.options()["min_cosine"] == MIN_COSINE
+    _, report = off.aggregate(state, plan, ups)
+    assert report.dropped == [] and report.cosines == {} and report.effective_weights["x"] > 0
+    # -1: measured and reported, never acted on
+    measure = build_strategy(name, alpha=ALPHA, min_cosine=-1.0)
+    _, report = measure.aggregate(state, plan, ups)
+    assert report.dropped == [] and report.cosines[next(iter(SHAPES))]["x"] < -0.5
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_sharded_merge_makes_the_same_direction_decisions(name: str) -> None:
+    strategy, state, plan, ups = aligned_round(name)
+    full, rep = strategy.aggregate(state, plan, ups)
+    decided = sorted((d.client, d.module, d.cosine) for d in rep.dropped)
+    parts = []
+    for i, modules in enumerate([["q", "o"], ["v"]]):
+        sub = GlobalState(
+            round=state.round,
+            dense={m: state.dense[m] for m in modules if m in state.dense},
+            factors={m: state.factors[m] for m in modules if m in state.factors},
+            extras=state.extras if i == 0 else {},
+        )
+        parts.append(strategy.aggregate(sub, plan, [u if i == 0 else replace(u, extras={}) for u in ups]))
+    assert decided == sorted((d.client, d.module, d.cosine) for _, r in parts for d in r.dropped)
+    for part, _r in parts:
+        for k, v in part.tensors().items():
+            assert torch.equal(v, full.tensors()[k]), k
+
+
+def test_direction_strikes_only_in_most_modules() -> None:
+    def drop(module: str) -> dict[str, object]:
+        return {"client": "x", "module": module, "reason": DIRECTION_REASON, "detail": "", "cosine": -0.5}
+
+    assert _report([], [drop("q"), drop("v"), drop("o")]).struck(3.0, 30.0, modules=4) == {"x"}  # 3 of 4
+    assert _report([], [drop("q"), drop("v"), drop("extra::head")]).struck(3.0, 30.0, modules=4) == set()
+    assert _report([], [drop("q")]).struck(3.0, 30.0, modules=1) == {"x"}
+    assert _report([], [drop("q")]).struck(3.0, 30.0) == set()  # modules unknown: never
+    assert not is_strike(DIRECTION_REASON, None, 30.0)
+    assert set(_report([], [drop("q")]).offences()) == {"x"}  # named all the same
+
+
+def test_direction_screen_is_on_in_every_job_and_set_only_in_its_defence_block() -> None:
+    spec = {
+        "name": "j",
+        "base_model": "m",
+        "target_modules": ["q"],
+        "module_shapes": {"q": [8, 6]},
+        "rank_set": [2],
+        "rounds": 1,
+    }
+    for strategy in ALL:
+        job = JobSpec.model_validate({**spec, "strategy": strategy})
+        assert job.defence.min_cosine == MIN_COSINE and job.build_strategy().min_cosine == MIN_COSINE
+    assert JobSpec.model_validate({**spec, "defence": {"min_cosine": None}}).build_strategy().min_cosine is None
+    with pytest.raises(ValueError, match="min_cosine"):
+        JobSpec.model_validate({**spec, "defence": {"min_cosine": 2}})
+    with pytest.raises(ValueError, match="defence"):
+        JobSpec.model_validate({**spec, "strategy_options": {"min_cosine": 0.0}})

@@ -19,6 +19,14 @@ from .client import TLS, AgentClient, Resources, Task, retry_after_s
 from .globalcache import GlobalCache, Obtained, start_shapes
 
 
+def drift_direction(
+    round_: int, module: str, b_shape: tuple[int, ...], a_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The change every drifting agent shares in `module` at `round_`: (d_out, r), (r, d_in)."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"drift:{round_}:{module}".encode()))
+    return torch.randn(b_shape, generator=g), torch.randn(a_shape, generator=g)
+
+
 @dataclass
 class ScriptedAgent:
     address: str
@@ -29,6 +37,9 @@ class ScriptedAgent:
     resources: Resources | None = None
     seed: int = 0
     delay_s: float = 0.0  # simulated training time
+    # a change every agent with the same `drift` shares (seeded by round and module): agents that
+    # agree on a direction, as trained ones do early on (`drift_direction`); 0: none
+    drift: float = 0.0
     cache_dir: Path | None = None  # where it keeps the global update (full view); None: a temporary one
     tls: TLS | None = None  # None: plaintext (a coordinator on this machine)
 
@@ -50,6 +61,10 @@ class ScriptedAgent:
             if self.noise:
                 B += self.noise * torch.randn(B.shape, generator=g)
                 A += self.noise * torch.randn(A.shape, generator=g)
+            if self.drift:
+                dB, dA = drift_direction(task.round, m, tuple(B.shape), tuple(A.shape))
+                B += self.drift * dB
+                A += self.drift * dA
             factors[m] = LoRAFactors(B, A)
         extras = {k: v.clone() for k, v in start.extras.items()}
         return encode_update(factors, extras)

@@ -131,12 +131,13 @@ def attribute(s: Session, inp: RoundInputs, report: RoundReport, worker: str) ->
     """Every dropped or clipped upload goes to the audit log by agent and reason. A drop of an
     unsound upload counts a strike (repeated offenders are quarantined, JobSpec.defence); a clip
     or reject by the update-size bound counts only above `reject_k × median` (an honest agent
-    at a larger rank can sit above k × median round after round; core/defence.py `is_strike`).
+    at a larger rank can sit above k × median round after round; core/defence.py `is_strike`),
+    a direction leave-out only in most of the round's modules (`direction_strike`).
     A round without a strike clears the count."""
     d = inp.spec.defence
     agents, audit = AgentRepo(s), AuditRepo(s)
     offences = report.offences()
-    struck = report.struck(d.clip_k, d.reject_k)
+    struck = report.struck(d.clip_k, d.reject_k, modules=len(inp.spec.module_shapes))
     until = utcnow() + timedelta(seconds=d.quarantine_window_s(inp.spec.selection.deadline_s))
     for agent_id, reasons in offences.items():
         strike = agent_id in struck

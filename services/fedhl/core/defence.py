@@ -54,10 +54,37 @@ moves its factors further and can sit above `k × median` round after round (mea
 3.9 × median for a rank-32 client among ranks 2–32 under HetLoRA, bench/README.md), so a
 clip alone says nothing about intent; ten times the median does.
 
-What it does not stop: an update inside the bound in any direction, including `−Δ` (a
-sign-flipped update keeps its norm), though a flipped update holds no more weight than an
-honest client at `size_k ×` the median size could; a colluding majority, which sets both
-medians.
+Direction, per module (`min_cosine`; the core's default None: off; a job's
+`defence.min_cosine` defaults to `MIN_COSINE` = −0.15). Each upload's update Δ_i (the Δ the
+size bound uses) gets its cosine to the sum of the *other* uploads' unit-normalised updates,
+`cos_i = ⟨u_i, Σ_{j≠i} u_j⟩ / ‖Σ_{j≠i} u_j‖` (`cosines_to_others`): every other upload counts
+once whatever its norm or claimed size, and no upload is its own reference. Everything comes
+from the N × N Gram matrix of the updates, in float64 and without a dense product for the
+dense strategies (`⟨L_i R_i, L_j R_j⟩ = Σ (L_iᵀL_j) ⊙ (R_i R_jᵀ)` with Δ_i = s_i [B'−B⁰ | B⁰] @
+[A'; A'−A⁰], `lowrank_gram`, O((d_out + d_in) K²) for K = Σ 2 r_i), from the flattened
+zero-padded factor change for the factor strategies. A module is screened only when its round
+has a direction: the lower median of its cosines `m > |min_cosine|`; then an upload with
+`cos_i < min_cosine` is left out of that module (`update_against_round`, named with its
+cosine; the others' weights are recomputed as for any leave-out). Never in a round of fewer
+than 3 uploads (with two, each is the other's only reference), never half the round. The
+non-LoRA parameters' cosines are measured and reported, never acted on: a small head moves
+with each client's label skew (a 2-class bias changes along one line: honest cosines of ±1).
+The decision uses one module's uploads only, so a sharded merge decides what an unsharded one
+does. A direction leave-out counts a strike only when it hits at least
+`DIRECTION_STRIKE_SHARE` (3/4) of the round's LoRA modules (`direction_strike`, judged where
+the shards' reports are combined).
+
+Measured (bench/README.md): on the known-optimum regression honest cosines run from +0.7 in
+the first rounds to −0.38 near the optimum (honest updates cancel there: Σ p_i Δ_i ≈ 0), so
+the median gate is what keeps honest clients in; on MiniLM honest per-module cosines sit near
+0 (median 0.006, 5th percentile −0.23, max 0.41): honest clients' LoRA updates are nearly
+orthogonal in weight space, the gate rarely opens, and a sign flip is not told apart from an
+honest update there.
+
+What it does not stop: an update inside the size bound whose direction is not clearly against
+a round that agrees (on MiniLM a sign flip is such an update: it still costs 9–13 points,
+bench/README.md), though it holds no more weight than an honest client at `size_k ×` the
+median size could; a colluding majority (or half), which sets the medians.
 """
 
 from __future__ import annotations
@@ -75,6 +102,25 @@ ClipAction = Literal["clip", "reject"]
 # median size (chosen on bench/robustness_mechanism.py, bench/README.md); the core's default is off
 SIZE_K = 1.0
 BOUND_REASONS = frozenset({"clipped", "update_norm_above_bound"})  # the update-size bound's two actions
+# a job's default direction screen (JobSpec.defence.min_cosine): in a module whose median upload
+# agrees with the others by more than 0.15, an upload whose cosine to the others is below −0.15
+# is left out of it (chosen on the honest cosines measured in bench/README.md)
+MIN_COSINE = -0.15
+DIRECTION_REASON = "update_against_round"  # the direction screen's action (a leave-out)
+# the smallest round the direction screen acts in: with two clients, each is the other's only
+# reference and a disagreement cannot say which of them is hostile
+DIRECTION_MIN_CLIENTS = 3
+# a direction leave-out counts a strike only when it hits at least this share of the round's
+# LoRA modules: a sign flip is against the round everywhere, an honest outlier in a few modules
+DIRECTION_STRIKE_SHARE = 0.75
+
+
+def check_min_cosine(c: float | None) -> float | None:
+    """`min_cosine` (the direction screen's threshold) must be a number in [-1, 1] or None
+    (off); −1 computes and reports the cosines but never acts."""
+    if c is not None and not (isinstance(c, int | float) and math.isfinite(c) and -1.0 <= c <= 1.0):
+        raise ValueError(f"min_cosine must be a number in [-1, 1] or None (off), got {c!r}")
+    return c
 
 
 def check_size_k(k: float | None) -> float | None:
@@ -177,9 +223,96 @@ def bound_excess(norm: float, bound: float, k: float) -> float:
 def is_strike(reason: str, excess: float | None, reject_k: float | None) -> bool:
     """Whether one defence action counts toward quarantine. Unsound uploads always do; the
     update-size bound's actions (`clipped`, `update_norm_above_bound`) only when the update is
-    above `reject_k × median` (`excess`; None: unknown, counts), never with `reject_k=None`."""
+    above `reject_k × median` (`excess`; None: unknown, counts), never with `reject_k=None`.
+    A direction leave-out never counts here: one module says little, `direction_strike` judges
+    the round's modules together."""
+    if reason == DIRECTION_REASON:
+        return False  # judged over the whole round: direction_strike
     if reason not in BOUND_REASONS:
         return True
     if reject_k is None:
         return False
     return excess is None or excess > reject_k
+
+
+# ---------------------------------------------------------------------------------- direction
+def lowrank_gram(Ls: Sequence[Tensor], Rs: Sequence[Tensor]) -> Tensor:
+    """Gram matrix `G_ij = ⟨L_i R_i, L_j R_j⟩_F` (N, N) in float64 without any dense product:
+    `⟨L_i R_i, L_j R_j⟩ = tr(R_iᵀ L_iᵀ L_j R_j) = Σ (L_iᵀ L_j) ⊙ (R_i R_jᵀ)`, from one (K, K)
+    Gram of the concatenated left factors and one of the right ones (K = Σ k_i inner sizes).
+    Cost O((d_out + d_in) K²): for K well below min(d_out, d_in) less than forming the dense
+    updates (O(d_out d_in K))."""
+    if not Ls:
+        return torch.zeros(0, 0, dtype=torch.float64)
+    dev = Ls[0].device
+    L = torch.cat([x.to(dev, torch.float64) for x in Ls], dim=1)  # (d_out, K)
+    R = torch.cat([x.to(dev, torch.float64) for x in Rs], dim=0)  # (K, d_in)
+    P = (L.mT @ L) * (R @ R.mT)  # (K, K)
+    owner = torch.repeat_interleave(
+        torch.arange(len(Ls), device=dev), torch.tensor([x.shape[1] for x in Ls], device=dev)
+    )
+    E = torch.nn.functional.one_hot(owner, len(Ls)).to(torch.float64)  # (K, N): inner column → client
+    return (E.mT @ P @ E).cpu()  # (N, N)
+
+
+def vector_gram(vs: Sequence[Tensor]) -> Tensor:
+    """`G_ij = ⟨v_i, v_j⟩` (N, N) in float64 for flattened updates (factor changes, extras)."""
+    if not vs:
+        return torch.zeros(0, 0, dtype=torch.float64)
+    V = torch.stack([v.reshape(-1).to(vs[0].device, torch.float64) for v in vs])  # (N, D)
+    return (V @ V.mT).cpu()
+
+
+def cosines_to_others(gram: Tensor) -> list[float]:
+    """Each client's cosine to the sum of the *other* clients' unit-normalised updates,
+    `cos_i = ⟨u_i, Σ_{j≠i} u_j⟩ / ‖Σ_{j≠i} u_j‖` with `u_j = Δ_j / ‖Δ_j‖`, from the Gram matrix
+    alone: with `C` the cosine matrix, `⟨u_i, Σ_{j≠i} u_j⟩ = Σ_{j≠i} C_ij` and
+    `‖Σ_{j≠i} u_j‖² = Σ_{j,k≠i} C_jk`. Every other client counts once whatever its norm or
+    size (a large or heavily weighted update cannot pull the reference), and a client is never
+    its own reference. A zero update, or one whose others sum to zero, gets 0 (no direction)."""
+    G = gram.to(torch.float64)
+    n = G.shape[0]
+    if n < 2:
+        return [0.0] * n
+    norm = G.diagonal().clamp_min(0).sqrt()  # (N,)
+    ok = norm > 0
+    inv = torch.where(ok, 1.0 / torch.where(ok, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+    C = G * inv[:, None] * inv[None, :]  # (N, N) cosines; rows/cols of zero updates are 0
+    row = C.sum(1)  # Σ_j C_ij
+    diag = C.diagonal()
+    num = row - diag  # ⟨u_i, Σ_{j≠i} u_j⟩
+    ref_sq = C.sum() - 2 * row + diag  # ‖Σ_{j≠i} u_j‖²
+    out = []
+    for i in range(n):
+        r = float(ref_sq[i])
+        out.append(float(num[i]) / math.sqrt(r) if bool(ok[i]) and r > 1e-24 else 0.0)
+    return [max(-1.0, min(1.0, c)) for c in out]
+
+
+def direction_threshold(cosines: Sequence[float], min_cosine: float | None) -> float:
+    """The cosine below which an upload is against its round, in one module: `min_cosine`, when
+    the round has a direction, i.e. its typical upload agrees with the others by more than
+    `|min_cosine|` (lower median of the cosines `m > |min_cosine|`); else −inf (no screen).
+    Also −inf when the screen is off or with fewer than `DIRECTION_MIN_CLIENTS` uploads. The
+    gate matters: near a stationary point honest updates cancel (Σ p_i Δ_i ≈ 0 makes every
+    cosine to the others negative; measured down to −0.38 in bench/README.md), and there a
+    sign flip is no worse than the honest spread either. A colluding half sets `m` and turns
+    the screen off."""
+    if min_cosine is None or len(cosines) < DIRECTION_MIN_CLIENTS:
+        return -math.inf
+    return min_cosine if lower_median(cosines) > abs(min_cosine) else -math.inf
+
+
+def direction_outliers(cosines: Sequence[float], min_cosine: float | None) -> list[int]:
+    """Positions whose cosine to the others is below `direction_threshold`, lowest first, at
+    most ⌊(N−1)/2⌋ of them (the screen assumes an honest majority and never leaves out half
+    the round)."""
+    t = direction_threshold(cosines, min_cosine)
+    below = sorted((c, i) for i, c in enumerate(cosines) if c < t)
+    return [i for _, i in below[: (len(cosines) - 1) // 2]]
+
+
+def direction_strike(modules_left_out: int, modules: int) -> bool:
+    """Whether a client left out by the direction screen in `modules_left_out` of the round's
+    `modules` LoRA modules counts a strike: only in at least `DIRECTION_STRIKE_SHARE` of them."""
+    return modules > 0 and modules_left_out >= DIRECTION_STRIKE_SHARE * modules

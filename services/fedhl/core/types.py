@@ -157,6 +157,9 @@ class DropRecord:
     # `update_norm_above_bound` (the `reject` action) only: the norm and `k × median`
     norm: float | None = None
     bound: float | None = None
+    # `update_against_round` (the direction screen) only: the update's cosine to the sum of
+    # the other uploads' unit-normalised updates in that module
+    cosine: float | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,10 @@ class AggregationReport:
     dropped: list[DropRecord] = field(default_factory=list)
     clipped: list[ClipRecord] = field(default_factory=list)
     sizes_bounded: list[SizeRecord] = field(default_factory=list)
+    # the direction screen's measurements: module (or `extra::<param>`) → client → cosine to the
+    # others (core/defence.py cosines_to_others); in memory only (not in `to_dict`: modules ×
+    # clients numbers a round), for experiments; what the screen did is in `dropped`
+    cosines: dict[str, dict[ClientId, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe view (no tensors, no NaN)."""

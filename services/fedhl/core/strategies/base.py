@@ -30,14 +30,21 @@ import torch
 from torch import Tensor
 
 from ..defence import (
+    DIRECTION_REASON,
     ClipConfig,
     bounded_sizes,
+    check_min_cosine,
     check_size_k,
     clip_bound,
     clip_scale,
+    cosines_to_others,
+    direction_outliers,
+    direction_threshold,
+    lowrank_gram,
     max_abs,
     overflow_limit,
     product_may_overflow,
+    vector_gram,
 )
 from ..merge import change_norms_sq, factor_change_sq, lora_init, lowrank_fro_sq, weighted_average
 from ..scaling import LoRAScaling
@@ -101,6 +108,17 @@ def _finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def _factor_change(start: LoRAFactors, f: LoRAFactors, r_max: int) -> Tensor:
+    """[B' − B⁰ | (A' − A⁰)ᵀ] zero-padded to `r_max` columns, flattened, float64: the factor
+    strategies' update as one vector ((d_out + d_in) · r_max,)."""
+    r = f.rank
+    dB = torch.zeros(f.B.shape[0], r_max, dtype=torch.float64, device=f.B.device)  # (d_out, r_max)
+    dA = torch.zeros(r_max, f.A.shape[1], dtype=torch.float64, device=f.B.device)  # (r_max, d_in)
+    dB[:, :r] = f.B.double() - start.B.to(f.B.device).double()
+    dA[:r] = f.A.double() - start.A.to(f.B.device).double()
+    return torch.cat([dB.reshape(-1), dA.reshape(-1)])
+
+
 def _reasons(dropped: Sequence[DropRecord], module: str) -> str:
     return "; ".join(f"{d.client}: {d.reason}" for d in dropped if d.module == module) or "none dropped"
 
@@ -151,6 +169,7 @@ class Strategy(ABC):
         max_weight_ratio: float | None = 4.0,
         clip: ClipConfig | None = None,
         size_k: float | None = None,
+        min_cosine: float | None = None,
     ) -> None:
         """`max_weight_ratio`: no client weighs more than `max_weight_ratio / N` (N uploads in
         the round; None: no cap), for the factors and the non-LoRA parameters alike.
@@ -158,7 +177,10 @@ class Strategy(ABC):
         turns it off). `size_k`: every reported `n_examples` counts at most `size_k ×` the
         lower median of the round's reported sizes (None, the core's default: sizes as
         reported, the algorithms as ALGORITHMS.md writes them; a job's `defence.size_k` sets it,
-        default `SIZE_K` = 1)."""
+        default `SIZE_K` = 1). `min_cosine`: the direction screen (core/defence.py): an upload
+        whose update has a cosine below it to the sum of the other uploads' unit-normalised
+        updates is left out of that module (None, the core's default: off; a job's
+        `defence.min_cosine` sets it)."""
         if compute_dtype is not None and compute_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"compute_dtype must be float32 or float64, got {compute_dtype}")
         if max_weight_ratio is not None and not max_weight_ratio >= 1:
@@ -166,6 +188,7 @@ class Strategy(ABC):
         self.max_weight_ratio = max_weight_ratio
         self.clip = clip if clip is not None else ClipConfig()
         self.size_k = check_size_k(size_k)
+        self.min_cosine = check_min_cosine(min_cosine)
         self.scaling = scaling
         self.seed = seed
         self.device = torch.device(device) if device is not None else None
@@ -181,6 +204,7 @@ class Strategy(ABC):
             "seed": self.seed,
             "max_weight_ratio": self.max_weight_ratio,
             "size_k": self.size_k,
+            "min_cosine": self.min_cosine,
             "clip": {"k": self.clip.k, "action": self.clip.action, "reject_k": self.clip.reject_k},
         }
 
@@ -362,10 +386,11 @@ class Strategy(ABC):
         module_effective: dict[ModuleName, dict[ClientId, float]] = {}
         dropped: list[DropRecord] = []
         clipped: list[ClipRecord] = []
+        cosines: dict[str, dict[ClientId, float]] = {}
         for m in state.modules:
             if stream is not None:
                 stream.load(state, m)
-            sc = self._screen_module(state, plan, m, updates, dropped, clipped)
+            sc = self._screen_module(state, plan, m, updates, dropped, clipped, cosines)
             if not sc.index:
                 raise AggregationError(f"module {m!r}: no upload left to merge ({_reasons(dropped, m)})")
             if len(sc.index) == len(updates):
@@ -398,7 +423,7 @@ class Strategy(ABC):
             if stream is not None:
                 stream.emit(new, m)
                 plan.forget(m)  # its start factors (and residuals) served this module only
-        new.extras = {k: self._merge_extra(state, k, updates, n, dropped, clipped) for k in state.extras}
+        new.extras = {k: self._merge_extra(state, k, updates, n, dropped, clipped, cosines) for k in state.extras}
         new.round = state.round + 1
 
         n_mod = max(len(module_weights), 1)
@@ -423,6 +448,7 @@ class Strategy(ABC):
             dropped=dropped,
             clipped=clipped,
             sizes_bounded=sizes_bounded,
+            cosines=cosines,
         )
         return new, report
 
@@ -434,6 +460,7 @@ class Strategy(ABC):
         updates: Sequence[ClientUpdate],
         dropped: list[DropRecord],
         clipped: list[ClipRecord],
+        cosines: dict[str, dict[ClientId, float]],
     ) -> _Screened:
         """Read one module's uploads, leave out the unsound ones, apply the update-size bound.
 
@@ -469,6 +496,19 @@ class Strategy(ABC):
                 idx.remove(i)
         norms = {i: math.sqrt(bound_sq[i]) for i in idx}
         clip = self._apply_bound(updates, module, norms, idx, dropped, clipped, "update norm")
+        if self.min_cosine is not None and idx:
+            if self.dense_state:  # Δ_i = s_i (B'A' − B⁰A⁰) = s_i [B' − B⁰ | B⁰] @ [A'; A' − A⁰]
+                Ls, Rs = [], []
+                for i in idx:
+                    s0, f, s = starts[onto[i].rank], onto[i], scales[i]
+                    Ls.append(s * torch.cat([f.B.double() - s0.B.double(), s0.B.double()], 1))  # (d_out, 2r)
+                    Rs.append(torch.cat([f.A.double(), f.A.double() - s0.A.double()], 0))  # (2r, d_in)
+                gram = lowrank_gram(Ls, Rs)
+                del Ls, Rs
+            else:  # the factor change, zero-padded to the module's largest rank
+                r_max = max(onto[i].rank for i in idx)
+                gram = vector_gram([_factor_change(starts[onto[i].rank], onto[i], r_max) for i in idx])
+            self._screen_direction(updates, module, gram, idx, dropped, cosines)
         limit = overflow_limit(dtype, len(updates))
         out = _Screened([], [], [], [], {})
         for i in idx:
@@ -487,6 +527,31 @@ class Strategy(ABC):
         raw.clear()
         onto.clear()
         return out
+
+    def _screen_direction(
+        self,
+        updates: Sequence[ClientUpdate],
+        name: str,
+        gram: Tensor,
+        idx: list[int],
+        dropped: list[DropRecord],
+        cosines: dict[str, dict[ClientId, float]],
+        act: bool = True,
+    ) -> None:
+        """The direction screen over the uploads still in `idx` (`gram`: their updates' Gram
+        matrix, in `idx` order): every cosine to the others is recorded under `name`; with
+        `act`, the ones below the module's threshold leave `idx`, named with their cosine
+        (core/defence.py)."""
+        cos = cosines_to_others(gram)
+        cosines[name] = {updates[i].client_id: c for i, c in zip(idx, cos, strict=True)}
+        out = direction_outliers(cos, self.min_cosine) if act else []
+        t = direction_threshold(cos, self.min_cosine)
+        for j in out:
+            i, c = idx[j], cos[j]
+            detail = f"cosine {c:.3f} to the other uploads' direction < {t:g} (the module's median cosine > {abs(t):g})"
+            dropped.append(DropRecord(updates[i].client_id, name, DIRECTION_REASON, detail, cosine=c))
+        for i in [idx[j] for j in out]:
+            idx.remove(i)
 
     def _clipped(self, f: LoRAFactors, start: LoRAFactors, c: float) -> LoRAFactors:
         """Client update scaled by the clip factor `c < 1`, computed in float64. Dense
@@ -541,6 +606,7 @@ class Strategy(ABC):
         n: Tensor,
         dropped: list[DropRecord],
         clipped: list[ClipRecord],
+        cosines: dict[str, dict[ClientId, float]],
     ) -> Tensor:
         """One non-LoRA parameter: capped data-size average of the sound uploads, each change
         `x_i − g` under the same update-size bound as the LoRA modules."""
@@ -557,6 +623,11 @@ class Strategy(ABC):
         for i, scale in self._apply_bound(updates, name, norms, idx, dropped, clipped, "change norm").items():
             if scale < 1.0:
                 xs[i] = (g + scale * (xs[i].to(torch.float64) - g)).to(xs[i].dtype)
+        if self.min_cosine is not None and idx:
+            # measured, never acted on: a small head's change follows each client's label skew (a
+            # 2-class bias moves along one line: honest cosines of ±1, bench/README.md)
+            gram = vector_gram([xs[i].to(torch.float64) - g for i in idx])
+            self._screen_direction(updates, name, gram, idx, dropped, cosines, act=False)
         ref = state.extras[key]
         limit = overflow_limit(torch.promote_types(ref.dtype, torch.float32), len(updates))
         for i in list(idx):
