@@ -31,6 +31,7 @@ def tiny() -> argparse.Namespace:
     args.hostile = "c0"
     args.max_weight_ratio = None
     args.size_k = None  # the job's default
+    args.min_cosine = None  # the job's default
     args.module_names = ["m0_16x16"]
     return args
 
