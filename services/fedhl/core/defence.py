@@ -55,7 +55,7 @@ moves its factors further and can sit above `k × median` round after round (mea
 clip alone says nothing about intent; ten times the median does.
 
 Direction, per module (`min_cosine`; the core's default None: off; a job's
-`defence.min_cosine` defaults to `MIN_COSINE` = −0.15). Each upload's update Δ_i (the Δ the
+`defence.min_cosine` defaults to `MIN_COSINE` = −0.3). Each upload's update Δ_i (the Δ the
 size bound uses) gets its cosine to the sum of the *other* uploads' unit-normalised updates,
 `cos_i = ⟨u_i, Σ_{j≠i} u_j⟩ / ‖Σ_{j≠i} u_j‖` (`cosines_to_others`): every other upload counts
 once whatever its norm or claimed size, and no upload is its own reference. Everything comes
@@ -103,9 +103,10 @@ ClipAction = Literal["clip", "reject"]
 SIZE_K = 1.0
 BOUND_REASONS = frozenset({"clipped", "update_norm_above_bound"})  # the update-size bound's two actions
 # a job's default direction screen (JobSpec.defence.min_cosine): in a module whose median upload
-# agrees with the others by more than 0.15, an upload whose cosine to the others is below −0.15
-# is left out of it (chosen on the honest cosines measured in bench/README.md)
-MIN_COSINE = -0.15
+# agrees with the others by more than 0.3, an upload whose cosine to the others is below −0.3 is
+# left out of it (the largest threshold that left out no honest upload in the regression, under
+# any strategy or attack; −0.15 and −0.2 did: bench/README.md)
+MIN_COSINE = -0.3
 DIRECTION_REASON = "update_against_round"  # the direction screen's action (a leave-out)
 # the smallest round the direction screen acts in: with two clients, each is the other's only
 # reference and a disagreement cannot say which of them is hostile
