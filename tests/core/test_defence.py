@@ -32,6 +32,7 @@ from fedhl.core.defence import (
     direction_outliers,
     direction_threshold,
     is_strike,
+    lowrank_cosines_to_others,
     lowrank_gram,
     vector_gram,
 )
@@ -616,6 +617,18 @@ def test_lowrank_gram_equals_the_dense_inner_products() -> None:
     wide = lowrank_gram(L32, R32)
     assert wide.dtype == F64
     assert torch.allclose(wide, lowrank_gram([x.double() for x in L32], [x.double() for x in R32]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (40, 50)])  # K = 16: the dense route, then the Gram route
+def test_both_lowrank_cosine_routes_equal_the_dense_one(shape) -> None:
+    g = gen(8)
+    Ls = [randn(shape[0], k, g=g) for k in (2, 4, 4, 6)]
+    Rs = [randn(k, shape[1], g=g) for k in (2, 4, 4, 6)]
+    Ls.append(torch.zeros(shape[0], 2, dtype=F64))  # a zero update: no direction
+    Rs.append(randn(2, shape[1], g=g))
+    dense = cosines_to_others(vector_gram([L @ R for L, R in zip(Ls, Rs, strict=True)]))
+    assert lowrank_cosines_to_others(Ls, Rs) == pytest.approx(dense, abs=1e-12)
+    assert dense[-1] == 0.0
 
 
 def test_cosines_to_the_others_by_hand() -> None:

@@ -256,6 +256,40 @@ def lowrank_gram(Ls: Sequence[Tensor], Rs: Sequence[Tensor]) -> Tensor:
     return (E.mT @ P @ E).cpu()  # (N, N)
 
 
+def lowrank_cosines_to_others(Ls: Sequence[Tensor], Rs: Sequence[Tensor]) -> list[float]:
+    """`cosines_to_others` of the updates `L_i R_i`, by the cheaper of two exact routes: the
+    Gram matrix (`lowrank_gram`, O((d_out + d_in) K²)) while K = Σ k_i is below
+    d_out·d_in / (d_out + d_in), else through the dense sum of the unit updates `S = Σ_j u_j`
+    (O(d_out d_in K), the cost of the merge's own GEMM): `⟨u_i, Σ_{j≠i} u_j⟩ = ⟨u_i, S⟩ − 1` and
+    `‖Σ_{j≠i} u_j‖² = ‖S‖² − 2⟨u_i, S⟩ + 1`. Both in float64."""
+    if not Ls:
+        return []
+    d_out, d_in = Ls[0].shape[0], Rs[0].shape[1]
+    K = sum(x.shape[1] for x in Ls)
+    if K * (d_out + d_in) <= d_out * d_in:
+        return cosines_to_others(lowrank_gram(Ls, Rs))
+    dev, wide = Ls[0].device, torch.float64
+    sq = [
+        float(((L.to(dev, wide).mT @ L.to(dev, wide)) * (R.to(dev, wide) @ R.to(dev, wide).mT)).sum())
+        for L, R in zip(Ls, Rs, strict=True)
+    ]
+    norms = [math.sqrt(max(v, 0.0)) for v in sq]
+    S = torch.zeros(d_out, d_in, dtype=wide, device=dev)  # (d_out, d_in) Σ_j u_j
+    for L, R, nj in zip(Ls, Rs, norms, strict=True):
+        if nj > 0:
+            S.addmm_(L.to(dev, wide), R.to(dev, wide), alpha=1.0 / nj)
+    total = float((S * S).sum())  # ‖S‖²
+    out = []
+    for L, R, ni in zip(Ls, Rs, norms, strict=True):
+        if ni == 0:
+            out.append(0.0)
+            continue
+        dot = float(((L.to(dev, wide).mT @ S) * R.to(dev, wide)).sum()) / ni  # ⟨u_i, S⟩; (k, d_in)
+        ref_sq = total - 2 * dot + 1.0
+        out.append(max(-1.0, min(1.0, (dot - 1.0) / math.sqrt(ref_sq))) if ref_sq > 1e-24 else 0.0)
+    return out
+
+
 def vector_gram(vs: Sequence[Tensor]) -> Tensor:
     """`G_ij = ⟨v_i, v_j⟩` (N, N) in float64 for flattened updates (factor changes, extras)."""
     if not vs:

@@ -40,7 +40,7 @@ from ..defence import (
     cosines_to_others,
     direction_outliers,
     direction_threshold,
-    lowrank_gram,
+    lowrank_cosines_to_others,
     max_abs,
     overflow_limit,
     product_may_overflow,
@@ -503,12 +503,14 @@ class Strategy(ABC):
                     s0, f, s = starts[onto[i].rank], onto[i], scales[i]
                     Ls.append(s * torch.cat([f.B.double() - s0.B.double(), s0.B.double()], 1))  # (d_out, 2r)
                     Rs.append(torch.cat([f.A.double(), f.A.double() - s0.A.double()], 0))  # (2r, d_in)
-                gram = lowrank_gram(Ls, Rs)
+                cos = lowrank_cosines_to_others(Ls, Rs)
                 del Ls, Rs
             else:  # the factor change, zero-padded to the module's largest rank
                 r_max = max(onto[i].rank for i in idx)
-                gram = vector_gram([_factor_change(starts[onto[i].rank], onto[i], r_max) for i in idx])
-            self._screen_direction(updates, module, gram, idx, dropped, cosines)
+                cos = cosines_to_others(
+                    vector_gram([_factor_change(starts[onto[i].rank], onto[i], r_max) for i in idx])
+                )
+            self._screen_direction(updates, module, cos, idx, dropped, cosines)
         limit = overflow_limit(dtype, len(updates))
         out = _Screened([], [], [], [], {})
         for i in idx:
@@ -532,17 +534,15 @@ class Strategy(ABC):
         self,
         updates: Sequence[ClientUpdate],
         name: str,
-        gram: Tensor,
+        cos: list[float],
         idx: list[int],
         dropped: list[DropRecord],
         cosines: dict[str, dict[ClientId, float]],
         act: bool = True,
     ) -> None:
-        """The direction screen over the uploads still in `idx` (`gram`: their updates' Gram
-        matrix, in `idx` order): every cosine to the others is recorded under `name`; with
-        `act`, the ones below the module's threshold leave `idx`, named with their cosine
-        (core/defence.py)."""
-        cos = cosines_to_others(gram)
+        """The direction screen over the uploads still in `idx` (`cos`: their cosines to the
+        others, in `idx` order): every cosine is recorded under `name`; with `act`, the ones
+        below the module's threshold leave `idx`, named with their cosine (core/defence.py)."""
         cosines[name] = {updates[i].client_id: c for i, c in zip(idx, cos, strict=True)}
         out = direction_outliers(cos, self.min_cosine) if act else []
         t = direction_threshold(cos, self.min_cosine)
@@ -626,8 +626,8 @@ class Strategy(ABC):
         if self.min_cosine is not None and idx:
             # measured, never acted on: a small head's change follows each client's label skew (a
             # 2-class bias moves along one line: honest cosines of ±1, bench/README.md)
-            gram = vector_gram([xs[i].to(torch.float64) - g for i in idx])
-            self._screen_direction(updates, name, gram, idx, dropped, cosines, act=False)
+            cos = cosines_to_others(vector_gram([xs[i].to(torch.float64) - g for i in idx]))
+            self._screen_direction(updates, name, cos, idx, dropped, cosines, act=False)
         ref = state.extras[key]
         limit = overflow_limit(torch.promote_types(ref.dtype, torch.float32), len(updates))
         for i in list(idx):
