@@ -2,9 +2,10 @@
 setting: MiniLM-L6, the vendored review corpus, 6 agents (ranks 2, 4, 8, 16 in turn), agent-0
 hostile. Each attack runs against each strategy with the defences on (the job's defaults:
 `max_examples_per_agent` refused at the edge, reported sizes counted at most `size_k` × the
-round's median size, weights ≤ `max_weight_ratio / N`, update bound 3 × median, clip; `--size-k`
-overrides one) and off (no size bound, no weight cap, no update bound), next to a clean run of
-the same strategy and defence setting.
+round's median size, weights ≤ `max_weight_ratio / N`, update bound 3 × median, clip, the
+direction screen at `min_cosine`; `--size-k` and `--min-cosine` override those) and off (no size
+bound, no weight cap, no update bound, no direction screen), next to a clean run of the same
+strategy and defence setting. Each run's JSON carries the direction screen's cosines per round.
 
 The hostile agent trains honestly, then rewrites its upload (`simulate(tamper=...)`):
   size_above_bound  n_examples = max_examples_per_agent + 1

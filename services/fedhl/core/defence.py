@@ -104,8 +104,8 @@ SIZE_K = 1.0
 BOUND_REASONS = frozenset({"clipped", "update_norm_above_bound"})  # the update-size bound's two actions
 # a job's default direction screen (JobSpec.defence.min_cosine): in a module whose median upload
 # agrees with the others by more than 0.3, an upload whose cosine to the others is below −0.3 is
-# left out of it (the largest threshold that left out no honest upload in the regression, under
-# any strategy or attack; −0.15 and −0.2 did: bench/README.md)
+# left out of it (of −0.15, −0.2 and −0.3 the only one that left out no honest upload in the
+# regression grid, any strategy or attack; bench/README.md)
 MIN_COSINE = -0.3
 DIRECTION_REASON = "update_against_round"  # the direction screen's action (a leave-out)
 # the smallest round the direction screen acts in: with two clients, each is the other's only
