@@ -33,7 +33,6 @@ Prints one JSON line per run and a final summary line with `attacks` and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -44,9 +43,7 @@ from typing import Any
 
 import torch
 
-from attacks import huge, scaled  # bench/attacks.py (beside this script)
-from fedhl.core import ClientStart, ClientUpdate
-from fedhl.core.types import UploadError
+from attacks import DEFENCE_OFF, tamperer  # bench/attacks.py (beside this script)
 from fedhl.demo.run import add_arguments as demo_arguments
 from fedhl.demo.run import job_spec, model_path, split_corpus
 from fedhl.jobspec import JobSpec
@@ -64,43 +61,6 @@ ATTACKS = [
 ]
 STRATEGIES = ["fedhl", "flexlora", "hetlora"]
 HOSTILE = "agent-0"
-DEFENCE_OFF = {
-    "clip_k": None,
-    "max_weight_ratio": 1e6,
-    "max_examples_per_agent": 2**63 - 1,
-    "size_k": None,
-    "min_cosine": None,
-}
-SIZES = {"size_above_bound": 1_000_000 + 1, "size_at_bound": 1_000_000, "size_1e12": 10**12, "size_2p64": 2**64 - 1}
-
-
-def tamperer(attack: str, spec: JobSpec, defence: bool) -> Any:
-    bound = spec.defence.max_examples_per_agent
-
-    def size(upd: ClientUpdate, n: int) -> ClientUpdate | None:
-        if defence and n > bound:
-            return None  # the coordinator refuses it at the edge: INVALID_ARGUMENT, nothing stored
-        try:
-            return dataclasses.replace(upd, n_examples=n)
-        except UploadError:
-            return None  # beyond int64: refused by the core (and the edge) whatever the job says
-
-    def tamper(round_: int, start: ClientStart, upd: ClientUpdate) -> ClientUpdate | None:
-        if upd.client_id != HOSTILE or attack == "clean":
-            return upd
-        if attack in SIZES:
-            return size(upd, SIZES[attack])
-        if attack == "sign_flip_at_bound":
-            return size(scaled(start, upd, -1.0), SIZES["size_at_bound"])
-        if attack == "factors_1e20":
-            return huge(upd)
-        if attack == "scale_x1000":
-            return scaled(start, upd, 1000.0)
-        if attack == "sign_flip":
-            return scaled(start, upd, -1.0)
-        raise ValueError(f"unknown attack {attack!r}")
-
-    return tamper
 
 
 def run_one(args: argparse.Namespace, strategy: str, attack: str, defence: bool, path: Path) -> dict[str, Any]:
@@ -120,7 +80,7 @@ def run_one(args: argparse.Namespace, strategy: str, attack: str, defence: bool,
     spec = JobSpec.model_validate(raw)
     clients = [SimClient(f"agent-{i}", ranks[i % len(ranks)], [train[j] for j in idx]) for i, idx in enumerate(shards)]
     t0 = time.monotonic()
-    _, rows = simulate(spec, clients, test, tamper=tamperer(attack, spec, defence), keep_going=True)
+    _, rows = simulate(spec, clients, test, tamper=tamperer(attack, spec, defence, HOSTILE), keep_going=True)
     acc = [r["accuracy"] for r in rows]
     last = acc[-min(5, len(acc)) :]
     named = 0

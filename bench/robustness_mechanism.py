@@ -49,7 +49,6 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +60,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mechanism  # noqa: E402  (bench/mechanism.py: the problem, local training, metrics)
 import stats  # noqa: E402
-from attacks import huge, scaled  # noqa: E402  (bench/attacks.py)
-from fedhl.core import ClientStart, ClientUpdate, LoRAFactors, Strategy  # noqa: E402
-from fedhl.core.types import AggregationError, UploadError  # noqa: E402
-from fedhl.jobspec import DefenceConfig, JobSpec  # noqa: E402
+from attacks import DEFENCE_OFF, tamperer  # noqa: E402  (bench/attacks.py)
+from fedhl.core import ClientUpdate, Strategy  # noqa: E402
+from fedhl.core.types import AggregationError  # noqa: E402
+from fedhl.jobspec import JobSpec  # noqa: E402
 
 ATTACKS = [
     "size_above_bound",
@@ -78,16 +77,7 @@ ATTACKS = [
     "stale",
 ]
 STRATEGIES = ["fedhl", "flexlora", "hetlora"]
-DEFENCE_OFF = {
-    "clip_k": None,
-    "max_weight_ratio": 1e6,
-    "max_examples_per_agent": 2**63 - 1,
-    "size_k": None,
-    "min_cosine": None,
-}
-SIZES = {"size_above_bound": "bound+1", "size_at_bound": "bound", "size_1e12": 10**12, "size_2p64": 2**64 - 1}
 TIE_TOL = 0.2  # drop_pt within which a seed counts as a tie (points of the starting loss)
-Tamper = Callable[[int, ClientStart, ClientUpdate], ClientUpdate | None]
 
 
 # --------------------------------------------------------------------------- the job
@@ -120,45 +110,6 @@ def defence_on(args: argparse.Namespace) -> dict[str, Any]:
     if args.min_cosine is not None:
         out["min_cosine"] = None if args.min_cosine == "none" else float(args.min_cosine)
     return out
-
-
-def tamperer(attack: str, spec: JobSpec, defence: bool, hostile: str) -> Tamper:
-    """The hostile client's rewrite of its own upload (None: the upload is refused at the edge)."""
-    bound = spec.defence.max_examples_per_agent  # what the edge accepts in this setting
-    default = DefenceConfig().max_examples_per_agent  # the sizes are set against the default bound
-    previous: dict[str, dict[str, LoRAFactors]] = {}
-
-    def size(upd: ClientUpdate, claimed: int | str) -> ClientUpdate | None:
-        n = {"bound+1": default + 1, "bound": default}.get(str(claimed), claimed)
-        assert isinstance(n, int)
-        if defence and n > bound:
-            return None  # the coordinator's edge: INVALID_ARGUMENT, nothing stored
-        try:
-            return dataclasses.replace(upd, n_examples=n)
-        except UploadError:
-            return None  # beyond int64: refused by the core (and the edge) whatever the job says
-
-    def tamper(round_: int, start: ClientStart, upd: ClientUpdate) -> ClientUpdate | None:
-        if upd.client_id != hostile or attack == "clean":
-            return upd
-        if attack in SIZES:
-            return size(upd, SIZES[attack])
-        if attack == "factors_1e20":
-            return huge(upd)
-        if attack == "scale_x1000":
-            return scaled(start, upd, 1000.0)
-        if attack == "sign_flip":
-            return scaled(start, upd, -1.0)
-        if attack == "sign_flip_at_bound":
-            flipped = size(scaled(start, upd, -1.0), "bound")
-            assert flipped is not None
-            return flipped
-        if attack == "stale":
-            old, previous["factors"] = previous.get("factors"), dict(upd.factors)
-            return upd if old is None else dataclasses.replace(upd, factors=old)
-        raise ValueError(f"unknown attack {attack!r}")
-
-    return tamper
 
 
 # --------------------------------------------------------------------------- one run
