@@ -25,8 +25,8 @@ from ..jobspec import INT64_MAX
 from ..settings import Settings
 from ..storage.blobs import BlobIntegrityError, BlobNotFound, BlobTooLarge, OffsetMismatch, UploadInProgress
 from ..storage.db import transaction
-from ..storage.models import Assignment, AssignmentState, JobStatus, RoundState, Update, utcnow
-from ..storage.repos import AgentRepo, AuditRepo, AuthError, JobRepo, NotFound, RevokedError, RoundRepo
+from ..storage.models import AssignmentState, JobStatus, RoundState, utcnow
+from ..storage.repos import AgentRepo, AuditRepo, AuthError, JobRepo, RevokedError, RoundRepo, TaskRow
 from .authcache import AuthCache, TtlLru
 from .errors import Code, ServiceError
 
@@ -119,12 +119,11 @@ def peer_host(peer: str) -> str:
     return f"{kind}:{rest}"[:200]
 
 
-def owned_assignment(s: Session, agent_id: str, task_id: str) -> Assignment:
+def owned_assignment(s: Session, agent_id: str, task_id: str) -> TaskRow:
     """The task, which must exist (NOT_FOUND) and belong to this agent (PERMISSION_DENIED)."""
-    try:
-        a = RoundRepo(s).assignment(task_id)
-    except NotFound:
-        raise ServiceError(Code.NOT_FOUND, f"task {task_id} not found") from None
+    a = RoundRepo(s).task_row(task_id)
+    if a is None:
+        raise ServiceError(Code.NOT_FOUND, f"task {task_id} not found")
     if a.agent_id != agent_id:
         raise ServiceError(Code.PERMISSION_DENIED, f"task {task_id} is not this agent's")
     return a
@@ -283,14 +282,13 @@ class AgentService:
 
     @staticmethod
     def _task_answer(s: Session, agent_id: str, task_id: str) -> str:
-        a = RoundRepo(s).find_assignment(task_id)
+        a = RoundRepo(s).task_row(task_id)
         if a is None:
             return "CANCEL_TASK"
         if a.agent_id != agent_id:
             raise ServiceError(Code.PERMISSION_DENIED, f"task {task_id} is not this agent's")
         alive = a.state in (AssignmentState.ISSUED, AssignmentState.RUNNING, AssignmentState.UPLOADED)
-        round_open = a.round.state in (RoundState.OPEN, RoundState.COLLECTING)
-        if not (alive and round_open and a.round.job.status is JobStatus.RUNNING):
+        if not (alive and a.round_open and a.job_status is JobStatus.RUNNING):
             return "CANCEL_TASK" if a.state is not AssignmentState.UPLOADED else "CONTINUE"
         return "CONTINUE"
 
@@ -335,22 +333,21 @@ class AgentService:
         """The agent's pending task; the first claim moves it ISSUED → RUNNING."""
         with transaction(self.deps.sessions) as s:
             rounds = RoundRepo(s)
-            a = rounds.pending_for_agent(agent_id)
+            a = rounds.pending_row(agent_id)
             if a is None:
                 return None
-            rounds.set_assignment_state(a.id, [AssignmentState.ISSUED], AssignmentState.RUNNING)
-            rnd, job = a.round, a.round.job
-            spec = JobRepo(s).spec(job)
-            key = rnd.start_keys.get(str(a.rank))
+            rounds.move_assignment(a.id, [AssignmentState.ISSUED], AssignmentState.RUNNING)
+            spec = JobRepo(s).spec_of(a.job_id)
+            key = a.start_keys.get(str(a.rank))
             if key is None:
                 raise ServiceError(Code.FAILED_PRECONDITION, f"no start package for rank {a.rank}")
             blobs = [BlobInfo(key, self.deps.blobs.size(key), "start")]
             if spec.factored_downlink:
-                blobs += self._global_blobs(rounds, job.id, rnd.number, rnd.input_state_key, held.get(job.id))
+                blobs += self._global_blobs(rounds, a.job_id, a.number, a.input_state_key, held.get(a.job_id))
             return TrainTask(
                 task_id=a.id,
-                job_id=job.id,
-                round=rnd.number,
+                job_id=a.job_id,
+                round=a.number,
                 rank=a.rank,
                 ranks=dict.fromkeys(spec.module_shapes, a.rank),
                 strategy=spec.strategy,
@@ -366,7 +363,7 @@ class AgentService:
                     "num_labels": spec.num_labels,
                     "seed": spec.seed,
                 },
-                deadline=rnd.deadline,
+                deadline=a.deadline,
             )
 
     def _size(self, key: str) -> int | None:
@@ -397,13 +394,12 @@ class AgentService:
     def open_blob(self, agent_id: str, key: str, offset: int) -> tuple[int, str, Iterator[bytes]]:
         """(size, sha256, chunks from offset) for a blob this agent's open task references."""
         with transaction(self.deps.sessions, read_only=True) as s:
-            a = RoundRepo(s).pending_for_agent(agent_id)
-            allowed = a is not None and key in a.round.start_keys.values()
-            if a is not None and not allowed and JobRepo(s).spec(a.round.job).factored_downlink:
+            a = RoundRepo(s).pending_row(agent_id)
+            allowed = a is not None and key in a.start_keys.values()
+            if a is not None and not allowed and JobRepo(s).spec_of(a.job_id).factored_downlink:
                 # the global update and the changes leading to it: only where the view sends them
                 allowed = (
-                    key == a.round.input_state_key
-                    or key in RoundRepo(s).change_keys(a.round.job_id, 1, a.round.number).values()
+                    key == a.input_state_key or key in RoundRepo(s).change_keys(a.job_id, 1, a.number).values()
                 )
             if not allowed:
                 raise ServiceError(Code.PERMISSION_DENIED, "blob is not part of an open task of this agent")
@@ -434,27 +430,25 @@ class AgentService:
         claims must be within the job's bound (JobSpec.defence)."""
         with transaction(self.deps.sessions, read_only=True) as s:
             a = owned_assignment(s, agent_id, h.task_id)
-            rnd, job = a.round, a.round.job
-            if h.job_id != job.id or h.round != rnd.number:
+            if h.job_id != a.job_id or h.round != a.number:
                 raise ServiceError(
                     Code.INVALID_ARGUMENT,
-                    f"header names job {h.job_id} round {h.round}; the task is job {job.id} round {rnd.number}",
+                    f"header names job {h.job_id} round {h.round}; the task is job {a.job_id} round {a.number}",
                 )
             if a.state is AssignmentState.UPLOADED:
                 raise ServiceError(Code.ALREADY_EXISTS, f"task {h.task_id} already has an accepted upload")
-            if a.state not in (AssignmentState.ISSUED, AssignmentState.RUNNING) or rnd.state not in (
-                RoundState.OPEN,
-                RoundState.COLLECTING,
-            ):
+            if a.state not in (AssignmentState.ISSUED, AssignmentState.RUNNING) or not a.round_open:
                 raise ServiceError(
-                    Code.FAILED_PRECONDITION, f"round {rnd.number} is closed ({rnd.state.value}); late upload rejected"
+                    Code.FAILED_PRECONDITION,
+                    f"round {a.number} is closed ({a.round_state.value}); late upload rejected",
                 )
-            if utcnow() > rnd.deadline:
+            if utcnow() > a.deadline:
                 raise ServiceError(Code.FAILED_PRECONDITION, "the round's deadline has passed; late upload rejected")
-            spec = JobRepo(s).spec(job)
-            agent = AgentRepo(s).get(agent_id)
-            bound, what = spec.defence.examples_bound(agent_id, agent.name)
-            job_id, number = job.id, rnd.number
+            spec = JobRepo(s).spec_of(a.job_id)
+            # the agent's name matters only where an admin set sizes by name
+            name = AgentRepo(s).get(agent_id).name if spec.defence.expected_examples else ""
+            bound, what = spec.defence.examples_bound(agent_id, name)
+            job_id, number = a.job_id, a.number
             exp = Expected(spec.module_shapes, a.rank, {k: tuple(v) for k, v in spec.extra_shapes.items()})
         if h.n_examples > bound:
             message = f"n_examples {h.n_examples} exceeds {what} = {bound}"
@@ -568,34 +562,31 @@ class AgentService:
         try:
             with transaction(self.deps.sessions) as s:
                 rounds = RoundRepo(s)
-                a = rounds.assignment(h.task_id)
-                rnd = a.round
-                if rnd.state not in (RoundState.OPEN, RoundState.COLLECTING) or utcnow() > rnd.deadline:
+                a = owned_assignment(s, agent_id, h.task_id)
+                if not a.round_open or utcnow() > a.deadline:
                     raise ServiceError(
                         Code.FAILED_PRECONDITION, "the round closed while uploading; late upload rejected"
                     )
-                if not rounds.set_assignment_state(
+                if not rounds.move_assignment(
                     h.task_id, [AssignmentState.ISSUED, AssignmentState.RUNNING], AssignmentState.UPLOADED
                 ):
                     raise ServiceError(Code.ALREADY_EXISTS, f"task {h.task_id} already has an accepted upload")
-                upd = rounds.add_update(
-                    Update(
-                        assignment_id=a.id,
-                        round_id=rnd.id,
-                        agent_id=agent_id,
-                        blob_key=key,
-                        sha256=h.sha256,
-                        size=size,
-                        n_examples=h.n_examples,
-                        metrics=dict(h.metrics),
-                    )
+                update_id = rounds.insert_update(
+                    assignment_id=a.id,
+                    round_id=a.round_id,
+                    agent_id=agent_id,
+                    blob_key=key,
+                    sha256=h.sha256,
+                    size=size,
+                    n_examples=h.n_examples,
+                    metrics=dict(h.metrics),
                 )
-                if rnd.state is RoundState.OPEN:  # the first upload only: no round-row write after that
-                    rounds.transition(rnd.id, [RoundState.OPEN], RoundState.COLLECTING)
+                if a.round_state is RoundState.OPEN:  # the first upload only: no round-row write after that
+                    rounds.transition(a.round_id, [RoundState.OPEN], RoundState.COLLECTING)
                 AuditRepo(s).record(
-                    f"agent:{agent_id}", "upload_accepted", rnd.job_id, round=rnd.number, task_id=a.id, bytes=size
+                    f"agent:{agent_id}", "upload_accepted", a.job_id, round=a.number, task_id=a.id, bytes=size
                 )
-                update_id, job_id, round_id = upd.id, rnd.job_id, rnd.id
+                job_id, round_id = a.job_id, a.round_id
         except IntegrityError:
             raise ServiceError(Code.ALREADY_EXISTS, f"task {h.task_id} already has an accepted upload") from None
         self.deps.coordination.events.publish(

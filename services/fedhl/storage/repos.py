@@ -14,10 +14,11 @@ import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.orm import Session, joinedload
 
 from ..jobspec import JobSpec
@@ -36,6 +37,7 @@ from .models import (
     RoundShard,
     RoundState,
     Update,
+    new_id,
     utcnow,
 )
 
@@ -277,6 +279,16 @@ class SpecCache:
                 self._entries.popitem(last=False)
         return spec
 
+    def cached(self, job_id: str) -> JobSpec | None:
+        """The job's spec if it is cached, without its config: a job's config is written once,
+        when the job is created (coordinator/jobs.py), so the id names one spec. The agent plane's
+        hot path uses it to skip loading and hashing the config on every call."""
+        with self._lock:
+            for (jid, _), spec in reversed(self._entries.items()):
+                if jid == job_id:
+                    return spec
+        return None
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
@@ -315,6 +327,16 @@ class JobRepo:
         """The job's parsed spec, from the process-wide cache (parsed once per job)."""
         return cache.get(job.id, job.config)
 
+    def spec_of(self, job_id: str, cache: SpecCache = SPECS) -> JobSpec:
+        """`spec` by id: the config is read only when the cache does not hold the job."""
+        spec = cache.cached(job_id)
+        if spec is not None:
+            return spec
+        config = self.s.scalar(select(Job.config).where(Job.id == job_id))
+        if config is None:
+            raise NotFound(f"job {job_id} not found")
+        return cache.get(job_id, config)
+
     def transition(self, job_id: str, allowed: Sequence[JobStatus], to: JobStatus, **values: Any) -> bool:
         res = self.s.execute(
             update(Job)
@@ -323,6 +345,47 @@ class JobRepo:
             .execution_options(synchronize_session="fetch")
         )
         return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """An assignment with what the agent plane checks of its round and job. Read in one
+    narrow query, no ORM objects: every participant's claim, download, heartbeat and upload
+    reads one, and loading the ORM rows (with the round's report and the job's config) cost
+    several times the query (bench/README.md, fleet)."""
+
+    id: str
+    agent_id: str
+    rank: int
+    state: AssignmentState
+    round_id: int
+    number: int
+    round_state: RoundState
+    deadline: datetime
+    start_keys: dict[str, Any]
+    input_state_key: str | None
+    job_id: str
+    job_status: JobStatus
+
+    @property
+    def round_open(self) -> bool:
+        return self.round_state in (RoundState.OPEN, RoundState.COLLECTING)
+
+
+_TASK_COLUMNS = (
+    Assignment.id,
+    Assignment.agent_id,
+    Assignment.rank,
+    Assignment.state,
+    Assignment.round_id,
+    Round.number,
+    Round.state,
+    Round.deadline,
+    Round.start_keys,
+    Round.input_state_key,
+    Round.job_id,
+    Job.status,
+)
 
 
 class RoundRepo:
@@ -454,11 +517,12 @@ class RoundRepo:
         return a
 
     @staticmethod
-    def _pending(column: Any, agent_id: str) -> Any:
-        """`column` of the agent's assignments it has not uploaded, in rounds still collecting,
+    def _pending(agent_id: str, *columns: Any) -> Any:
+        """`columns` of the agent's assignments it has not uploaded, in rounds still collecting,
         oldest first."""
         return (
-            select(column)
+            select(*columns)
+            .select_from(Assignment)
             .join(Round)
             .join(Job)
             .where(
@@ -472,11 +536,33 @@ class RoundRepo:
 
     def pending_for_agent(self, agent_id: str) -> Assignment | None:
         """The agent's oldest assignment it has not uploaded, in a round still collecting."""
-        return self.s.scalars(self._pending(Assignment, agent_id)).first()
+        return self.s.scalars(self._pending(agent_id, Assignment)).first()
+
+    def task_row(self, task_id: str) -> TaskRow | None:
+        """`assignment` as a `TaskRow` (None: no such task)."""
+        q = select(*_TASK_COLUMNS).select_from(Assignment).join(Round).join(Job)
+        row = self.s.execute(q.where(Assignment.id == task_id)).first()
+        return None if row is None else TaskRow(*row)
+
+    def pending_row(self, agent_id: str) -> TaskRow | None:
+        """`pending_for_agent` as a `TaskRow`."""
+        row = self.s.execute(self._pending(agent_id, *_TASK_COLUMNS).limit(1)).first()
+        return None if row is None else TaskRow(*row)
+
+    def move_assignment(self, task_id: str, allowed: Sequence[AssignmentState], to: AssignmentState) -> bool:
+        """`set_assignment_state` without synchronising loaded objects (the agent plane holds
+        `TaskRow`s, not ORM rows)."""
+        res = self.s.execute(
+            update(Assignment)
+            .where(Assignment.id == task_id, Assignment.state.in_(list(allowed)))
+            .values(state=to, updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        return bool(res.rowcount)  # type: ignore[attr-defined]
 
     def pending_id_for_agent(self, agent_id: str) -> str | None:
         """The id of what `pending_for_agent` returns, in one indexed query (no ORM rows)."""
-        found: str | None = self.s.scalar(self._pending(Assignment.id, agent_id).limit(1))
+        found: str | None = self.s.scalar(self._pending(agent_id, Assignment.id).limit(1))
         return found
 
     def pending_agents(self) -> set[str]:
@@ -573,6 +659,12 @@ class RoundRepo:
     def update_count(self, round_id: int) -> int:
         return int(self.s.scalar(select(func.count()).select_from(Update).where(Update.round_id == round_id)) or 0)
 
+    def insert_update(self, **values: Any) -> str:
+        """`add_update` as a Core INSERT (the upload path's cost; bench/README.md, fleet) → its id."""
+        update_id = new_id()
+        self.s.execute(insert(Update.__table__).values(id=update_id, **values))
+        return update_id
+
     def add_update(self, upd: Update) -> Update:
         self.s.add(upd)
         self.s.flush()
@@ -607,7 +699,8 @@ class AuditRepo:
         self.s = s
 
     def record(self, actor: str, action: str, job_id: str | None = None, **details: Any) -> None:
-        self.s.add(AuditEvent(actor=actor, action=action, job_id=job_id, details=details))
+        # a Core INSERT: the ORM unit of work cost more than the statement on the upload path
+        self.s.execute(insert(AuditEvent.__table__).values(actor=actor, action=action, job_id=job_id, details=details))
 
     def list(self, job_id: str | None = None, limit: int = 200, before_id: int | None = None) -> Sequence[AuditEvent]:
         """Newest first; `before_id`: only events older than that one (the next page)."""
