@@ -79,6 +79,10 @@ def test_job_created_over_rest_runs_rounds_with_a_dozen_heterogeneous_agents(bac
         assert [c["round_number"] for c in checkpoints] == [1, 2, 3]
         state = http.get(f"/jobs/{job['id']}/checkpoints/3/state")
         assert state.status_code == 200 and len(state.content) > 0
+        # the process runs its full garbage collections on a period (fedhl/gcpause.py), a
+        # supervised loop /readyz names, and reports every collection's pause
+        assert http.get("/readyz").json()["checks"]["loop:gc-full"] == "ok"
+        assert 'fedhl_gc_pause_seconds_count{generation="0"}' in http.get("/metrics").text
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

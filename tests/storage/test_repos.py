@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedhl.jobspec import JobSpec
@@ -281,6 +282,20 @@ def test_job_spec_is_parsed_once_per_job_and_config(sessions: Sessions) -> None:
         assert cache.parses == 5
 
 
+def test_spec_of_reads_the_config_only_when_the_job_is_not_cached(sessions: Sessions) -> None:
+    cache = SpecCache(size=2)
+    with transaction(sessions) as s:
+        job = add_job(s, name="one")
+    with transaction(sessions) as s:
+        repo = JobRepo(s)
+        assert cache.cached(job.id) is None
+        first = repo.spec_of(job.id, cache)
+        assert first.name == "one" and cache.parses == 1
+        assert repo.spec_of(job.id, cache) is first and cache.cached(job.id) is first and cache.parses == 1
+        with pytest.raises(NotFound, match="job missing not found"):
+            repo.spec_of("missing", cache)
+
+
 # ------------------------------------------------------------------------------ rounds and assignments
 
 
@@ -398,6 +413,9 @@ def test_pending_for_agent_and_busy_agents(
     with transaction(sessions) as s:
         got = RoundRepo(s).pending_for_agent(a.id)
         assert (got.id if got else None) == (task_id if pending else None)
+        row = RoundRepo(s).pending_row(a.id)  # the agent plane's narrow form decides the same
+        assert (row.id if row else None) == (task_id if pending else None)
+        assert RoundRepo(s).pending_id_for_agent(a.id) == (task_id if pending else None)
         assert RoundRepo(s).busy_agents() == ({a.id} if busy else set())
 
 
@@ -411,6 +429,81 @@ def test_pending_for_agent_is_the_oldest_open_assignment(sessions: Sessions) -> 
     with transaction(sessions) as s:
         got = RoundRepo(s).pending_for_agent(a.id)
         assert got is not None and got.id == first
+        row = RoundRepo(s).pending_row(a.id)
+        assert row is not None and row.id == first
+
+
+def test_task_row_holds_the_assignment_round_and_job_fields(sessions: Sessions) -> None:
+    deadline = datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC)
+    with transaction(sessions) as s:
+        job = add_job(s)
+        a, _ = add_agent(s)
+        rnd = RoundRepo(s).open(job.id, 3, 0, deadline, 2, 1, {a.id: 4}, inputs=job)
+        task_id = rnd.assignments[0].id
+    with transaction(sessions) as s:
+        row = RoundRepo(s).task_row(task_id)
+        assert RoundRepo(s).task_row("missing") is None
+    assert row is not None
+    assert (row.id, row.agent_id, row.rank, row.state, row.round_id, row.number) == (
+        task_id,
+        a.id,
+        4,
+        AssignmentState.ISSUED,
+        rnd.id,
+        3,
+    )
+    assert (row.round_state, row.round_open, row.deadline, row.job_id, row.job_status) == (
+        RoundState.OPEN,
+        True,
+        deadline,
+        job.id,
+        JobStatus.RUNNING,
+    )
+    assert (row.start_keys, row.input_state_key) == ({"2": KEY, "4": KEY}, KEY)
+
+
+def test_move_assignment_is_conditional_on_the_state(sessions: Sessions) -> None:
+    with transaction(sessions) as s:
+        job = add_job(s)
+        a, _ = add_agent(s)
+        task_id = open_round(s, job.id, [a.id]).assignments[0].id
+    with transaction(sessions) as s:
+        rounds = RoundRepo(s)
+        assert rounds.move_assignment(task_id, [AssignmentState.ISSUED], AssignmentState.RUNNING)
+        assert not rounds.move_assignment(task_id, [AssignmentState.ISSUED], AssignmentState.RUNNING)
+        assert not rounds.move_assignment("missing", [AssignmentState.ISSUED], AssignmentState.RUNNING)
+    with transaction(sessions) as s:
+        row = RoundRepo(s).task_row(task_id)
+        assert row is not None and row.state is AssignmentState.RUNNING
+
+
+def test_insert_update_and_audit_record_write_one_row_each(sessions: Sessions) -> None:
+    with transaction(sessions) as s:
+        job = add_job(s)
+        a, _ = add_agent(s)
+        rnd = open_round(s, job.id, [a.id])
+        task_id = rnd.assignments[0].id
+    with transaction(sessions) as s:
+        uid = RoundRepo(s).insert_update(
+            assignment_id=task_id,
+            round_id=rnd.id,
+            agent_id=a.id,
+            blob_key=KEY,
+            sha256=KEY,
+            size=10,
+            n_examples=7,
+            metrics={"loss": 0.5},
+        )
+        AuditRepo(s).record("agent:x", "upload_accepted", job.id, round=0, bytes=10)
+    with transaction(sessions) as s:
+        (upd,) = RoundRepo(s).updates(rnd.id)
+        assert (upd.id, upd.agent_id, upd.n_examples, upd.metrics) == (uid, a.id, 7, {"loss": 0.5})
+        (event,) = AuditRepo(s).list(job.id)
+        assert (event.actor, event.action, event.details) == ("agent:x", "upload_accepted", {"round": 0, "bytes": 10})
+    with pytest.raises(IntegrityError), transaction(sessions) as s:  # one upload per assignment
+        RoundRepo(s).insert_update(
+            assignment_id=task_id, round_id=rnd.id, agent_id=a.id, blob_key=KEY, sha256=KEY, size=1, n_examples=1
+        )
 
 
 def test_assignment_state_expire_and_cancel(sessions: Sessions) -> None:

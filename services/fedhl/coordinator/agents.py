@@ -398,9 +398,7 @@ class AgentService:
             allowed = a is not None and key in a.start_keys.values()
             if a is not None and not allowed and JobRepo(s).spec_of(a.job_id).factored_downlink:
                 # the global update and the changes leading to it: only where the view sends them
-                allowed = (
-                    key == a.input_state_key or key in RoundRepo(s).change_keys(a.job_id, 1, a.number).values()
-                )
+                allowed = key == a.input_state_key or key in RoundRepo(s).change_keys(a.job_id, 1, a.number).values()
             if not allowed:
                 raise ServiceError(Code.PERMISSION_DENIED, "blob is not part of an open task of this agent")
         try:

@@ -16,9 +16,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import Table, func, insert, select, text, update
 from sqlalchemy.orm import Session, joinedload
 
 from ..jobspec import JobSpec
@@ -662,7 +662,7 @@ class RoundRepo:
     def insert_update(self, **values: Any) -> str:
         """`add_update` as a Core INSERT (the upload path's cost; bench/README.md, fleet) → its id."""
         update_id = new_id()
-        self.s.execute(insert(Update.__table__).values(id=update_id, **values))
+        self.s.execute(insert(cast(Table, Update.__table__)).values(id=update_id, **values))
         return update_id
 
     def add_update(self, upd: Update) -> Update:
@@ -700,7 +700,8 @@ class AuditRepo:
 
     def record(self, actor: str, action: str, job_id: str | None = None, **details: Any) -> None:
         # a Core INSERT: the ORM unit of work cost more than the statement on the upload path
-        self.s.execute(insert(AuditEvent.__table__).values(actor=actor, action=action, job_id=job_id, details=details))
+        row = {"actor": actor, "action": action, "job_id": job_id, "details": details}
+        self.s.execute(insert(cast(Table, AuditEvent.__table__)).values(**row))
 
     def list(self, job_id: str | None = None, limit: int = 200, before_id: int | None = None) -> Sequence[AuditEvent]:
         """Newest first; `before_id`: only events older than that one (the next page)."""
