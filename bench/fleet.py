@@ -793,7 +793,8 @@ async def run(args: argparse.Namespace, cluster: Cluster) -> None:
         plan += [("round", k) for k in args.select]
     summaries: dict[int, dict[str, Any]] = {}
     bench = Bench(cluster, args)
-    for replicas in [1, 2] if args.replicas == 2 else [args.replicas]:
+    counts = ([2] if args.skip_one_replica else [1, 2]) if args.replicas == 2 else [args.replicas]
+    for replicas in counts:
         cluster.start_coordinators(replicas)
         log(f"{replicas} coordinator(s) up")
         lines: list[dict[str, Any]] = []
@@ -814,7 +815,7 @@ async def run(args: argparse.Namespace, cluster: Cluster) -> None:
         summaries[replicas] = summarise(lines, dict(bench.enrolment))
         cluster.stop_coordinators()
     final = summaries[args.replicas]
-    if args.replicas == 2:
+    if args.replicas == 2 and 1 in summaries:
         final = final | {"one_replica": summaries[1], "ratio_2_to_1": ratios(summaries[2], summaries[1])}
     print(json.dumps(final | {"load_average": load_average()}), flush=True)
 
@@ -832,6 +833,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=60.0, help="measured seconds per idle scenario")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per round scenario")
     ap.add_argument("--replicas", type=int, choices=[1, 2], default=1, help="2: run with 1 replica, then 2")
+    ap.add_argument("--skip-one-replica", action="store_true", help="with --replicas 2: only the two-replica pass")
     ap.add_argument("--probes", type=int, default=20, help="extra heartbeats per second from random idle agents")
     ap.add_argument("--ramp", type=float, default=5.0, help="agents start spread over this many seconds")
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds after the ramp before measuring")
