@@ -165,8 +165,11 @@ def load_average() -> list[float]:
 class Cluster:
     """Private Postgres + Redis, one aggregator process, `replicas` coordinator processes."""
 
-    def __init__(self, work: Path, postgres: str | None, redis_url: str | None) -> None:
+    def __init__(
+        self, work: Path, postgres: str | None, redis_url: str | None, settings: dict[str, str] | None = None
+    ) -> None:
         self.work = work
+        self.settings = settings or {}  # FEDHL_* overrides for the coordinators (--set)
         self.postgres, self.redis_given = postgres, redis_url
         self.pg = None if postgres else PrivatePostgres()
         self.rd = None if redis_url else PrivateRedis()
@@ -204,7 +207,7 @@ class Cluster:
             "FEDHL_INPROCESS_AGGREGATOR": "false",
             "FEDHL_BLOB_GC_INTERVAL_S": "0",
             "FEDHL_LOG_LEVEL": "WARNING",
-        }
+        } | self.settings
         migrate(self.db_url)  # here, not `fedhl migrate`: one interpreter start less
         cli = [sys.executable, "-m", "fedhl.cli"]
         self.aggregator = self._spawn([*cli, "aggregator", "--name", "fleet-agg"], {}, "aggregator.log")
@@ -833,6 +836,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=60.0, help="measured seconds per idle scenario")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per round scenario")
     ap.add_argument("--replicas", type=int, choices=[1, 2], default=1, help="2: run with 1 replica, then 2")
+    ap.add_argument("--set", action="append", default=[], metavar="FEDHL_X=V", help="coordinator setting (repeatable)")
     ap.add_argument("--skip-one-replica", action="store_true", help="with --replicas 2: only the two-replica pass")
     ap.add_argument("--probes", type=int, default=20, help="extra heartbeats per second from random idle agents")
     ap.add_argument("--ramp", type=float, default=5.0, help="agents start spread over this many seconds")
@@ -853,7 +857,8 @@ def main() -> None:
     if soft < need:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard) if hard != resource.RLIM_INFINITY else need, hard))
     with tempfile.TemporaryDirectory(prefix="fedhl-fleet-") as tmp:
-        cluster = Cluster(Path(tmp), args.postgres, args.redis)
+        overrides = dict(kv.split("=", 1) for kv in args.set)
+        cluster = Cluster(Path(tmp), args.postgres, args.redis, overrides)
         try:
             cluster.start()
             log("backends, migrations and aggregator ready")
