@@ -50,6 +50,30 @@ def reset_postgres() -> None:
         engine.dispose()
 
 
+def fresh_postgres_db(suffix: str) -> str:
+    """A database of its own next to PG_URL's (`<name>_<suffix>`, created if missing, emptied):
+    for a coordinator that outlives one test, so its scheduler's leader lock and rows never
+    meet those of the tests that reset PG_URL's database meanwhile."""
+    base, name = PG_URL.rsplit("/", 1)
+    url = f"{base}/{name}_{suffix}"
+    admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            if not c.scalar(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": f"{name}_{suffix}"}):
+                c.execute(text(f'CREATE DATABASE "{name}_{suffix}"'))
+    except Exception as e:
+        pytest.fail(f"Postgres at {PG_URL} is unreachable ({e}); the control-plane suite needs it", pytrace=False)
+    finally:
+        admin.dispose()
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with engine.begin() as c:
+            c.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    finally:
+        engine.dispose()
+    return url
+
+
 def fresh_redis_db(db: int) -> str:
     base = REDIS_URL.rsplit("/", 1)[0]
     url = f"{base}/{db}"

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import create_engine, func, select
 
@@ -81,8 +82,10 @@ def test_job_created_over_rest_runs_rounds_with_a_dozen_heterogeneous_agents(bac
         assert state.status_code == 200 and len(state.content) > 0
         # the process runs its full garbage collections on a period (fedhl/gcpause.py), a
         # supervised loop /readyz names, and reports every collection's pause
-        assert http.get("/readyz").json()["checks"]["loop:gc-full"] == "ok"
-        assert 'fedhl_gc_pause_seconds_count{generation="0"}' in http.get("/metrics").text
+        root = f"http://127.0.0.1:{proc.settings.http_port}"
+        assert httpx.get(f"{root}/readyz", timeout=30).json()["checks"]["loop:gc-full"] == "ok"
+        metrics = httpx.get(f"{root}/metrics", headers=http.headers, timeout=30).raise_for_status().text
+        assert 'fedhl_gc_pause_seconds_count{generation="0"}' in metrics
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

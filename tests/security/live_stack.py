@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from fedhl.v1 import agent_pb2, agent_pb2_grpc
-from stack import Proc, coordinator, fresh_redis_db, job_spec
+from stack import Proc, coordinator, fresh_postgres_db, fresh_redis_db, job_spec
 
 REDIS_DB = 13  # a database of its own: the stack tests flush theirs
 
@@ -31,7 +31,11 @@ class Live:
 
 def live_coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     tmp: Path = tmp_path_factory.mktemp("security")
-    with coordinator("postgres+redis", tmp, redis_url=fresh_redis_db(REDIS_DB)) as (proc, http):
+    # its own database: this coordinator lives for the whole directory (package fixture, kept to
+    # the session's end), and on the shared one its scheduler would hold the leader lock while
+    # later tests start coordinators of their own there
+    db = fresh_postgres_db("security")
+    with coordinator("postgres+redis", tmp, database_url=db, redis_url=fresh_redis_db(REDIS_DB)) as (proc, http):
         settings = proc.settings
         spec = job_spec(selection={"min_clients": 1, "deadline_s": 3600, "quorum": 1.0}, rounds=3)
         job_id = http.post("/jobs", json=spec).raise_for_status().json()["id"]
