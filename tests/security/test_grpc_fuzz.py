@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from live_stack import Live
 from sqlalchemy import create_engine, text
 
+from fedhl.storage.db import normalise_url
 from fedhl.v1 import agent_pb2
-from stack import PG_URL
 
 SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
 ERROR_ID = re.compile(r"^internal error \(error id [0-9a-f]{16}\)$")
@@ -111,9 +111,10 @@ def _message_bytes(desc: Descriptor, cls: Any) -> st.SearchStrategy[bytes]:
     return st.one_of(structured, st.builds(mutate, structured, ops), st.binary(max_size=200))
 
 
-def _snapshot() -> str:
-    """A digest of every row a refused call could touch (agents' liveness columns aside)."""
-    engine = create_engine(PG_URL)
+def _snapshot(url: str) -> str:
+    """A digest of every row a refused call could touch (agents' liveness columns aside), in the
+    live coordinator's database `url`."""
+    engine = create_engine(normalise_url(url))
     try:
         with engine.connect() as c:
             parts = {
@@ -182,11 +183,11 @@ def test_fuzz_agent_service_method(live: Live, method: Any) -> None:
         )
         @given(payload=_message_bytes(method.input_type, cls), auth=AUTH)
         def run(payload: bytes, auth: str) -> None:
-            before = _snapshot()
+            before = _snapshot(live.proc.settings.database_url)
             code, details = _call(channel, method, payload, _metadata(live, auth))
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return  # a long poll that the client cut short: nothing refused
-            _check(code, details, _snapshot() != before)
+            _check(code, details, _snapshot(live.proc.settings.database_url) != before)
 
         run()
 
