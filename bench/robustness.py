@@ -44,6 +44,8 @@ from typing import Any
 import torch
 
 from attacks import DEFENCE_OFF, tamperer  # bench/attacks.py (beside this script)
+from fedhl.data import Example, dirichlet_split
+from fedhl.demo.corpus import load_reviews, train_test_split
 from fedhl.demo.run import add_arguments as demo_arguments
 from fedhl.demo.run import job_spec, model_path, split_corpus
 from fedhl.jobspec import JobSpec
@@ -63,19 +65,48 @@ STRATEGIES = ["fedhl", "flexlora", "hetlora"]
 HOSTILE = "agent-0"
 
 
+def split_with_validation(args: argparse.Namespace, path: Path) -> tuple[list[Example], list[Example], list[list[int]]]:
+    """`split_corpus` with a server-side validation split carved out first: the test split as
+    before (the seeded shuffle's first `test_size`), then the next `validation_size` snippets of
+    the same shuffle for the server (written to `path`, JSONL), and the Dirichlet partition of
+    the rest among the agents. Disjoint from the test split and from every agent's data."""
+    rest, test = train_test_split(load_reviews(), args.test_size, args.seed)
+    val, train = rest[: args.validation_size], rest[args.validation_size :]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in val))
+    shards = dirichlet_split(
+        [int(e.label or 0) for e in train], args.agents, args.alpha_dirichlet, args.seed, min_per_client=32
+    )
+    return train, test, shards
+
+
 def run_one(args: argparse.Namespace, strategy: str, attack: str, defence: bool, path: Path) -> dict[str, Any]:
     if path.exists():
         return dict(json.loads(path.read_text()))
     ns = argparse.Namespace(**{**vars(args), "strategy": strategy, "strategy_options": "{}"})
     ns.train_options = json.dumps({"hetlora_gamma": 0.99, "hetlora_lambda": 1e-3} if strategy == "hetlora" else {})
     ranks = [int(r) for r in args.ranks.split(",")]
-    train, test, shards = split_corpus(ns)
+    if args.validation_size:
+        val_path = path.parent.parent.parent / f"validation-seed{args.seed}.jsonl"
+        train, test, shards = split_with_validation(ns, val_path)
+    else:
+        train, test, shards = split_corpus(ns)
     raw = job_spec(ns, model_path(args.model), ranks, None)
     on: dict[str, Any] = (
         {} if args.size_k is None else {"size_k": None if args.size_k == "none" else float(args.size_k)}
     )
     if args.min_cosine is not None:
         on["min_cosine"] = None if args.min_cosine == "none" else float(args.min_cosine)
+    if args.validation != "off":
+        if not args.validation_size:
+            raise SystemExit("--validation needs --validation-size > 0 (a split apart from the agents' data)")
+        on["validation"] = {
+            "path": str(val_path),
+            "max_examples": args.validation_size,
+            "act": args.validation == "on",
+            **({"k": args.validation_k} if args.validation_k is not None else {}),
+            **({"margin": args.validation_margin} if args.validation_margin is not None else {}),
+        }
     raw["defence"] = on if defence else DEFENCE_OFF
     spec = JobSpec.model_validate(raw)
     clients = [SimClient(f"agent-{i}", ranks[i % len(ranks)], [train[j] for j in idx]) for i, idx in enumerate(shards)]
@@ -124,10 +155,29 @@ def run_one(args: argparse.Namespace, strategy: str, attack: str, defence: bool,
             for d in (r.get("report") or {}).get("dropped", [])
             if d["reason"] == "update_against_round"
         ],
+        "validation": [r.get("validation") for r in rows],  # the validation screen's measurements, per round
+        "validation_dropped": [
+            (r["round"], d["client"], d["effect"], d["threshold"])
+            for r in rows
+            for d in (r.get("report") or {}).get("dropped", [])
+            if d["reason"] == "validation_loss_worse"
+        ],
+        "validate_s": [r["time"]["validate_s"] for r in rows if "time" in r],
         "wall_s": round(time.monotonic() - t0, 1),
         "config": {
             k: getattr(args, k)
-            for k in ("rounds", "local_steps", "agents", "ranks", "seed", "test_size", "size_k", "min_cosine")
+            for k in (
+                "rounds",
+                "local_steps",
+                "agents",
+                "ranks",
+                "seed",
+                "test_size",
+                "size_k",
+                "min_cosine",
+                "validation",
+                "validation_size",
+            )
         },
         "defence_block": raw["defence"],
     }
@@ -150,6 +200,21 @@ def main() -> int:
         default=None,
         help="defence on: the direction screen's threshold instead of the default ('none': off; -1: measure only)",
     )
+    p.add_argument(
+        "--validation-size",
+        type=int,
+        default=0,
+        help="carve this many snippets for a server-side validation split (after the test split, before the "
+        "agents' partition: changes the agents' data)",
+    )
+    p.add_argument(
+        "--validation",
+        choices=("off", "measure", "on"),
+        default="off",
+        help="defence on: the validation screen (measure: effects computed and reported, never acted on)",
+    )
+    p.add_argument("--validation-k", type=float, default=None, help="the screen's k instead of the default")
+    p.add_argument("--validation-margin", type=float, default=None, help="the screen's margin instead of the default")
     p.add_argument("--summary-only", action="store_true", help="summarise the runs on disk; run nothing")
     p.add_argument("--attacks-first", action="store_true", help="run the attacks before the clean run")
     p.add_argument(

@@ -114,6 +114,15 @@ DIRECTION_MIN_CLIENTS = 3
 # a direction leave-out counts a strike only when it hits at least this share of the round's
 # LoRA modules: a sign flip is against the round everywhere, an honest outlier in a few modules
 DIRECTION_STRIKE_SHARE = 0.75
+VALIDATION_REASON = "validation_loss_worse"  # the validation screen's action (the whole upload left out)
+# the smallest round the validation screen acts in: with two uploads, leaving one out is merging
+# the other alone, and which of the two is hostile is not decided by a median of two
+VALIDATION_MIN_CLIENTS = 3
+# a job's default thresholds (JobSpec.defence.validation): an upload is harmful when leaving it out
+# lowers the validation loss by more than max(VALIDATION_MARGIN, VALIDATION_K × the round's median
+# |effect|) (chosen on MiniLM's honest effects, bench/README.md)
+VALIDATION_MARGIN = 0.01
+VALIDATION_K = 4.0
 
 
 def check_min_cosine(c: float | None) -> float | None:
@@ -351,3 +360,31 @@ def direction_strike(modules_left_out: int, modules: int) -> bool:
     """Whether a client left out by the direction screen in `modules_left_out` of the round's
     `modules` LoRA modules counts a strike: only in at least `DIRECTION_STRIKE_SHARE` of them."""
     return modules > 0 and modules_left_out >= DIRECTION_STRIKE_SHARE * modules
+
+
+# --------------------------------------------------------------------------------- validation
+def check_validation_rule(margin: float, k: float) -> None:
+    """The validation screen's thresholds: `margin` ≥ 0 and `k` ≥ 1, both finite."""
+    if not (isinstance(margin, int | float) and math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"validation margin must be a finite number ≥ 0, got {margin!r}")
+    if not (isinstance(k, int | float) and math.isfinite(k) and k >= 1):
+        raise ValueError(f"validation k must be a finite number ≥ 1, got {k!r}")
+
+
+def validation_threshold(effects: Sequence[float], margin: float, k: float) -> float:
+    """The effect above which an upload is harmful: `max(margin, k · median_j |e_j|)` (lower
+    median over the round's effects, so one upload cannot move it when N ≥ 3); inf (no screen)
+    with fewer than `VALIDATION_MIN_CLIENTS` effects or any effect that is not finite."""
+    if len(effects) < VALIDATION_MIN_CLIENTS or not all(math.isfinite(e) for e in effects):
+        return math.inf
+    return max(margin, k * lower_median([abs(e) for e in effects]))
+
+
+def validation_outliers(effects: Sequence[float], margin: float, k: float) -> list[int]:
+    """Positions whose leave-one-out effect `e_i = L(all) − L(all but i)` (how much leaving
+    upload i out lowers the validation loss) is above `validation_threshold`, largest first,
+    at most ⌊(N−1)/2⌋ of them (an honest majority; never half the round). A tie with the
+    threshold stays in (strictly above only)."""
+    t = validation_threshold(effects, margin, k)
+    above = sorted(((-e, i) for i, e in enumerate(effects) if e > t))
+    return [i for _, i in above[: (len(effects) - 1) // 2]]
