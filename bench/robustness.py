@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -44,8 +45,7 @@ from typing import Any
 import torch
 
 from attacks import DEFENCE_OFF, tamperer  # bench/attacks.py (beside this script)
-from fedhl.data import Example, dirichlet_split
-from fedhl.demo.corpus import load_reviews, train_test_split
+from fedhl.data import Example
 from fedhl.demo.run import add_arguments as demo_arguments
 from fedhl.demo.run import job_spec, model_path, split_corpus
 from fedhl.jobspec import JobSpec
@@ -66,18 +66,18 @@ HOSTILE = "agent-0"
 
 
 def split_with_validation(args: argparse.Namespace, path: Path) -> tuple[list[Example], list[Example], list[list[int]]]:
-    """`split_corpus` with a server-side validation split carved out first: the test split as
-    before (the seeded shuffle's first `test_size`), then the next `validation_size` snippets of
-    the same shuffle for the server (written to `path`, JSONL), and the Dirichlet partition of
-    the rest among the agents. Disjoint from the test split and from every agent's data."""
-    rest, test = train_test_split(load_reviews(), args.test_size, args.seed)
-    val, train = rest[: args.validation_size], rest[args.validation_size :]
+    """`split_corpus` with a server-side validation split: the same test split and the same
+    Dirichlet partition of the rest among the agents (so every agent keeps its label skew), then
+    `validation_size` snippets drawn at random (seeded) from that rest are taken out of the
+    agents' shares and written to `path` (JSONL) for the server. Disjoint from the test split
+    and from every agent's data; each agent loses about validation_size / len(rest) of its own."""
+    train, test, shards = split_corpus(args)
+    picked = set(random.Random(f"validation:{args.seed}").sample(range(len(train)), args.validation_size))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in val))
-    shards = dirichlet_split(
-        [int(e.label or 0) for e in train], args.agents, args.alpha_dirichlet, args.seed, min_per_client=32
+    path.write_text(
+        "".join(json.dumps({"text": train[i].text, "label": train[i].label}) + "\n" for i in sorted(picked))
     )
-    return train, test, shards
+    return train, test, [[i for i in s if i not in picked] for s in shards]
 
 
 def run_one(args: argparse.Namespace, strategy: str, attack: str, defence: bool, path: Path) -> dict[str, Any]:
@@ -104,6 +104,7 @@ def run_one(args: argparse.Namespace, strategy: str, attack: str, defence: bool,
             "path": str(val_path),
             "max_examples": args.validation_size,
             "act": args.validation == "on",
+            "scope": args.validation_scope,
             **({"k": args.validation_k} if args.validation_k is not None else {}),
             **({"margin": args.validation_margin} if args.validation_margin is not None else {}),
         }
@@ -111,7 +112,14 @@ def run_one(args: argparse.Namespace, strategy: str, attack: str, defence: bool,
     spec = JobSpec.model_validate(raw)
     clients = [SimClient(f"agent-{i}", ranks[i % len(ranks)], [train[j] for j in idx]) for i, idx in enumerate(shards)]
     t0 = time.monotonic()
-    _, rows = simulate(spec, clients, test, tamper=tamperer(attack, spec, defence, HOSTILE), keep_going=True)
+
+    def progress(r: dict[str, Any]) -> None:  # one line per round on stderr, to follow a long run
+        v = r.get("validation") or {}
+        print(json.dumps({"run": str(path), "round": r["round"], "accuracy": r["accuracy"], **v}), file=sys.stderr)
+
+    _, rows = simulate(
+        spec, clients, test, tamper=tamperer(attack, spec, defence, HOSTILE), keep_going=True, on_round=progress
+    )
     acc = [r["accuracy"] for r in rows]
     last = acc[-min(5, len(acc)) :]
     named = 0
@@ -213,9 +221,13 @@ def main() -> int:
         default="off",
         help="defence on: the validation screen (measure: effects computed and reported, never acted on)",
     )
+    p.add_argument("--validation-scope", choices=("upload", "adapters"), default="upload")
     p.add_argument("--validation-k", type=float, default=None, help="the screen's k instead of the default")
     p.add_argument("--validation-margin", type=float, default=None, help="the screen's margin instead of the default")
     p.add_argument("--summary-only", action="store_true", help="summarise the runs on disk; run nothing")
+    p.add_argument(
+        "--skip-clean", action="store_true", help="run the attacks only (the clean run comes from elsewhere)"
+    )
     p.add_argument("--attacks-first", action="store_true", help="run the attacks before the clean run")
     p.add_argument(
         "--tag", default=None, help="results folder under --out (default r<rounds>-s<local steps>-seed<seed>)"
@@ -240,6 +252,14 @@ def main() -> int:
     for strategy in filter(None, args.strategies.split(",")):
         for defence in [d == "on" for d in args.defences.split(",")]:
             d = "on" if defence else "off"
+            if args.skip_clean:
+                for attack in filter(None, args.attacks.split(",")):
+                    print(
+                        json.dumps(
+                            run_one(args, strategy, attack, defence, out / tag / strategy / d / f"{attack}.json")
+                        )
+                    )
+                continue
             if args.attacks_first:  # the attacked runs first (resumable: read back below)
                 for attack in filter(None, args.attacks.split(",")):
                     run_one(args, strategy, attack, defence, out / tag / strategy / d / f"{attack}.json")

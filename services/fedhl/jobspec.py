@@ -98,7 +98,13 @@ class ValidationScreenConfig(Strict):
     max_examples: int = Field(default=256, ge=1, le=10_000)  # each upload costs one forward pass over them
     margin: float = Field(default=VALIDATION_MARGIN, ge=0, le=1e6)  # loss units (mean per example / token)
     k: float = Field(default=VALIDATION_K, ge=1, le=1e6)
-    act: bool = True  # False: measure and report the effects, never leave out
+    # what leaving an upload out takes away when its effect is measured: "upload", everything it
+    # contributes (LoRA modules and non-LoRA parameters such as a head); "adapters", its LoRA
+    # modules only, the non-LoRA parameters staying as merged from every upload (a small head
+    # follows each agent's label skew, and that honest spread can hide an adapter's harm). A
+    # leave-out always leaves out the whole upload.
+    scope: Literal["upload", "adapters"] = "upload"
+    act: bool = True  # False: measure and report the effects (both scopes), never leave out
 
 
 class DefenceConfig(Strict):

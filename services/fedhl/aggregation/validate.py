@@ -59,6 +59,7 @@ from .evaluate import cached_base, cached_examples
 log = logging.getLogger(__name__)
 
 LOSS_CAP = 1e30  # a loss that is not finite (a model the merge blew up) counts as this
+SCOPES = ("upload", "adapters")
 
 
 @dataclass(frozen=True)
@@ -110,15 +111,15 @@ def validation_screen(
         summary["seconds"] = time.perf_counter() - t0
         return Screen([], summary)
     model_tok = base if base is not None else cached_base(spec)
+    scopes = [cfg.scope] if cfg.act else list(SCOPES)  # measuring only: both scopes, for the record
 
-    def loss(left_out: Sequence[DropRecord]) -> float:
-        merged, _ = strategy.aggregate(state, plan, updates, left_out=left_out)
+    def loss(merged: GlobalState, extras: GlobalState) -> float:
         out = evaluate(
             model_tok,
             spec.task_type,
             spec.num_labels,
             effective_updates(strategy, merged),
-            merged.extras,
+            extras.extras,
             examples,
             max_seq_len=spec.train.max_seq_len,
             device=device,
@@ -126,21 +127,28 @@ def validation_screen(
         value = float(out["loss"])
         return value if math.isfinite(value) else LOSS_CAP
 
+    by_scope: dict[str, dict[str, float]] = {sc: {} for sc in scopes}
     try:
-        l_all = loss([])
-        effects: dict[str, float] = {}
+        every, _ = strategy.aggregate(state, plan, updates)
+        l_all = loss(every, every)
         for c in clients:
             try:
-                effects[c] = l_all - loss([DropRecord(c, "*", VALIDATION_REASON)])
+                without, _ = strategy.aggregate(state, plan, updates, left_out=[DropRecord(c, "*", VALIDATION_REASON)])
             except AggregationError as e:  # e.g. the others were all left out of some module
                 log.info("validation screen: merge without %s failed: %s", c, e)
-                effects[c] = math.nan
+                for sc in scopes:
+                    by_scope[sc][c] = math.nan
+                continue
+            for sc in scopes:  # "adapters": the non-LoRA parameters stay as merged from every upload
+                by_scope[sc][c] = l_all - loss(without, without if sc == "upload" else every)
+            del without
     except AggregationError as e:
         summary.update(error=f"merge failed: {e}", seconds=time.perf_counter() - t0)
         return Screen([], summary)
     finally:
         for m in state.modules:  # the screen's merges leave FedHL's downlink change behind: drop it
             strategy.round_change(plan, m)
+    effects = by_scope[cfg.scope]
     values = [effects[c] for c in clients]
     t = validation_threshold(values, cfg.margin, cfg.k)
     out = validation_outliers(values, cfg.margin, cfg.k) if cfg.act else []
@@ -159,6 +167,8 @@ def validation_screen(
     summary.update(
         loss_all=l_all,
         effects=effects,
+        scope=cfg.scope,
+        **({"effects_by_scope": by_scope} if len(scopes) > 1 else {}),
         threshold=t if math.isfinite(t) else None,
         left_out=[r.client for r in records],
         seconds=time.perf_counter() - t0,

@@ -81,8 +81,20 @@ the median gate is what keeps honest clients in; on MiniLM honest per-module cos
 orthogonal in weight space, the gate rarely opens, and a sign flip is not told apart from an
 honest update there.
 
+Validation (`validation_outliers`; off unless a job's `defence.validation` names a server-held
+labelled split: it needs data only the server has). Before the merge is committed, each upload's
+leave-one-out effect on the validation loss, `e_i = L(all) − L(all but i)`, is measured with
+the strategy's own merge (aggregation/validate.py: Zeno-style suspicion scoring, Xie et al.
+2019, on the merge itself); upload i is left out of the whole round (`validation_loss_worse`,
+module `*`, with `e_i` and the threshold) when `e_i > max(margin, k · median_j |e_j|)`: only
+harm counts (a helpful outlier stays), the median keeps honest non-IID spread in, and the rule
+never acts with fewer than `VALIDATION_MIN_CLIENTS` uploads, never on half the round, never
+when an effect is not finite. Such a leave-out is a judgement of the whole upload, so it counts
+a strike (as a direction leave-out in most modules does).
+
 What it does not stop: an update inside the size bound whose direction is not clearly against
-a round that agrees (on MiniLM a sign flip is such an update: it still costs 9–13 points,
+a round that agrees and, with the validation screen off, whose harm is not measured (on MiniLM
+a sign flip is such an update: it still costs 9–13 points without the validation screen,
 bench/README.md), though it holds no more weight than an honest client at `size_k ×` the
 median size could; a colluding majority (or half), which sets the medians.
 """
@@ -231,7 +243,8 @@ def bound_excess(norm: float, bound: float, k: float) -> float:
 
 
 def is_strike(reason: str, excess: float | None, reject_k: float | None) -> bool:
-    """Whether one defence action counts toward quarantine. Unsound uploads always do; the
+    """Whether one defence action counts toward quarantine. Unsound uploads and the validation
+    screen's leave-outs (a whole upload judged harmful) always do; the
     update-size bound's actions (`clipped`, `update_norm_above_bound`) only when the update is
     above `reject_k × median` (`excess`; None: unknown, counts), never with `reject_k=None`.
     A direction leave-out never counts here: one module says little, `direction_strike` judges
