@@ -103,7 +103,7 @@ class ValidationScreenConfig(Strict):
     # modules only, the non-LoRA parameters staying as merged from every upload (a small head
     # follows each agent's label skew, and that honest spread can hide an adapter's harm). A
     # leave-out always leaves out the whole upload.
-    scope: Literal["upload", "adapters"] = "upload"
+    scope: Literal["upload", "adapters"] = "adapters"
     act: bool = True  # False: measure and report the effects (both scopes), never leave out
 
 
