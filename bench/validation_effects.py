@@ -9,7 +9,8 @@ how many rounds it would leave out the hostile one (counterfactual on a measured
 first leave-out the trajectory would differ; on a clean run with no honest leave-out the acting
 run is the measured run, bit for bit).
 
-    python bench/validation_effects.py bench/results/robustness/minilm-a1-r10-s6-seed*-val*/*/on/*.json
+    python bench/validation_effects.py [--scope adapters] \
+        bench/results/robustness/minilm-a1-r10-s6-seed*-val*/*/on/*.json
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
 from fedhl.core.defence import validation_outliers
 
 HOSTILE = "agent-0"
-KS = [1.5, 2.0, 2.5, 3.0, 4.0]
-MARGINS = [0.0, 0.01, 0.02, 0.05]
+KS = [2.0, 3.0, 4.0, 5.0, 8.0]
+MARGINS = [0.01, 0.02, 0.05, 0.1]
 
 
 def lower_median(xs: list[float]) -> float:
@@ -35,10 +36,13 @@ def lower_median(xs: list[float]) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+")
+    p.add_argument("--scope", default=None, help="upload or adapters: that scope's effects (measured runs record both)")
     args = p.parse_args()
     for path in args.runs:
         d = json.loads(Path(path).read_text())
         rounds = [v for v in d.get("validation") or [] if v and "effects" in v]
+        if args.scope is not None:  # the other scope's effects, where the run measured both
+            rounds = [{**v, "effects": v["effects_by_scope"][args.scope]} for v in rounds if "effects_by_scope" in v]
         if not rounds:
             continue
         hostile = d["attack"] != "clean"

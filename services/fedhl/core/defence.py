@@ -132,9 +132,10 @@ VALIDATION_REASON = "validation_loss_worse"  # the validation screen's action (t
 VALIDATION_MIN_CLIENTS = 3
 # a job's default thresholds (JobSpec.defence.validation): an upload is harmful when leaving it out
 # lowers the validation loss by more than max(VALIDATION_MARGIN, VALIDATION_K × the round's median
-# |effect|) (chosen on MiniLM, seed 0, bench/README.md: the sign flip's adapter effects reached
-# 3.5-8.9 × the median in rounds 3-7; honest ones stayed below 3 × but in two rounds, 4.0 and 9.4 ×)
-VALIDATION_MARGIN = 0.02
+# |effect|) (chosen on MiniLM, seed 0, bench/README.md: the sign flip's adapter effects were
+# 0.05-0.13, 3.5-8.9 × the median, in rounds 3-7; honest ones stayed below both bounds except in
+# two rounds of the clean run, 0.068 = 4.0 × and 0.228 = 9.4 ×: uploads that did raise the loss)
+VALIDATION_MARGIN = 0.05
 VALIDATION_K = 3.0
 
 
