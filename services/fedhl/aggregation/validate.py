@@ -14,11 +14,15 @@ recomputes them; reported sizes still bounded over the whole round) and `L` the 
 and upload i is left out of the round when `e_i > max(margin, k · median_j |e_j|)`
 (core/defence.py `validation_outliers`: never with fewer than 3 uploads, at most ⌊(N−1)/2⌋,
 largest effect first, strictly above the threshold). The median term keeps honest non-IID
-spread in: an honest upload that pulls the model toward its own label skew moves the loss by
-about as much as the others do, a sign-flipped one by several times that (measured on MiniLM,
-bench/README.md). What cannot be seen: an upload whose harm is below the honest spread on
-this split (a small or slow attack), harm on inputs the split does not cover, and a colluding
-half of the round (it sets the median and the minority bound).
+spread in: an honest upload that pulls the model toward its own label skew usually moves the
+loss by about as much as the others do, a sign-flipped one by several times that (measured on MiniLM,
+bench/README.md: caught from round 3-4 at seed 0). What cannot be seen: an upload whose harm
+is within the honest spread of its round — on MiniLM seed 1 the flipped agent pulled the model
+the way an honest agent with the same label skew did and was never left out, while honest
+uploads that raised the loss in a round were — harm on inputs the split does not cover, and a
+colluding half of the round (it sets the median and the minority bound). One round's effects
+cannot tell a hostile upload from an honest one that hurt this round; an honest leave-out is
+a strike like any other.
 
 Cost: N + 1 merges and N + 1 forward passes (no_grad) over at most `max_examples` examples per
 round, on the aggregating worker's device; the seconds are in the round report

@@ -93,10 +93,11 @@ when an effect is not finite. Such a leave-out is a judgement of the whole uploa
 a strike (as a direction leave-out in most modules does).
 
 What it does not stop: an update inside the size bound whose direction is not clearly against
-a round that agrees and, with the validation screen off, whose harm is not measured (on MiniLM
-a sign flip is such an update: it still costs 9–13 points without the validation screen,
-bench/README.md), though it holds no more weight than an honest client at `size_k ×` the
-median size could; a colluding majority (or half), which sets the medians.
+a round that agrees and whose harm on the server's split (validation screen on) does not stand
+out from its round's (on MiniLM a sign flip costs 7–13 points without the validation screen,
+2.1–2.2 with it at seed 0, and was not caught at seed 1 under FedHL, bench/README.md), though it
+holds no more weight than an honest client at `size_k ×` the median size could; a colluding
+majority (or half), which sets the medians.
 """
 
 from __future__ import annotations
