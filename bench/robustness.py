@@ -21,6 +21,11 @@ With the defences on, a size above the bound is refused as the coordinator's edg
 Control-plane attacks (replay, revocation, restart mid-upload, metric flooding) do not touch
 the model and are covered by tests/coordinator/test_hostile_agents.py.
 
+With `--validation-size N` the server holds a validation split (N snippets drawn from the agents'
+pool after the partition, taken out of their shares; `split_with_validation`), and `--validation
+measure|on` turns on the validation screen (`defence.validation`; measure: effects of both scopes
+computed and reported, never acted on); `--skip-clean` runs the attacks only.
+
 Prints one JSON line per run and a final summary line with `attacks` and
 `worst_drop_pt_with_defence`. Resumable: a run whose JSON exists under --out is not run again.
 
