@@ -21,6 +21,11 @@ With the defences on, a size above the bound is refused as the coordinator's edg
 Control-plane attacks (replay, revocation, restart mid-upload, metric flooding) do not touch
 the model and are covered by tests/coordinator/test_hostile_agents.py.
 
+With `--validation-size N` the server holds a validation split (N snippets drawn from the agents'
+pool after the partition, taken out of their shares; `split_with_validation`), and `--validation
+measure|on` turns on the validation screen (`defence.validation`; measure: effects of both scopes
+computed and reported, never acted on); `--skip-clean` runs the attacks only.
+
 Prints one JSON line per run and a final summary line with `attacks` and
 `worst_drop_pt_with_defence`. Resumable: a run whose JSON exists under --out is not run again.
 
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -44,6 +50,7 @@ from typing import Any
 import torch
 
 from attacks import DEFENCE_OFF, tamperer  # bench/attacks.py (beside this script)
+from fedhl.data import Example
 from fedhl.demo.run import add_arguments as demo_arguments
 from fedhl.demo.run import job_spec, model_path, split_corpus
 from fedhl.jobspec import JobSpec
@@ -63,24 +70,61 @@ STRATEGIES = ["fedhl", "flexlora", "hetlora"]
 HOSTILE = "agent-0"
 
 
+def split_with_validation(args: argparse.Namespace, path: Path) -> tuple[list[Example], list[Example], list[list[int]]]:
+    """`split_corpus` with a server-side validation split: the same test split and the same
+    Dirichlet partition of the rest among the agents (so every agent keeps its label skew), then
+    `validation_size` snippets drawn at random (seeded) from that rest are taken out of the
+    agents' shares and written to `path` (JSONL) for the server. Disjoint from the test split
+    and from every agent's data; each agent loses about validation_size / len(rest) of its own."""
+    train, test, shards = split_corpus(args)
+    picked = set(random.Random(f"validation:{args.seed}").sample(range(len(train)), args.validation_size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "".join(json.dumps({"text": train[i].text, "label": train[i].label}) + "\n" for i in sorted(picked))
+    )
+    return train, test, [[i for i in s if i not in picked] for s in shards]
+
+
 def run_one(args: argparse.Namespace, strategy: str, attack: str, defence: bool, path: Path) -> dict[str, Any]:
     if path.exists():
         return dict(json.loads(path.read_text()))
     ns = argparse.Namespace(**{**vars(args), "strategy": strategy, "strategy_options": "{}"})
     ns.train_options = json.dumps({"hetlora_gamma": 0.99, "hetlora_lambda": 1e-3} if strategy == "hetlora" else {})
     ranks = [int(r) for r in args.ranks.split(",")]
-    train, test, shards = split_corpus(ns)
+    if args.validation_size:
+        val_path = path.parent.parent.parent / f"validation-seed{args.seed}.jsonl"
+        train, test, shards = split_with_validation(ns, val_path)
+    else:
+        train, test, shards = split_corpus(ns)
     raw = job_spec(ns, model_path(args.model), ranks, None)
     on: dict[str, Any] = (
         {} if args.size_k is None else {"size_k": None if args.size_k == "none" else float(args.size_k)}
     )
     if args.min_cosine is not None:
         on["min_cosine"] = None if args.min_cosine == "none" else float(args.min_cosine)
+    if args.validation != "off":
+        if not args.validation_size:
+            raise SystemExit("--validation needs --validation-size > 0 (a split apart from the agents' data)")
+        on["validation"] = {
+            "path": str(val_path),
+            "max_examples": args.validation_size,
+            "act": args.validation == "on",
+            "scope": args.validation_scope,
+            **({"k": args.validation_k} if args.validation_k is not None else {}),
+            **({"margin": args.validation_margin} if args.validation_margin is not None else {}),
+        }
     raw["defence"] = on if defence else DEFENCE_OFF
     spec = JobSpec.model_validate(raw)
     clients = [SimClient(f"agent-{i}", ranks[i % len(ranks)], [train[j] for j in idx]) for i, idx in enumerate(shards)]
     t0 = time.monotonic()
-    _, rows = simulate(spec, clients, test, tamper=tamperer(attack, spec, defence, HOSTILE), keep_going=True)
+
+    def progress(r: dict[str, Any]) -> None:  # one line per round on stderr, to follow a long run
+        v = r.get("validation") or {}
+        print(json.dumps({"run": str(path), "round": r["round"], "accuracy": r["accuracy"], **v}), file=sys.stderr)
+
+    _, rows = simulate(
+        spec, clients, test, tamper=tamperer(attack, spec, defence, HOSTILE), keep_going=True, on_round=progress
+    )
     acc = [r["accuracy"] for r in rows]
     last = acc[-min(5, len(acc)) :]
     named = 0
@@ -124,10 +168,29 @@ def run_one(args: argparse.Namespace, strategy: str, attack: str, defence: bool,
             for d in (r.get("report") or {}).get("dropped", [])
             if d["reason"] == "update_against_round"
         ],
+        "validation": [r.get("validation") for r in rows],  # the validation screen's measurements, per round
+        "validation_dropped": [
+            (r["round"], d["client"], d["effect"], d["threshold"])
+            for r in rows
+            for d in (r.get("report") or {}).get("dropped", [])
+            if d["reason"] == "validation_loss_worse"
+        ],
+        "validate_s": [r["time"]["validate_s"] for r in rows if "time" in r],
         "wall_s": round(time.monotonic() - t0, 1),
         "config": {
             k: getattr(args, k)
-            for k in ("rounds", "local_steps", "agents", "ranks", "seed", "test_size", "size_k", "min_cosine")
+            for k in (
+                "rounds",
+                "local_steps",
+                "agents",
+                "ranks",
+                "seed",
+                "test_size",
+                "size_k",
+                "min_cosine",
+                "validation",
+                "validation_size",
+            )
         },
         "defence_block": raw["defence"],
     }
@@ -150,7 +213,26 @@ def main() -> int:
         default=None,
         help="defence on: the direction screen's threshold instead of the default ('none': off; -1: measure only)",
     )
+    p.add_argument(
+        "--validation-size",
+        type=int,
+        default=0,
+        help="carve this many snippets for a server-side validation split (after the test split, before the "
+        "agents' partition: changes the agents' data)",
+    )
+    p.add_argument(
+        "--validation",
+        choices=("off", "measure", "on"),
+        default="off",
+        help="defence on: the validation screen (measure: effects computed and reported, never acted on)",
+    )
+    p.add_argument("--validation-scope", choices=("upload", "adapters"), default="upload")
+    p.add_argument("--validation-k", type=float, default=None, help="the screen's k instead of the default")
+    p.add_argument("--validation-margin", type=float, default=None, help="the screen's margin instead of the default")
     p.add_argument("--summary-only", action="store_true", help="summarise the runs on disk; run nothing")
+    p.add_argument(
+        "--skip-clean", action="store_true", help="run the attacks only (the clean run comes from elsewhere)"
+    )
     p.add_argument("--attacks-first", action="store_true", help="run the attacks before the clean run")
     p.add_argument(
         "--tag", default=None, help="results folder under --out (default r<rounds>-s<local steps>-seed<seed>)"
@@ -175,6 +257,14 @@ def main() -> int:
     for strategy in filter(None, args.strategies.split(",")):
         for defence in [d == "on" for d in args.defences.split(",")]:
             d = "on" if defence else "off"
+            if args.skip_clean:
+                for attack in filter(None, args.attacks.split(",")):
+                    print(
+                        json.dumps(
+                            run_one(args, strategy, attack, defence, out / tag / strategy / d / f"{attack}.json")
+                        )
+                    )
+                continue
             if args.attacks_first:  # the attacked runs first (resumable: read back below)
                 for attack in filter(None, args.attacks.split(",")):
                     run_one(args, strategy, attack, defence, out / tag / strategy / d / f"{attack}.json")

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .core import WEIGHT_PRESETS, Strategy, WeightConfig, build_strategy
-from .core.defence import MIN_COSINE, SIZE_K
+from .core.defence import MIN_COSINE, SIZE_K, VALIDATION_K, VALIDATION_MARGIN
 
 INT64_MAX = 2**63 - 1  # the largest integer the database stores; the wire's uint64 goes beyond it
 
@@ -83,6 +83,30 @@ class EvaluationConfig(Strict):
     every: int = Field(default=1, ge=1, le=100_000)
 
 
+class ValidationScreenConfig(Strict):
+    """The validation screen (aggregation/validate.py): before a round's merge is committed,
+    each upload's leave-one-out effect on the loss over a labelled split the *server* holds;
+    an upload whose leaving out lowers that loss by more than `max(margin, k × the round's
+    median |effect|)` is left out (never with fewer than 3 uploads, never half the round).
+    Needs server-side data, so it is off unless a path is given; keep the split apart from
+    `evaluation.path` (screening on the data the accuracy is reported on would leak it into
+    the figure). The aggregation then runs in one task per round (no module shards): the screen
+    needs the whole model."""
+
+    # labelled split (JSONL/CSV) on the aggregation workers' file system; the first max_examples rows
+    path: str = Field(min_length=1, max_length=4096)
+    max_examples: int = Field(default=256, ge=1, le=10_000)  # each upload costs one forward pass over them
+    margin: float = Field(default=VALIDATION_MARGIN, ge=0, le=1e6)  # loss units (mean per example / token)
+    k: float = Field(default=VALIDATION_K, ge=1, le=1e6)
+    # what leaving an upload out takes away when its effect is measured: "upload", everything it
+    # contributes (LoRA modules and non-LoRA parameters such as a head); "adapters", its LoRA
+    # modules only, the non-LoRA parameters staying as merged from every upload (a small head
+    # follows each agent's label skew, and that honest spread can hide an adapter's harm). A
+    # leave-out always leaves out the whole upload.
+    scope: Literal["upload", "adapters"] = "adapters"
+    act: bool = True  # False: measure and report the effects (both scopes), never leave out
+
+
 class DefenceConfig(Strict):
     """What bounds one agent's influence (core/defence.py; README "Hostile agents")."""
 
@@ -101,6 +125,8 @@ class DefenceConfig(Strict):
     # (core/defence.py; never in a round of fewer than 3, never half the round); -1: measure
     # and report only; None: off
     min_cosine: float | None = Field(default=MIN_COSINE, ge=-1, le=1)
+    # the validation screen (each upload's effect on a server-held labelled split); None: off
+    validation: ValidationScreenConfig | None = None
     # no client weighs more than max_weight_ratio / N; None: the strategy's default (4)
     max_weight_ratio: float | None = Field(default=None, ge=1, le=1e6)
     # an update above reject_k × median is left out whatever clip_action says, and only such
@@ -190,6 +216,12 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
+        v = self.defence.validation
+        if v is not None and self.evaluation.path is not None and v.path == self.evaluation.path:
+            raise ValueError(
+                "defence.validation.path is evaluation.path: screen on a split apart from the one the "
+                "reported accuracy is measured on"
+            )
         if self.module_shapes:
             for m in self.module_shapes:
                 if not any(m == t or m.endswith("." + t) for t in self.target_modules):

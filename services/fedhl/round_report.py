@@ -43,17 +43,25 @@ class RoundReport:
     sizes_bounded: list[dict[str, Any]] = field(default_factory=list)
     # what the next round's agents download (`downlink_summary`); empty in older reports
     downlink: dict[str, Any] = field(default_factory=dict)
+    # the validation screen's measurements (aggregation/validate.py: loss with every upload,
+    # each upload's leave-one-out effect, the threshold, who was left out, seconds); None: off
+    validation: dict[str, Any] | None = None
 
     @classmethod
     def of(
-        cls, report: AggregationReport, timings: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None
+        cls,
+        report: AggregationReport,
+        timings: dict[str, Any] | None = None,
+        evaluation: dict[str, Any] | None = None,
+        validation: dict[str, Any] | None = None,
     ) -> RoundReport:
-        return cls(**report.to_dict(), timings=dict(timings or {}), evaluation=evaluation)
+        return cls(**report.to_dict(), timings=dict(timings or {}), evaluation=evaluation, validation=validation)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        if self.evaluation is None:
-            del out["evaluation"]
+        for key in ("evaluation", "validation"):
+            if out[key] is None:
+                del out[key]
         return out
 
     @classmethod
@@ -98,6 +106,7 @@ class RoundReport:
             dropped=[d for p in parts for d in p["dropped"]],
             clipped=[c for p in parts for c in p["clipped"]],
             sizes_bounded=first.get("sizes_bounded", []),  # every shard bounds the same sizes
+            validation=first.get("validation"),  # a screened round has one shard
         )
 
     def offences(self) -> dict[str, list[str]]:
@@ -156,11 +165,18 @@ def downlink_summary(strategy: Strategy, sizes: dict[str, int]) -> dict[str, Any
     }
 
 
-def partial(report: AggregationReport, n_modules: int, timings: dict[str, float], device: str) -> dict[str, Any]:
+def partial(
+    report: AggregationReport,
+    n_modules: int,
+    timings: dict[str, float],
+    device: str,
+    validation: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One shard's part of the round report (JSON-safe): sums that `RoundReport.combine` adds up.
     Truncation errors, energy and SVD figures come from the spectra of *all* modules, so every
-    shard carries the whole-round values."""
+    shard carries the whole-round values; `validation`: the screen's summary (one shard)."""
     return {
+        "validation": validation,
         "strategy": report.strategy,
         "round": report.round,
         "clients": report.clients,

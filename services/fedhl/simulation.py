@@ -35,6 +35,7 @@ import torch
 
 from .agent.globalcache import full_view_start
 from .agent.trainer import prepare, train
+from .aggregation.validate import Screen, validation_examples, validation_screen
 from .artifacts import downlink_parts, initial_state, next_round_artifacts
 from .codec import decode_change, encode_change, encode_start, encode_update, state_metadata
 from .core import AggregationError, ClientStart, ClientUpdate, GlobalState, RoundPlan, Spectrum, Strategy
@@ -188,6 +189,7 @@ def simulate(
     strategy = spec.build_strategy()
     strategy.device = torch.device(device)
     scaling = LoRAScaling(spec.lora_alpha, spec.scale_rule)
+    validation_examples(spec)  # an unreadable validation split fails here, before any training
     base, tok = load_base(spec.base_model, spec.task_type, spec.num_labels, device, init_seed=spec.seed)
     state = initial_state(strategy, spec)
     modules = list(spec.module_shapes)
@@ -224,7 +226,14 @@ def simulate(
         t_agg = time.perf_counter()
         plan = RoundPlan(round=t, ranks={c.name: dict.fromkeys(modules, c.rank) for c in chosen}, spectra=spectra)
         try:
-            state, report = strategy.aggregate(state, plan, updates, inplace=not keep_going)
+            # the validation screen, as the aggregation worker runs it (aggregation/validate.py)
+            screen = (
+                validation_screen(strategy, state, plan, updates, spec, base=(base, tok), device=device)
+                if spec.defence.validation is not None
+                else Screen()
+            )
+            t_merge = time.perf_counter()
+            state, report = strategy.aggregate(state, plan, updates, inplace=not keep_going, left_out=screen.left_out)
             if downlink is not None:
                 downlink.publish(strategy, plan, state)
         except AggregationError as e:
@@ -237,7 +246,8 @@ def simulate(
             if on_round is not None:
                 on_round(row)
             continue
-        aggregate_s = time.perf_counter() - t_agg
+        aggregate_s = time.perf_counter() - t_merge
+        validate_s = t_merge - t_agg
         ev: dict[str, float] = {}
         t_ev = time.perf_counter()
         if test and (t + 1) % spec.evaluation.every == 0:
@@ -253,9 +263,10 @@ def simulate(
                 device=device,
             )
         evaluate_s = time.perf_counter() - t_ev
-        round_report = RoundReport.of(
-            report, timings={"aggregate_s": aggregate_s, "evaluate_s": evaluate_s}, evaluation=ev or None
-        )
+        timings = {"aggregate_s": aggregate_s, "evaluate_s": evaluate_s}
+        if screen.summary is not None:
+            timings["validate_s"] = validate_s
+        round_report = RoundReport.of(report, timings=timings, evaluation=ev or None, validation=screen.summary)
         ready = _artifacts(strategy, state, spec.rank_set)  # the next round's, whose sizes the report gives
         sizes = {f"start:{r}": b for r, b in ready[2].items()} | {"state": _state_bytes(state)}
         if downlink is not None:
@@ -279,10 +290,12 @@ def simulate(
                 "train_max_s": max(train_s),
                 "train_sum_s": sum(train_s),
                 "aggregate_s": aggregate_s,
+                "validate_s": validate_s,
                 "evaluate_s": evaluate_s,
             },
             "report": round_report.to_dict(),
             "cosines": report.cosines,  # the direction screen's measurements (core/defence.py)
+            "validation": screen.summary,  # the validation screen's (aggregation/validate.py)
         }
         rows.append(row)
         if on_round is not None:

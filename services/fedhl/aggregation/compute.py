@@ -26,6 +26,7 @@ from ..core import AggregationError, ClientUpdate, GlobalState, LoRAFactors, Rou
 from ..round_report import partial
 from .allocator import release_free_memory
 from .inputs import RoundInputs, pick_device, shard_modules
+from .validate import Screen, validation_screen
 
 Module = Tensor | LoRAFactors
 
@@ -52,6 +53,11 @@ def compute_shard_file(deps: Deps, inp: RoundInputs, shard: int, path: Path) -> 
     modules = shard_modules(all_modules, shard, inp.shards)
     if not inp.uploads:
         raise AggregationError("no accepted uploads")
+    if spec.defence.validation is not None and inp.shards > 1:
+        raise AggregationError(
+            f"defence.validation needs the whole model in one aggregation task; this round has {inp.shards} "
+            "shards (the scheduler gives a screened job one shard)"
+        )
     with ExitStack() as stack:
         if inp.state_key is None:
             state, source = _initial(strategy, inp, modules)
@@ -89,20 +95,33 @@ def compute_shard_file(deps: Deps, inp: RoundInputs, shard: int, path: Path) -> 
             upath = stack.enter_context(deps.blobs.local_path(key))
             extras = read_update_extras(upath) if shard == 0 else {}
             updates.append(ClientUpdate(agent_id, UploadFactors(upath, modules), n_examples=n, extras=extras))
+        screen, validate_s = Screen(), 0.0
+        if spec.defence.validation is not None:  # one shard (above): every module, every upload's extras
+            t_val = time.perf_counter()
+            whole = GlobalState(round=state.round, extras=dict(state.extras))
+            for m in modules:
+                _put(whole, m, source(m))
+            screen = validation_screen(strategy, whole, plan, updates, spec, device=device)
+            del whole
+            validate_s = time.perf_counter() - t_val
         out = ShardWriter(path, inp.number + 1, spec.rank_set)
         try:
             stream = _ShardStream(strategy, plan, source, out, spec.rank_set, inp.number + 1)
             t_load = time.perf_counter()
-            new_state, report = strategy.aggregate(state, plan, updates, inplace=True, stream=stream)
+            new_state, report = strategy.aggregate(
+                state, plan, updates, inplace=True, stream=stream, left_out=screen.left_out
+            )
             if new_state.extras:
                 out.add(GlobalState(round=new_state.round, extras=new_state.extras), {}, {})
             t_end = time.perf_counter()
             timings = {
-                "load_s": t_load - t0 + stream.load_s,
+                "load_s": t_load - t0 + stream.load_s - validate_s,
                 "merge_s": t_end - t_load - stream.load_s - stream.next_s,
                 "next_round_s": stream.next_s,
             }
-            result = partial(report, len(modules), timings, device)
+            if screen.summary is not None:
+                timings["validate_s"] = validate_s
+            result = partial(report, len(modules), timings, device, validation=screen.summary)
             out.close(result)
         except BaseException:
             out.discard()

@@ -145,7 +145,9 @@ class Scheduler:
                 everyone = expected > 0 and n >= expected
                 if n >= rnd.target or everyone or (now >= rnd.deadline and n >= rnd.quorum):
                     rounds.expire_open_assignments(rnd.id)
-                    shards = max(1, min(self.shards, len(spec.module_shapes)))
+                    # the validation screen needs the whole model in one task (aggregation/validate.py)
+                    wanted = 1 if spec.defence.validation is not None else self.shards
+                    shards = max(1, min(wanted, len(spec.module_shapes)))
                     rounds.transition(
                         rnd.id,
                         [RoundState.OPEN, RoundState.COLLECTING],

@@ -81,10 +81,23 @@ the median gate is what keeps honest clients in; on MiniLM honest per-module cos
 orthogonal in weight space, the gate rarely opens, and a sign flip is not told apart from an
 honest update there.
 
+Validation (`validation_outliers`; off unless a job's `defence.validation` names a server-held
+labelled split: it needs data only the server has). Before the merge is committed, each upload's
+leave-one-out effect on the validation loss, `e_i = L(all) − L(all but i)`, is measured with
+the strategy's own merge (aggregation/validate.py: Zeno-style suspicion scoring, Xie et al.
+2019, on the merge itself); upload i is left out of the whole round (`validation_loss_worse`,
+module `*`, with `e_i` and the threshold) when `e_i > max(margin, k · median_j |e_j|)`: only
+harm counts (a helpful outlier stays), the median keeps honest non-IID spread in, and the rule
+never acts with fewer than `VALIDATION_MIN_CLIENTS` uploads, never on half the round, never
+when an effect is not finite. Such a leave-out is a judgement of the whole upload, so it counts
+a strike (as a direction leave-out in most modules does).
+
 What it does not stop: an update inside the size bound whose direction is not clearly against
-a round that agrees (on MiniLM a sign flip is such an update: it still costs 9–13 points,
-bench/README.md), though it holds no more weight than an honest client at `size_k ×` the
-median size could; a colluding majority (or half), which sets the medians.
+a round that agrees and whose harm on the server's split (validation screen on) does not stand
+out from its round's (on MiniLM a sign flip costs 7–13 points without the validation screen,
+2.1–2.2 with it at seed 0, and was not caught at seed 1 under FedHL, bench/README.md), though it
+holds no more weight than an honest client at `size_k ×` the median size could; a colluding
+majority (or half), which sets the medians.
 """
 
 from __future__ import annotations
@@ -114,6 +127,18 @@ DIRECTION_MIN_CLIENTS = 3
 # a direction leave-out counts a strike only when it hits at least this share of the round's
 # LoRA modules: a sign flip is against the round everywhere, an honest outlier in a few modules
 DIRECTION_STRIKE_SHARE = 0.75
+VALIDATION_REASON = "validation_loss_worse"  # the validation screen's action (the whole upload left out)
+# the smallest round the validation screen acts in: with two uploads, leaving one out is merging
+# the other alone, and which of the two is hostile is not decided by a median of two
+VALIDATION_MIN_CLIENTS = 3
+# a job's default thresholds (JobSpec.defence.validation): an upload is harmful when leaving it out
+# lowers the validation loss by more than max(VALIDATION_MARGIN, VALIDATION_K × the round's median
+# |effect|) (MiniLM, seed 0, measured with the screen off, bench/README.md: the sign flip's adapter
+# effects were 3.5-8.9 × the round's median in most rounds but only 0.003-0.05 in absolute terms
+# under FlexLoRA, hence the low margin; honest effects of 0.07-0.34, 4-12 × the median, occurred
+# too, in rounds where one honest upload did raise the loss: no threshold separates those)
+VALIDATION_MARGIN = 0.01
+VALIDATION_K = 3.0
 
 
 def check_min_cosine(c: float | None) -> float | None:
@@ -222,7 +247,8 @@ def bound_excess(norm: float, bound: float, k: float) -> float:
 
 
 def is_strike(reason: str, excess: float | None, reject_k: float | None) -> bool:
-    """Whether one defence action counts toward quarantine. Unsound uploads always do; the
+    """Whether one defence action counts toward quarantine. Unsound uploads and the validation
+    screen's leave-outs (a whole upload judged harmful) always do; the
     update-size bound's actions (`clipped`, `update_norm_above_bound`) only when the update is
     above `reject_k × median` (`excess`; None: unknown, counts), never with `reject_k=None`.
     A direction leave-out never counts here: one module says little, `direction_strike` judges
@@ -351,3 +377,31 @@ def direction_strike(modules_left_out: int, modules: int) -> bool:
     """Whether a client left out by the direction screen in `modules_left_out` of the round's
     `modules` LoRA modules counts a strike: only in at least `DIRECTION_STRIKE_SHARE` of them."""
     return modules > 0 and modules_left_out >= DIRECTION_STRIKE_SHARE * modules
+
+
+# --------------------------------------------------------------------------------- validation
+def check_validation_rule(margin: float, k: float) -> None:
+    """The validation screen's thresholds: `margin` ≥ 0 and `k` ≥ 1, both finite."""
+    if not (isinstance(margin, int | float) and math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"validation margin must be a finite number ≥ 0, got {margin!r}")
+    if not (isinstance(k, int | float) and math.isfinite(k) and k >= 1):
+        raise ValueError(f"validation k must be a finite number ≥ 1, got {k!r}")
+
+
+def validation_threshold(effects: Sequence[float], margin: float, k: float) -> float:
+    """The effect above which an upload is harmful: `max(margin, k · median_j |e_j|)` (lower
+    median over the round's effects, so one upload cannot move it when N ≥ 3); inf (no screen)
+    with fewer than `VALIDATION_MIN_CLIENTS` effects or any effect that is not finite."""
+    if len(effects) < VALIDATION_MIN_CLIENTS or not all(math.isfinite(e) for e in effects):
+        return math.inf
+    return max(margin, k * lower_median([abs(e) for e in effects]))
+
+
+def validation_outliers(effects: Sequence[float], margin: float, k: float) -> list[int]:
+    """Positions whose leave-one-out effect `e_i = L(all) − L(all but i)` (how much leaving
+    upload i out lowers the validation loss) is above `validation_threshold`, largest first,
+    at most ⌊(N−1)/2⌋ of them (an honest majority; never half the round). A tie with the
+    threshold stays in (strictly above only)."""
+    t = validation_threshold(effects, margin, k)
+    above = sorted(((-e, i) for i, e in enumerate(effects) if e > t))
+    return [i for _, i in above[: (len(effects) - 1) // 2]]

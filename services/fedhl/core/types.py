@@ -146,8 +146,10 @@ class DropRecord:
     """One upload (or one module of it) left out of a round's merge, and why.
 
     `reason` is a short code (`non_finite_factors`, `non_finite_update`, `overflow`,
-    `update_norm_above_bound`, `non_finite_extras`); `detail` says it in words.
-    `module` is a LoRA module name or `extra::<param>` for a non-LoRA parameter.
+    `update_norm_above_bound`, `non_finite_extras`, `update_against_round`,
+    `validation_loss_worse`); `detail` says it in words.
+    `module` is a LoRA module name or `extra::<param>` for a non-LoRA parameter, or `*` for
+    an upload left out whole (`validation_loss_worse`, the validation screen).
     """
 
     client: ClientId
@@ -160,6 +162,10 @@ class DropRecord:
     # `update_against_round` (the direction screen) only: the update's cosine to the sum of
     # the other uploads' unit-normalised updates in that module
     cosine: float | None = None
+    # `validation_loss_worse` (the validation screen) only: how much leaving the upload out
+    # lowers the validation loss, `L(all) − L(all but it)`, and the round's threshold
+    effect: float | None = None
+    threshold: float | None = None
 
 
 @dataclass(frozen=True)

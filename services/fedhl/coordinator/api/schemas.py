@@ -92,7 +92,8 @@ class RoundPublic(_Public):
     committed_at: datetime | None
     defence: dict[str, int] = Field(
         default_factory=dict,
-        description="uploads the defences bounded in this round: `dropped` and `clipped` (per upload and module), "
+        description="uploads the defences bounded in this round: `dropped` and `clipped` (per upload and module; "
+        "the validation screen's leave-outs are in `dropped` once per upload, module `*`), "
         "`sizes_bounded` (reported sizes counted as size_k × the median), and `agents` named by any; "
         "details in `report.dropped` / `report.clipped` / `report.sizes_bounded`",
     )

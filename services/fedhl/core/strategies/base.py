@@ -341,6 +341,7 @@ class Strategy(ABC):
         *,
         inplace: bool = False,
         stream: ModuleStream | None = None,
+        left_out: Sequence[DropRecord] = (),
     ) -> tuple[GlobalState, AggregationReport]:
         """New global state and the round's report.
 
@@ -358,6 +359,11 @@ class Strategy(ABC):
         (memory-saving for workers that reload state from the blob store), where it must be
         discarded after an error. With `stream`, modules are loaded and handed out one at a
         time (`ModuleStream`); the merge is the same.
+
+        `left_out`: uploads a screen outside the merge judged whole (the validation screen,
+        aggregation/validate.py), one record per client: left out of every module and every
+        non-LoRA parameter as any leave-out is (weights over who is left; reported sizes still
+        bounded over every upload), and reported first in `dropped`.
         """
         if plan.round != state.round:
             raise AggregationError(f"plan is for round {plan.round}, state is at round {state.round}")
@@ -370,6 +376,12 @@ class Strategy(ABC):
             if u.client_id not in plan.ranks:
                 raise UploadError(u.client_id, f"no assignment in round {plan.round}")
             self._check_extras(state, u)
+        excluded = {d.client for d in left_out}
+        unknown = excluded - set(clients)
+        if unknown:
+            raise AggregationError(f"left_out names clients without an upload: {sorted(unknown)}")
+        if len(excluded) >= len(clients):
+            raise AggregationError("left_out leaves no upload to merge")
         counted, size_bound = bounded_sizes([u.n_examples for u in updates], self.size_k)
         sizes_bounded = [
             SizeRecord(u.client_id, u.n_examples, c, size_bound)
@@ -384,13 +396,13 @@ class Strategy(ABC):
         change_sq = 0.0
         module_weights: dict[ModuleName, dict[ClientId, float]] = {}
         module_effective: dict[ModuleName, dict[ClientId, float]] = {}
-        dropped: list[DropRecord] = []
+        dropped: list[DropRecord] = list(left_out)
         clipped: list[ClipRecord] = []
         cosines: dict[str, dict[ClientId, float]] = {}
         for m in state.modules:
             if stream is not None:
                 stream.load(state, m)
-            sc = self._screen_module(state, plan, m, updates, dropped, clipped, cosines)
+            sc = self._screen_module(state, plan, m, updates, dropped, clipped, cosines, excluded)
             if not sc.index:
                 raise AggregationError(f"module {m!r}: no upload left to merge ({_reasons(dropped, m)})")
             if len(sc.index) == len(updates):
@@ -423,7 +435,9 @@ class Strategy(ABC):
             if stream is not None:
                 stream.emit(new, m)
                 plan.forget(m)  # its start factors (and residuals) served this module only
-        new.extras = {k: self._merge_extra(state, k, updates, n, dropped, clipped, cosines) for k in state.extras}
+        new.extras = {
+            k: self._merge_extra(state, k, updates, n, dropped, clipped, cosines, excluded) for k in state.extras
+        }
         new.round = state.round + 1
 
         n_mod = max(len(module_weights), 1)
@@ -461,6 +475,7 @@ class Strategy(ABC):
         dropped: list[DropRecord],
         clipped: list[ClipRecord],
         cosines: dict[str, dict[ClientId, float]],
+        excluded: set[ClientId],
     ) -> _Screened:
         """Read one module's uploads, leave out the unsound ones, apply the update-size bound.
 
@@ -471,6 +486,8 @@ class Strategy(ABC):
         device, dtype = self._placement(ref)
         raw: dict[int, LoRAFactors] = {}
         for i, u in enumerate(updates):
+            if u.client_id in excluded:
+                continue  # left out whole (`left_out`): neither read nor screened here
             f = self._load(u, module, plan.rank(u.client_id, module), state)
             if _finite(f.B) and _finite(f.A):
                 raw[i] = f
@@ -607,6 +624,7 @@ class Strategy(ABC):
         dropped: list[DropRecord],
         clipped: list[ClipRecord],
         cosines: dict[str, dict[ClientId, float]],
+        excluded: set[ClientId],
     ) -> Tensor:
         """One non-LoRA parameter: capped data-size average of the sound uploads, each change
         `x_i − g` under the same update-size bound as the LoRA modules."""
@@ -614,6 +632,8 @@ class Strategy(ABC):
         g = state.extras[key].to(torch.float64)
         idx: list[int] = []
         for i, u in enumerate(updates):
+            if u.client_id in excluded:
+                continue
             if _finite(u.extras[key]):
                 idx.append(i)
             else:

@@ -1,0 +1,180 @@
+"""The validation screen (`defence.validation`): judge each upload by what it does to the model
+on a small labelled split the server holds, and leave out the ones that clearly make it worse.
+
+Leave-one-out influence, as in Zeno (Xie, Koyejo, Gupta 2019, "Zeno: Distributed Stochastic
+Gradient Descent with Suspicion-based Fault-tolerance": score each worker's update by the
+loss decrease it brings on a validation batch held by the server) but measured on the merge
+itself rather than on a gradient step: with `M(S)` the round's merge of the uploads in S (the
+job's strategy code, the weights recomputed over who is in S exactly as any leave-out
+recomputes them; reported sizes still bounded over the whole round) and `L` the mean loss of
+`W0 + M(S)` on the validation split,
+
+    e_i = L(M(all)) − L(M(all but i))        (> 0: leaving upload i out lowers the loss)
+
+and upload i is left out of the round when `e_i > max(margin, k · median_j |e_j|)`
+(core/defence.py `validation_outliers`: never with fewer than 3 uploads, at most ⌊(N−1)/2⌋,
+largest effect first, strictly above the threshold). The median term keeps honest non-IID
+spread in: an honest upload that pulls the model toward its own label skew usually moves the
+loss by about as much as the others do, a sign-flipped one by several times that (measured on MiniLM,
+bench/README.md: caught from round 3-4 at seed 0). What cannot be seen: an upload whose harm
+is within the honest spread of its round — on MiniLM seed 1 the flipped agent pulled the model
+the way an honest agent with the same label skew did and was never left out, while honest
+uploads that raised the loss in a round were — harm on inputs the split does not cover, and a
+colluding half of the round (it sets the median and the minority bound). One round's effects
+cannot tell a hostile upload from an honest one that hurt this round; an honest leave-out is
+a strike like any other.
+
+Cost: N + 1 merges and N + 1 forward passes (no_grad) over at most `max_examples` examples per
+round, on the aggregating worker's device; the seconds are in the round report
+(`validation.seconds`). The base model and the split are read once per process
+(aggregation/evaluate.py's cache).
+
+Where it runs: `fedhl simulate` and the aggregation worker call `validation_screen` with the
+round's start state, plan and uploads, then merge with `left_out` (Strategy.aggregate): one
+decision per round, before the merge that is committed. It needs the whole model, so a job
+with a screen is aggregated in one task per round (the scheduler gives it one shard whatever
+`aggregation_shards` says; a sharded round of such a job fails with the reason).
+
+Never on the test split the reported accuracy uses: the screen would then choose the uploads
+that score best on the figure it reports (JobSpec refuses `defence.validation.path ==
+evaluation.path`). A split that cannot be read fails the round with the reason (a defence the
+job asked for is not silently skipped); a round of fewer than 3 uploads is not screened.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..core import AggregationError, ClientUpdate, DropRecord, GlobalState, RoundPlan, Strategy
+from ..core.defence import VALIDATION_MIN_CLIENTS, VALIDATION_REASON, validation_outliers, validation_threshold
+from ..data import DataError, Example
+from ..evaluation import evaluate
+from ..export import effective_updates
+from ..jobspec import JobSpec
+from .evaluate import cached_base, cached_examples
+
+log = logging.getLogger(__name__)
+
+LOSS_CAP = 1e30  # a loss that is not finite (a model the merge blew up) counts as this
+SCOPES = ("upload", "adapters")
+
+
+@dataclass(frozen=True)
+class Screen:
+    """One round's decision: the uploads to leave out (records for `Strategy.aggregate`'s
+    `left_out`) and what was measured (the round report's `validation`)."""
+
+    left_out: list[DropRecord] = field(default_factory=list)
+    summary: dict[str, Any] | None = None
+
+
+def validation_examples(spec: JobSpec) -> list[Example]:
+    """The first `max_examples` examples of the job's validation split; AggregationError naming
+    the path when it cannot be read."""
+    cfg = spec.defence.validation
+    if cfg is None:
+        return []
+    try:
+        return cached_examples(cfg.path, spec)[: cfg.max_examples]
+    except DataError as e:
+        raise AggregationError(f"validation screen: defence.validation.path cannot be used: {e}") from None
+
+
+@torch.no_grad()
+def validation_screen(
+    strategy: Strategy,
+    state: GlobalState,
+    plan: RoundPlan,
+    updates: Sequence[ClientUpdate],
+    spec: JobSpec,
+    *,
+    base: tuple[Any, Any] | None = None,
+    device: torch.device | str = "cpu",
+) -> Screen:
+    """The round's validation screen (module docstring). `state` holds the whole start state
+    (every module), `updates` every upload; neither is changed. `base`: (model, tokenizer)
+    holding W0 (`fedhl simulate` passes its own; else the process's cached copy). Raises
+    AggregationError when the split cannot be read; a merge that fails here is reported and
+    left to the real merge (which fails the round with its own reason)."""
+    cfg = spec.defence.validation
+    if cfg is None:
+        return Screen()
+    t0 = time.perf_counter()
+    examples = validation_examples(spec)
+    clients = [u.client_id for u in updates]
+    summary: dict[str, Any] = {"examples": len(examples), "act": cfg.act, "margin": cfg.margin, "k": cfg.k}
+    if len(updates) < VALIDATION_MIN_CLIENTS:
+        summary.update(skipped=f"{len(updates)} upload(s): the screen needs {VALIDATION_MIN_CLIENTS}")
+        summary["seconds"] = time.perf_counter() - t0
+        return Screen([], summary)
+    model_tok = base if base is not None else cached_base(spec)
+    scopes = [cfg.scope] if cfg.act else list(SCOPES)  # measuring only: both scopes, for the record
+
+    def loss(merged: GlobalState, extras: GlobalState) -> float:
+        out = evaluate(
+            model_tok,
+            spec.task_type,
+            spec.num_labels,
+            effective_updates(strategy, merged),
+            extras.extras,
+            examples,
+            max_seq_len=spec.train.max_seq_len,
+            device=device,
+        )
+        value = float(out["loss"])
+        return value if math.isfinite(value) else LOSS_CAP
+
+    by_scope: dict[str, dict[str, float]] = {sc: {} for sc in scopes}
+    try:
+        every, _ = strategy.aggregate(state, plan, updates)
+        l_all = loss(every, every)
+        for c in clients:
+            try:
+                without, _ = strategy.aggregate(state, plan, updates, left_out=[DropRecord(c, "*", VALIDATION_REASON)])
+            except AggregationError as e:  # e.g. the others were all left out of some module
+                log.info("validation screen: merge without %s failed: %s", c, e)
+                for sc in scopes:
+                    by_scope[sc][c] = math.nan
+                continue
+            for sc in scopes:  # "adapters": the non-LoRA parameters stay as merged from every upload
+                by_scope[sc][c] = l_all - loss(without, without if sc == "upload" else every)
+            del without
+    except AggregationError as e:
+        summary.update(error=f"merge failed: {e}", seconds=time.perf_counter() - t0)
+        return Screen([], summary)
+    finally:
+        for m in state.modules:  # the screen's merges leave FedHL's downlink change behind: drop it
+            strategy.round_change(plan, m)
+    effects = by_scope[cfg.scope]
+    values = [effects[c] for c in clients]
+    t = validation_threshold(values, cfg.margin, cfg.k)
+    out = validation_outliers(values, cfg.margin, cfg.k) if cfg.act else []
+    records = [
+        DropRecord(
+            clients[i],
+            "*",
+            VALIDATION_REASON,
+            f"leaving it out lowers the validation loss by {values[i]:.4g} > {t:.4g} "
+            f"(max({cfg.margin:g}, {cfg.k:g} × the round's median |effect|); {len(examples)} examples)",
+            effect=values[i],
+            threshold=t,
+        )
+        for i in out
+    ]
+    summary.update(
+        loss_all=l_all,
+        effects=effects,
+        scope=cfg.scope,
+        **({"effects_by_scope": by_scope} if len(scopes) > 1 else {}),
+        threshold=t if math.isfinite(t) else None,
+        left_out=[r.client for r in records],
+        seconds=time.perf_counter() - t0,
+    )
+    return Screen(records, summary)
