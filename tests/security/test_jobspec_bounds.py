@@ -60,6 +60,10 @@ class Leaf:
 def leaves(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[Leaf]:
     for name, field in model.model_fields.items():
         ann = field.annotation
+        # an optional block (`X | None`, e.g. defence.validation) is walked like a required one
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            ann = args[0]
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             yield from leaves(ann, (*prefix, name))
         else:
