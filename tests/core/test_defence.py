@@ -46,6 +46,16 @@ ALL = ["fedhl", "flexlora", "flora", "hetlora", "zeropad", "fedit"]
 DENSE = ["fedhl", "flexlora", "flora"]
 
 
+# the smallest job spec: the defence block's defaults and their switches
+JOB = {
+    "name": "j",
+    "base_model": "m",
+    "target_modules": ["q"],
+    "module_shapes": {"q": [8, 6]},
+    "rank_set": [2],
+    "rounds": 1,
+}
+
 def setup(name: str, ranks: dict[str, int], dtype: torch.dtype = F64, **opts):
     """Strategy, a non-trivial state at round 3 with a 'head' extra, and its plan."""
     strategy = build_strategy(name, alpha=ALPHA, **opts)
@@ -285,14 +295,7 @@ def test_sizes_within_size_k_times_the_median_change_nothing(name: str, k: float
 
 
 def test_size_bound_is_on_in_every_job_and_set_only_in_its_defence_block() -> None:
-    spec = {
-        "name": "j",
-        "base_model": "m",
-        "target_modules": ["q"],
-        "module_shapes": {"q": [8, 6]},
-        "rank_set": [2],
-        "rounds": 1,
-    }
+    spec = JOB
     for strategy in ALL:
         job = JobSpec.model_validate({**spec, "strategy": strategy})
         assert job.defence.size_k == SIZE_K == 1.0 and job.build_strategy().size_k == SIZE_K
@@ -793,14 +796,7 @@ def test_direction_strikes_only_in_most_modules() -> None:
 
 
 def test_direction_screen_is_on_in_every_job_and_set_only_in_its_defence_block() -> None:
-    spec = {
-        "name": "j",
-        "base_model": "m",
-        "target_modules": ["q"],
-        "module_shapes": {"q": [8, 6]},
-        "rank_set": [2],
-        "rounds": 1,
-    }
+    spec = JOB
     for strategy in ALL:
         job = JobSpec.model_validate({**spec, "strategy": strategy})
         assert job.defence.min_cosine == MIN_COSINE and job.build_strategy().min_cosine == MIN_COSINE
