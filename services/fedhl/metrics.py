@@ -109,6 +109,13 @@ AGENT_WAKEUPS = Counter(
     "PullTask waits woken by a round event (each wake-up costs one database read).",
     registry=REGISTRY,
 )
+DB_BATCH_ITEMS = Histogram(
+    "fedhl_db_batch_items",
+    "Items per group-committed transaction of the agent plane (auth, claim, accept; coordinator/batcher.py).",
+    ["batcher"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+    registry=REGISTRY,
+)
 UPLOAD_STAGE_SECONDS = Histogram(
     "fedhl_upload_stage_seconds",
     "Time of one upload call per stage: check (header and task), stage (write the received bytes), "

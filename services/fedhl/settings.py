@@ -119,6 +119,9 @@ class Settings:
     grpc_max_calls_per_agent: int = 4  # one agent's calls at once, waits and transfers included
     grpc_retry_after_s: int = 2  # `retry-after` sent with RESOURCE_EXHAUSTED when a cap is full
     grpc_max_db_backlog: int = 256  # agent calls queued for a database thread before new ones are refused
+    # group commit (coordinator/batcher.py): claims and accepts of many agents share a transaction
+    db_batch_workers: int = 2  # threads per batcher (claims; accepts)
+    db_batch_max: int = 256  # items per transaction at most
     grpc_queue_s: float = 5.0  # a call or transfer finding its cap full waits this long for a slot (0: refuse at once)
     grpc_call_timeout_s: float = 30.0  # server-side deadline of a unary call (waits: pull_wait_max_s)
     grpc_stream_idle_s: float = 60.0  # a transfer stream silent this long ends with DEADLINE_EXCEEDED
@@ -235,6 +238,8 @@ class Settings:
             "grpc_max_calls_per_agent",
             "grpc_retry_after_s",
             "grpc_max_db_backlog",
+            "db_batch_workers",
+            "db_batch_max",
             "grpc_call_timeout_s",
             "grpc_stream_idle_s",
             "grpc_keepalive_s",

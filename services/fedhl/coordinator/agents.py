@@ -3,15 +3,16 @@ methods, and maps `ServiceError.code` to a status. Protobuf types never reach th
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import math
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from prometheus_client import Counter
 from sqlalchemy.exc import IntegrityError
@@ -28,6 +29,7 @@ from ..storage.db import transaction
 from ..storage.models import AssignmentState, JobStatus, RoundState, utcnow
 from ..storage.repos import AgentRepo, AuditRepo, AuthError, JobRepo, RevokedError, RoundRepo, TaskRow
 from .authcache import AuthCache, TtlLru
+from .batcher import Batcher, Full
 from .errors import Code, ServiceError
 
 MAX_HELD = 16  # held global-update versions an agent may report per pull
@@ -85,6 +87,16 @@ class UploadHeader:
     offset: int
     n_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Accept:
+    """A verified upload, staged under `key`, waiting to be accepted (`accept_many`)."""
+
+    agent_id: str
+    header: UploadHeader
+    key: str
+    size: int
 
 
 @dataclass(frozen=True)
@@ -157,6 +169,21 @@ class AgentService:
         self.auth_cache = AuthCache(settings.auth_cache_size, settings.auth_cache_ttl_s)
         self._resources: TtlLru[tuple[tuple[str, Any], ...]] = TtlLru(settings.auth_cache_size, RESOURCES_CACHE_TTL_S)
         deps.on_revoked.append(self.forget)
+        # group commit of the hot writes (`batcher`): a round's claims and accepts share transactions
+        self._claims: Batcher[tuple[str, dict[str, int]], TrainTask | None] = Batcher(
+            "claim", self.claim_many, workers=settings.db_batch_workers, max_batch=settings.db_batch_max
+        )
+        self._auths: Batcher[str, str] = Batcher(
+            "auth", self.authenticate_many, workers=settings.db_batch_workers, max_batch=settings.db_batch_max
+        )
+        self._accepts: Batcher[Accept, UploadResult] = Batcher(
+            "accept", self.accept_many, workers=settings.db_batch_workers, max_batch=settings.db_batch_max
+        )
+
+    def close(self) -> None:
+        """Finish the queued claims and accepts and stop their threads."""
+        for b in (self._auths, self._claims, self._accepts):
+            b.close()
 
     # ---------------------------------------------------------------- identity
     def register(self, token: str, name: str, resources: dict[str, Any], peer: str = "") -> tuple[str, str]:
@@ -176,6 +203,7 @@ class AgentService:
             f"register:token:{token_key}", per_token, REGISTER_WINDOW_S
         ):
             raise ServiceError(Code.RESOURCE_EXHAUSTED, "too many registrations from this peer or token; retry later")
+        epoch = self.auth_cache.epoch()
         try:
             with transaction(self.deps.sessions) as s:
                 agent, credential = AgentRepo(s).redeem(token, name, res)
@@ -183,6 +211,10 @@ class AgentService:
         except AuthError as e:
             raise ServiceError(Code.PERMISSION_DENIED, str(e)) from None
         self.deps.coordination.liveness.beat(agent.id, self.settings.heartbeat_ttl_s)
+        # what this replica now knows: the agent's first calls here need no query (a fleet's
+        # enrolment would otherwise read every new agent's row twice)
+        self.auth_cache.put(credential, agent.id, epoch)
+        self._resources.put(agent.id, tuple(sorted(res.items())))
         return agent.id, credential
 
     def cached_agent(self, credential: str | None) -> str | None:
@@ -197,16 +229,35 @@ class AgentService:
         if cached is not None:
             return cached
         assert credential  # cached_agent refused an empty one
-        epoch = self.auth_cache.epoch()
+        res = self.authenticate_many([credential])[0]
+        if isinstance(res, Exception):
+            raise res
+        return res
+
+    def authenticate_async(self, credential: str) -> concurrent.futures.Future[str]:
+        """`authenticate` through the auth batcher (a fleet reconnecting after a restart checks
+        its credentials a batch per query)."""
         try:
-            with transaction(self.deps.sessions, read_only=True) as s:
-                agent_id = AgentRepo(s).authenticate(credential).id
-        except RevokedError as e:
-            raise ServiceError(Code.PERMISSION_DENIED, str(e)) from None
-        except AuthError as e:
-            raise ServiceError(Code.UNAUTHENTICATED, str(e)) from None
-        self.auth_cache.put(credential, agent_id, epoch)  # only good credentials are cached
-        return agent_id
+            return self._auths.submit(credential)
+        except Full as e:
+            raise ServiceError(Code.RESOURCE_EXHAUSTED, f"the server is busy ({e}); retry later") from None
+
+    def authenticate_many(self, credentials: Sequence[str]) -> list[str | Exception]:
+        """Each credential's agent id (cached), or UNAUTHENTICATED / PERMISSION_DENIED (revoked):
+        one query for the batch."""
+        epoch = self.auth_cache.epoch()  # before the read: a revocation during it is not undone
+        with transaction(self.deps.sessions, read_only=True) as s:
+            checked = AgentRepo(s).authenticate_many(credentials)
+        out: list[str | Exception] = []
+        for credential, res in zip(credentials, checked, strict=True):
+            if isinstance(res, RevokedError):
+                out.append(ServiceError(Code.PERMISSION_DENIED, str(res)))
+            elif isinstance(res, AuthError):
+                out.append(ServiceError(Code.UNAUTHENTICATED, str(res)))
+            else:
+                self.auth_cache.put(credential, res, epoch)  # only good credentials are cached
+                out.append(res)
+        return out
 
     def forget(self, agent_ids: Sequence[str]) -> None:
         """Revoked: these agents' next calls are checked against the database (and refused)."""
@@ -319,52 +370,89 @@ class AgentService:
         self.seen(agent_id)
         return self.try_claim(agent_id, held) if read else None
 
-    def try_claim(self, agent_id: str, held: dict[str, int] | None = None, named: bool = False) -> TrainTask | None:
-        """The agent's pending task, claimed; None without a write (or the write lock) when it
-        has none, which is the common case for an idle agent. `named`: a round event or the
-        sweep named this agent, so it most likely has one: claim without the read first."""
-        if named:
-            return self._claim(agent_id, held or {})
-        with transaction(self.deps.sessions, read_only=True) as s:
-            pending = RoundRepo(s).pending_id_for_agent(agent_id)
-        return None if pending is None else self._claim(agent_id, held or {})
+    def try_claim(self, agent_id: str, held: dict[str, int] | None = None) -> TrainTask | None:
+        """The agent's pending task, claimed (blocking callers; the gRPC plane goes through
+        `claim`, which batches); None when it has none."""
+        res = self.claim_many([(agent_id, held or {})])[0]
+        if isinstance(res, Exception):
+            raise res
+        return res
 
-    def _claim(self, agent_id: str, held: dict[str, int]) -> TrainTask | None:
-        """The agent's pending task; the first claim moves it ISSUED → RUNNING."""
+    def claim(self, agent_id: str, held: dict[str, int]) -> concurrent.futures.Future[TrainTask | None]:
+        """`try_claim` through the claim batcher: the claims of a round's wake-up share a few
+        transactions (`batcher`). Raises ServiceError RESOURCE_EXHAUSTED when its queue is full."""
+        try:
+            return self._claims.submit((agent_id, held))
+        except Full as e:
+            raise ServiceError(Code.RESOURCE_EXHAUSTED, f"the server is busy ({e}); retry later") from None
+
+    def claim_many(self, items: Sequence[tuple[str, dict[str, int]]]) -> list[TrainTask | Exception | None]:
+        """Each (agent, held)'s pending task, claimed: the first claim moves it ISSUED →
+        RUNNING; None for an agent without one. One read-only query for the whole batch (an
+        idle agent costs no write, nor SQLite's write lock), then one write transaction for the
+        agents that have a task: one query, one UPDATE. A task that cannot be built (its start
+        package missing) is that item's ServiceError and is not moved."""
+        agents = [a for a, _ in items]
+        with transaction(self.deps.sessions, read_only=True) as s:
+            found = RoundRepo(s).pending_rows(agents)
+        if not found:
+            return [None] * len(items)
+        out: list[TrainTask | Exception | None] = []
         with transaction(self.deps.sessions) as s:
             rounds = RoundRepo(s)
-            a = rounds.pending_row(agent_id)
-            if a is None:
-                return None
-            rounds.move_assignment(a.id, [AssignmentState.ISSUED], AssignmentState.RUNNING)
-            spec = JobRepo(s).spec_of(a.job_id)
-            key = a.start_keys.get(str(a.rank))
-            if key is None:
-                raise ServiceError(Code.FAILED_PRECONDITION, f"no start package for rank {a.rank}")
-            blobs = [BlobInfo(key, self.deps.blobs.size(key), "start")]
-            if spec.factored_downlink:
-                blobs += self._global_blobs(rounds, a.job_id, a.number, a.input_state_key, held.get(a.job_id))
-            return TrainTask(
-                task_id=a.id,
-                job_id=a.job_id,
-                round=a.number,
-                rank=a.rank,
-                ranks=dict.fromkeys(spec.module_shapes, a.rank),
-                strategy=spec.strategy,
-                lora_alpha=spec.lora_alpha,
-                scale_rule=spec.scale_rule,
-                blobs=blobs,
-                base_model=spec.base_model,
-                base_model_sha256=spec.base_model_sha256 or "",
-                task_type=spec.task_type,
-                train_config={
-                    **spec.train.model_dump(),
-                    "extra_shapes": spec.extra_shapes,
-                    "num_labels": spec.num_labels,
-                    "seed": spec.seed,
-                },
-                deadline=a.deadline,
-            )
+            rows = rounds.pending_rows(list(found))
+            sizes: dict[str, int | None] = {}  # blob key → size, per batch (a round's agents share its blobs)
+            claimed: list[str] = []
+            for agent_id, held in items:
+                a = rows.get(agent_id)
+                if a is None:
+                    out.append(None)
+                    continue
+                try:
+                    out.append(self._task(s, rounds, a, held, sizes))
+                    claimed.append(a.id)
+                except ServiceError as e:
+                    out.append(e)
+            rounds.move_assignments(claimed, [AssignmentState.ISSUED], AssignmentState.RUNNING)
+        return out
+
+    def _task(
+        self, s: Session, rounds: RoundRepo, a: TaskRow, held: dict[str, int], sizes: dict[str, int | None]
+    ) -> TrainTask:
+        def size(key: str) -> int | None:
+            if key not in sizes:
+                sizes[key] = self._size(key)
+            return sizes[key]
+
+        spec = JobRepo(s).spec_of(a.job_id)
+        key = a.start_keys.get(str(a.rank))
+        start = None if key is None else size(key)
+        if key is None or start is None:
+            raise ServiceError(Code.FAILED_PRECONDITION, f"no start package for rank {a.rank}")
+        blobs = [BlobInfo(key, start, "start")]
+        if spec.factored_downlink:
+            blobs += self._global_blobs(rounds, a.job_id, a.number, a.input_state_key, held.get(a.job_id), size)
+        return TrainTask(
+            task_id=a.id,
+            job_id=a.job_id,
+            round=a.number,
+            rank=a.rank,
+            ranks=dict.fromkeys(spec.module_shapes, a.rank),
+            strategy=spec.strategy,
+            lora_alpha=spec.lora_alpha,
+            scale_rule=spec.scale_rule,
+            blobs=blobs,
+            base_model=spec.base_model,
+            base_model_sha256=spec.base_model_sha256 or "",
+            task_type=spec.task_type,
+            train_config={
+                **spec.train.model_dump(),
+                "extra_shapes": spec.extra_shapes,
+                "num_labels": spec.num_labels,
+                "seed": spec.seed,
+            },
+            deadline=a.deadline,
+        )
 
     def _size(self, key: str) -> int | None:
         try:
@@ -373,7 +461,13 @@ class AgentService:
             return None
 
     def _global_blobs(
-        self, rounds: RoundRepo, job_id: str, version: int, state_key: str | None, held: int | None
+        self,
+        rounds: RoundRepo,
+        job_id: str,
+        version: int,
+        state_key: str | None,
+        held: int | None,
+        size: Callable[[str], int | None],
     ) -> list[BlobInfo]:
         """Factored downlink: the changes from the version the agent holds (a new agent: from
         version 0, W_0 = 0) when they are all retained and together smaller than the dense
@@ -381,11 +475,11 @@ class AgentService:
         disagree. Nothing at version 0 (every agent makes W_0 itself)."""
         if version == 0 or state_key is None:
             return []
-        dense = self._size(state_key)
+        dense = size(state_key)
         if dense is None:
             raise ServiceError(Code.FAILED_PRECONDITION, f"the global state of version {version} is missing")
         keys = rounds.change_keys(job_id, (held or 0) + 1, version)
-        sizes = {n: self._size(k) for n, k in keys.items()}
+        sizes = {n: size(k) for n, k in keys.items()}
         chain = choose_chain(held, version, sizes, dense) or []
         out = [BlobInfo(keys[n], sizes[n] or 0, "change") for n in chain]
         return [*out, BlobInfo(state_key, dense, "state")]
@@ -558,39 +652,91 @@ class AgentService:
 
     def _accept(self, agent_id: str, h: UploadHeader, key: str, size: int) -> UploadResult:
         try:
+            return self._accepts.run(Accept(agent_id, h, key, size))
+        except Full as e:
+            raise ServiceError(Code.RESOURCE_EXHAUSTED, f"the server is busy ({e}); retry later") from None
+
+    def accept_many(self, items: Sequence[Accept]) -> list[UploadResult | Exception]:
+        """Accept verified uploads, exactly once each, in one transaction for the batch: one
+        read of their tasks, one conditional UPDATE (ISSUED/RUNNING → UPLOADED, RETURNING the
+        ids it moved: a task already uploaded, or named twice in the batch, is ALREADY_EXISTS),
+        one INSERT of the update rows and one of the audit rows; then one scheduler event per
+        round. An item that fails its checks is that item's ServiceError; a constraint violation
+        fails the batch, and the batcher runs its items one by one."""
+        out: list[UploadResult | Exception | None] = [None] * len(items)
+        try:
             with transaction(self.deps.sessions) as s:
                 rounds = RoundRepo(s)
-                a = owned_assignment(s, agent_id, h.task_id)
-                if not a.round_open or utcnow() > a.deadline:
-                    raise ServiceError(
-                        Code.FAILED_PRECONDITION, "the round closed while uploading; late upload rejected"
-                    )
-                if not rounds.move_assignment(
-                    h.task_id, [AssignmentState.ISSUED, AssignmentState.RUNNING], AssignmentState.UPLOADED
-                ):
-                    raise ServiceError(Code.ALREADY_EXISTS, f"task {h.task_id} already has an accepted upload")
-                update_id = rounds.insert_update(
-                    assignment_id=a.id,
-                    round_id=a.round_id,
-                    agent_id=agent_id,
-                    blob_key=key,
-                    sha256=h.sha256,
-                    size=size,
-                    n_examples=h.n_examples,
-                    metrics=dict(h.metrics),
+                rows = rounds.task_rows([it.header.task_id for it in items])
+                now = utcnow()
+                ok: list[int] = []
+                for i, it in enumerate(items):
+                    a = rows.get(it.header.task_id)
+                    if a is None:
+                        out[i] = ServiceError(Code.NOT_FOUND, f"task {it.header.task_id} not found")
+                    elif a.agent_id != it.agent_id:
+                        out[i] = ServiceError(Code.PERMISSION_DENIED, f"task {it.header.task_id} is not this agent's")
+                    elif not a.round_open or now > a.deadline:
+                        out[i] = ServiceError(
+                            Code.FAILED_PRECONDITION, "the round closed while uploading; late upload rejected"
+                        )
+                    else:
+                        ok.append(i)
+                moved = rounds.move_assignments(
+                    [items[i].header.task_id for i in ok],
+                    [AssignmentState.ISSUED, AssignmentState.RUNNING],
+                    AssignmentState.UPLOADED,
                 )
-                if a.round_state is RoundState.OPEN:  # the first upload only: no round-row write after that
-                    rounds.transition(a.round_id, [RoundState.OPEN], RoundState.COLLECTING)
-                AuditRepo(s).record(
-                    f"agent:{agent_id}", "upload_accepted", a.job_id, round=a.number, task_id=a.id, bytes=size
+                accepted: list[int] = []
+                for i in ok:
+                    task_id = items[i].header.task_id
+                    if task_id in moved:
+                        moved.discard(task_id)  # a task named twice: the first item has it
+                        accepted.append(i)
+                    else:
+                        out[i] = ServiceError(Code.ALREADY_EXISTS, f"task {task_id} already has an accepted upload")
+                accepted_rows = [rows[items[i].header.task_id] for i in accepted]
+                update_ids = rounds.insert_updates(
+                    [
+                        {
+                            "assignment_id": a.id,
+                            "round_id": a.round_id,
+                            "agent_id": a.agent_id,
+                            "blob_key": items[i].key,
+                            "sha256": items[i].header.sha256,
+                            "size": items[i].size,
+                            "n_examples": items[i].header.n_examples,
+                            "metrics": dict(items[i].header.metrics),
+                        }
+                        for i, a in zip(accepted, accepted_rows, strict=True)
+                    ]
                 )
-                job_id, round_id = a.job_id, a.round_id
+                # the first upload of a round moves it OPEN → COLLECTING; no round-row write after that
+                for round_id in sorted({a.round_id for a in accepted_rows if a.round_state is RoundState.OPEN}):
+                    rounds.transition(round_id, [RoundState.OPEN], RoundState.COLLECTING)
+                AuditRepo(s).record_many(
+                    [
+                        (
+                            f"agent:{a.agent_id}",
+                            "upload_accepted",
+                            a.job_id,
+                            {"round": a.number, "task_id": a.id, "bytes": items[i].size},
+                        )
+                        for i, a in zip(accepted, accepted_rows, strict=True)
+                    ]
+                )
+                for i, update_id in zip(accepted, update_ids, strict=True):
+                    out[i] = UploadResult(update_id, items[i].size, True)
         except IntegrityError:
-            raise ServiceError(Code.ALREADY_EXISTS, f"task {h.task_id} already has an accepted upload") from None
-        self.deps.coordination.events.publish(
-            SCHEDULER_EVENTS, {"type": "upload", "job_id": job_id, "round_id": round_id}
-        )
-        return UploadResult(update_id, size, True)
+            if len(items) > 1:
+                raise  # the batcher runs each item alone
+            return [ServiceError(Code.ALREADY_EXISTS, f"task {items[0].header.task_id} already has an accepted upload")]
+        for job_id, round_id in sorted({(a.job_id, a.round_id) for a in accepted_rows}):
+            self.deps.coordination.events.publish(
+                SCHEDULER_EVENTS, {"type": "upload", "job_id": job_id, "round_id": round_id}
+            )
+        assert all(r is not None for r in out)
+        return cast(list[UploadResult | Exception], out)
 
     # ---------------------------------------------------------------- metrics
     def report_metrics(self, agent_id: str, task_id: str, values: dict[str, float], step: int) -> None:

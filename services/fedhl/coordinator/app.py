@@ -110,5 +110,6 @@ class Coordinator:
             self.plane.stop(grace_s)
         for t in self.threads:
             t.join(timeout=grace_s)
+        self.agents.close()  # the queued claims and accepts finish before the stores close
         self.deps.coordination.close()
         self.deps.sessions.kw["bind"].dispose()

@@ -159,7 +159,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             # a credential checked within the auth cache's TTL costs no thread and no query
             agent = self.svc.cached_agent(credential)
             if agent is None:
-                agent = await self._in(self.db, self.svc.authenticate, credential)
+                agent = await asyncio.wrap_future(self.svc.authenticate_async(credential))
             with self.limits.agent_slot(agent):
                 yield agent
 
@@ -268,13 +268,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             # no read when this agent's last one found nothing and no round event or sweep has
             # named it since: then the wait starts on this loop, with no thread and no query
             mark = self.waiters.read_mark()
+            self.beats.beat(agent, ttl)  # an open wait is liveness
+            self.svc.seen(agent)
             if self.waiters.needs_read(agent, loop.time()):
-                task = await self._in(self.db, self.svc.begin_wait, agent, ttl, held, True)
+                task = await self._claim(agent, held)
                 if task is None:
                     self.waiters.note_empty(agent, mark)
-            else:
-                self.beats.beat(agent, ttl)
-                self.svc.seen(agent)
             while task is None and not waiter.superseded:
                 left = deadline - loop.time()
                 if left <= 0:
@@ -288,15 +287,24 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
                         continue  # the wait is over (no event, and the sweep named no one)
                 if waiter.superseded:
                     break
-                named, waiter.named = waiter.named, False
                 waiter.event.clear()
                 mark = self.waiters.read_mark()
-                task = await self._in(self.db, self.svc.try_claim, agent, held, named)
+                task = await self._claim(agent, held)
                 if task is None:
                     self.waiters.note_empty(agent, mark)
             return task
         finally:
             self.waiters.unregister(agent, waiter)
+
+    async def _claim(self, agent: str, held: dict[str, int]) -> TrainTask | None:
+        """The agent's task, claimed through the claim batcher (a round's wake-up shares a few
+        transactions); the wait holds no thread meanwhile."""
+        try:
+            return await asyncio.wrap_future(self.svc.claim(agent, held))
+        except ServiceError as e:
+            if e.code is Code.RESOURCE_EXHAUSTED and e.retry_after_s is None:
+                e.retry_after_s = self.pacing.spread_retry_after_s(self.fleet())
+            raise
 
     # ---------------------------------------------------------------- blobs
     async def DownloadBlob(self, request: Any, context: grpc.aio.ServicerContext) -> None:

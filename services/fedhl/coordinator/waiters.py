@@ -40,14 +40,13 @@ def task_events(job_id: str, agents: Sequence[str]) -> Iterator[dict[str, Any]]:
 
 
 class Waiter:
-    """One open PullTask: `event` is set when it should read the database again; `named` when
-    an event or the sweep named this agent (it most likely has a task: claim at once)."""
+    """One open PullTask: `event` is set when it should read the database again (its claim
+    goes through the claim batcher either way)."""
 
-    __slots__ = ("event", "named", "superseded")
+    __slots__ = ("event", "superseded")
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
-        self.named = False
         self.superseded = False
 
 
@@ -133,8 +132,6 @@ class Waiters:
                 self._named.clear()
                 self._all_seq = self._seq
             woken = [w for a in ids if (w := self._by_agent.get(a)) is not None]
-            for w in woken:
-                w.named = True
         for w in woken:
             w.event.set()
         WAKEUPS.inc(len(woken))

@@ -4,6 +4,7 @@ before services start; services refuse to run on a schema that is not at head.""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,11 +14,14 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 READ_ONLY = "fedhl_read_only"  # execution option: this unit of work only reads
+# A pooled connection idle longer than this is pinged before use (a restarted Postgres closed
+# it); one in steady use is not: a ping per checkout was a round trip per unit of work.
+PING_IDLE_S = 1.0
 
 
 def normalise_url(url: str) -> str:
@@ -63,7 +67,28 @@ def make_engine(url: str, *, connect_timeout_s: float = 5.0, statement_timeout_s
     if statement_timeout_s > 0:  # 0: none (migrations)
         timeout = f"-c statement_timeout={math.ceil(statement_timeout_s * 1000)}"
         connect_args["options"] = f"{timeout} {connect_args['options']}" if "options" in connect_args else timeout
-    return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **kw)
+    engine = create_engine(url, connect_args=connect_args, **kw)
+
+    @event.listens_for(engine, "checkin")
+    def _idle_from(_: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_conn: Any, record: Any, _: Any) -> None:
+        # pool_pre_ping's check, only for a connection that sat in the pool: raising
+        # DisconnectionError makes the pool drop it and hand out a fresh one. A connection the
+        # server closed while in steady use fails its statement once; that error invalidates
+        # the whole pool (SQLAlchemy's disconnect handling), so the next checkouts reconnect.
+        since = record.info.get("idle_since")
+        if since is not None and time.monotonic() - since > PING_IDLE_S:
+            try:
+                alive = engine.dialect.do_ping(dbapi_conn)
+            except Exception as e:  # any failure means the connection is gone
+                raise exc.DisconnectionError(f"pooled connection failed its ping: {e}") from e
+            if not alive:
+                raise exc.DisconnectionError("pooled connection failed its ping")
+
+    return engine
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -75,12 +100,17 @@ def transaction(factory: sessionmaker[Session], *, read_only: bool = False) -> I
     """One unit of work: commit on success, roll back on any error.
 
     `read_only=True` (the unit of work does not write): on SQLite a deferred BEGIN, so the many
-    authentication and lookup reads of agent RPCs do not queue behind the write lock. Postgres
-    needs nothing (readers never wait for writers there; `SET TRANSACTION READ ONLY` would
-    cost a round trip per unit of work: measured slower in bench/control_plane.py)."""
+    authentication and lookup reads of agent RPCs do not queue behind the write lock. On
+    Postgres the reads run in autocommit: at READ COMMITTED every statement takes its own
+    snapshot inside a transaction too, so BEGIN and COMMIT bought nothing but two round trips
+    per unit of work (`SET TRANSACTION READ ONLY` would cost one more: measured slower in
+    bench/control_plane.py)."""
     with factory() as session, session.begin():
         if read_only:
-            session.connection(execution_options={READ_ONLY: True})
+            options: dict[str, Any] = {READ_ONLY: True}
+            if session.get_bind().dialect.name == "postgresql":
+                options["isolation_level"] = "AUTOCOMMIT"
+            session.connection(execution_options=options)
         yield session
 
 

@@ -127,6 +127,25 @@ class AgentRepo:
             raise RevokedError(f"agent {agent.id} is revoked")
         return agent
 
+    def authenticate_many(self, credentials: Sequence[str]) -> list[str | AuthError]:
+        """`authenticate` for many credentials in one query → each one's agent id or error."""
+        parts = [c.partition(".") for c in credentials]
+        ids = {a for a, _, secret in parts if a and secret}
+        rows = {}
+        if ids:
+            q = select(Agent.id, Agent.credential_hash, Agent.status).where(Agent.id.in_(ids))
+            rows = {r.id: r for r in self.s.execute(q)}
+        out: list[str | AuthError] = []
+        for agent_id, _, secret in parts:
+            row = rows.get(agent_id) if secret else None
+            if row is None or not hmac.compare_digest(row.credential_hash, secret_hash(secret)):
+                out.append(AuthError("unknown agent or bad credential"))
+            elif row.status is AgentStatus.REVOKED:
+                out.append(RevokedError(f"agent {agent_id} is revoked"))
+            else:
+                out.append(agent_id)
+        return out
+
     def get(self, agent_id: str) -> Agent:
         agent = self.s.get(Agent, agent_id)
         if agent is None:
@@ -549,6 +568,52 @@ class RoundRepo:
         row = self.s.execute(self._pending(agent_id, *_TASK_COLUMNS).limit(1)).first()
         return None if row is None else TaskRow(*row)
 
+    def task_rows(self, task_ids: Sequence[str]) -> dict[str, TaskRow]:
+        """`task_row` for many tasks in one query (absent ids: no such task)."""
+        if not task_ids:
+            return {}
+        q = select(*_TASK_COLUMNS).select_from(Assignment).join(Round).join(Job)
+        rows = (TaskRow(*r) for r in self.s.execute(q.where(Assignment.id.in_(set(task_ids)))))
+        return {r.id: r for r in rows}
+
+    def pending_rows(self, agent_ids: Sequence[str]) -> dict[str, TaskRow]:
+        """`pending_row` for many agents in one query: agent id → its oldest pending task
+        (agents without one are absent)."""
+        if not agent_ids:
+            return {}
+        q = (
+            select(*_TASK_COLUMNS)
+            .select_from(Assignment)
+            .join(Round)
+            .join(Job)
+            .where(
+                Assignment.agent_id.in_(set(agent_ids)),
+                Assignment.state.in_([AssignmentState.ISSUED, AssignmentState.RUNNING]),
+                Round.state.in_([RoundState.OPEN, RoundState.COLLECTING]),
+                Job.status == JobStatus.RUNNING,
+            )
+            .order_by(Assignment.created_at)
+        )
+        out: dict[str, TaskRow] = {}
+        for r in self.s.execute(q):
+            out.setdefault(r.agent_id, TaskRow(*r))  # oldest first
+        return out
+
+    def move_assignments(
+        self, task_ids: Sequence[str], allowed: Sequence[AssignmentState], to: AssignmentState
+    ) -> set[str]:
+        """`move_assignment` for many tasks in one statement → the ids it moved."""
+        if not task_ids:
+            return set()
+        res = self.s.execute(
+            update(Assignment)
+            .where(Assignment.id.in_(set(task_ids)), Assignment.state.in_(list(allowed)))
+            .values(state=to, updated_at=utcnow())
+            .returning(Assignment.id)
+            .execution_options(synchronize_session=False)
+        )
+        return set(res.scalars().all())
+
     def move_assignment(self, task_id: str, allowed: Sequence[AssignmentState], to: AssignmentState) -> bool:
         """`set_assignment_state` without synchronising loaded objects (the agent plane holds
         `TaskRow`s, not ORM rows)."""
@@ -665,6 +730,15 @@ class RoundRepo:
         self.s.execute(insert(cast(Table, Update.__table__)).values(id=update_id, **values))
         return update_id
 
+    def insert_updates(self, rows: Sequence[dict[str, Any]]) -> list[str]:
+        """`insert_update` for many rows in one executemany → their ids, in order."""
+        ids = [new_id() for _ in rows]
+        if rows:
+            self.s.execute(
+                insert(cast(Table, Update.__table__)), [{"id": i, **r} for i, r in zip(ids, rows, strict=True)]
+            )
+        return ids
+
     def add_update(self, upd: Update) -> Update:
         self.s.add(upd)
         self.s.flush()
@@ -702,6 +776,12 @@ class AuditRepo:
         # a Core INSERT: the ORM unit of work cost more than the statement on the upload path
         row = {"actor": actor, "action": action, "job_id": job_id, "details": details}
         self.s.execute(insert(cast(Table, AuditEvent.__table__)).values(**row))
+
+    def record_many(self, events: Sequence[tuple[str, str, str | None, dict[str, Any]]]) -> None:
+        """`record` for many (actor, action, job_id, details) events in one executemany."""
+        if events:
+            rows = [{"actor": a, "action": x, "job_id": j, "details": d} for a, x, j, d in events]
+            self.s.execute(insert(cast(Table, AuditEvent.__table__)), rows)
 
     def list(self, job_id: str | None = None, limit: int = 200, before_id: int | None = None) -> Sequence[AuditEvent]:
         """Newest first; `before_id`: only events older than that one (the next page)."""
