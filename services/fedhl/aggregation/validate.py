@@ -46,14 +46,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..core import AggregationError, ClientUpdate, DropRecord, GlobalState, RoundPlan, Strategy
-from ..core.defence import VALIDATION_MIN_CLIENTS, VALIDATION_REASON, validation_outliers, validation_threshold
+from ..core.defence import (
+    VALIDATION_MIN_CLIENTS,
+    VALIDATION_REASON,
+    validation_outliers,
+    validation_threshold,
+    validation_window_outliers,
+    validation_window_scores,
+)
 from ..data import DataError, Example
 from ..evaluation import evaluate
 from ..export import effective_updates
@@ -73,6 +80,26 @@ class Screen:
 
     left_out: list[DropRecord] = field(default_factory=list)
     summary: dict[str, Any] | None = None
+
+
+def history_rounds(spec: JobSpec, number: int) -> range:
+    """The earlier rounds the window rule reads for round `number`: the job's previous
+    `window − 1` round numbers (none for the one-round rule or a job without a screen)."""
+    cfg = spec.defence.validation
+    w = 1 if cfg is None else cfg.window
+    return range(max(0, number - w + 1), number)
+
+
+def window_history(summaries: Sequence[Mapping[str, Any] | None]) -> list[dict[str, float]]:
+    """The effects of earlier rounds from their `validation` summaries (as stored in the round
+    reports), one mapping per round; `{}` for a round without a summary (not committed, failed)
+    or not screened (skipped, merge failed). `fedhl simulate` and the aggregation worker both
+    build the window rule's history with this, from the same summaries."""
+    out: list[dict[str, float]] = []
+    for v in summaries:
+        effects = (v or {}).get("effects")
+        out.append({str(c): float(e) for c, e in effects.items()} if isinstance(effects, dict) else {})
+    return out
 
 
 def validation_examples(spec: JobSpec) -> list[Example]:
@@ -95,11 +122,14 @@ def validation_screen(
     updates: Sequence[ClientUpdate],
     spec: JobSpec,
     *,
+    history: Sequence[Mapping[str, float]] = (),
     base: tuple[Any, Any] | None = None,
     device: torch.device | str = "cpu",
 ) -> Screen:
     """The round's validation screen (module docstring). `state` holds the whole start state
-    (every module), `updates` every upload; neither is changed. `base`: (model, tokenizer)
+    (every module), `updates` every upload; neither is changed. `history`: the effects of the
+    job's earlier rounds in the window (`window_history`, oldest first; read only when
+    `window` > 1). `base`: (model, tokenizer)
     holding W0 (`fedhl simulate` passes its own; else the process's cached copy). Raises
     AggregationError when the split cannot be read; a merge that fails here is reported and
     left to the real merge (which fails the round with its own reason)."""
@@ -110,6 +140,8 @@ def validation_screen(
     examples = validation_examples(spec)
     clients = [u.client_id for u in updates]
     summary: dict[str, Any] = {"examples": len(examples), "act": cfg.act, "margin": cfg.margin, "k": cfg.k}
+    if cfg.window > 1:
+        summary.update(window=cfg.window, score=cfg.score, cap=cfg.cap)
     if len(updates) < VALIDATION_MIN_CLIENTS:
         summary.update(skipped=f"{len(updates)} upload(s): the screen needs {VALIDATION_MIN_CLIENTS}")
         summary["seconds"] = time.perf_counter() - t0
@@ -153,20 +185,30 @@ def validation_screen(
         for m in state.modules:  # the screen's merges leave FedHL's downlink change behind: drop it
             strategy.round_change(plan, m)
     effects = by_scope[cfg.scope]
-    values = [effects[c] for c in clients]
-    t = validation_threshold(values, cfg.margin, cfg.k)
-    out = validation_outliers(values, cfg.margin, cfg.k) if cfg.act else []
+    n = len(examples)
+    scores: dict[str, float] = {}
+    if cfg.window == 1:
+        t = validation_threshold([effects[c] for c in clients], cfg.margin, cfg.k)
+        picked = validation_outliers([effects[c] for c in clients], cfg.margin, cfg.k) if cfg.act else []
+        out = [clients[i] for i in picked]
+        why = {
+            c: f"leaving it out lowers the validation loss by {effects[c]:.4g} > {t:.4g} (max({cfg.margin:g}, "
+            f"{cfg.k:g} × the round's median |effect|); {n} examples)"
+            for c in out
+        }
+    else:
+        scores = validation_window_scores(effects, history, cfg.margin, cfg.cap)
+        t = cfg.score if scores else math.inf
+        out = validation_window_outliers(effects, history, cfg.margin, cfg.score, cfg.cap) if cfg.act else []
+        why = {
+            c: f"leaving it out lowers the validation loss by {effects[c]:.4g} this round, and its effects over "
+            f"the last {cfg.window} rounds sum to {scores[c]:.4g} > {t:g} round medians (each within "
+            f"±{cfg.cap:g}; {n} examples)"
+            for c in out
+        }
+        summary.update(scores=scores, history=sum(1 for h in history if h))
     records = [
-        DropRecord(
-            clients[i],
-            "*",
-            VALIDATION_REASON,
-            f"leaving it out lowers the validation loss by {values[i]:.4g} > {t:.4g} "
-            f"(max({cfg.margin:g}, {cfg.k:g} × the round's median |effect|); {len(examples)} examples)",
-            effect=values[i],
-            threshold=t,
-        )
-        for i in out
+        DropRecord(c, "*", VALIDATION_REASON, why[c], effect=effects[c], threshold=t, score=scores.get(c)) for c in out
     ]
     summary.update(
         loss_all=l_all,

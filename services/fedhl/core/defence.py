@@ -103,7 +103,7 @@ majority (or half), which sets the medians.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -139,6 +139,15 @@ VALIDATION_MIN_CLIENTS = 3
 # too, in rounds where one honest upload did raise the loss: no threshold separates those)
 VALIDATION_MARGIN = 0.01
 VALIDATION_K = 3.0
+# a job's default window rule (JobSpec.defence.validation; `window: 1` is the one-round rule
+# above): an upload is left out when its effect, in multiples of its round's median |effect| and
+# counted at most VALIDATION_CAP a round, sums to more than VALIDATION_SCORE over the job's last
+# VALIDATION_WINDOW rounds, and it is harmful this round. Chosen on MiniLM seed 0 (screen off,
+# bench/README.md): honest agents' sums there reached 3.0 at most, the sign flip's passed 5 from
+# its second or third harmful round; cap < score, so no single round decides
+VALIDATION_WINDOW = 5
+VALIDATION_SCORE = 5.0
+VALIDATION_CAP = 3.0
 
 
 def check_min_cosine(c: float | None) -> float | None:
@@ -405,3 +414,58 @@ def validation_outliers(effects: Sequence[float], margin: float, k: float) -> li
     t = validation_threshold(effects, margin, k)
     above = sorted(((-e, i) for i, e in enumerate(effects) if e > t))
     return [i for _, i in above[: (len(effects) - 1) // 2]]
+
+
+def validation_evidence(effects: Mapping[str, float], margin: float, cap: float) -> dict[str, float]:
+    """One screened round's evidence per upload: its effect in multiples of the round's lower
+    median |effect|, clipped to [−cap, cap] (one round, however extreme, counts at most `cap`),
+    and 0 when |e_i| ≤ margin (an effect the split cannot resolve is no evidence either way).
+    Empty for a round the one-round rule would not screen (fewer than `VALIDATION_MIN_CLIENTS`
+    effects, or any not finite): such a round says nothing about anyone."""
+    values = list(effects.values())
+    if len(values) < VALIDATION_MIN_CLIENTS or not all(math.isfinite(e) for e in values):
+        return {}
+    med = lower_median([abs(e) for e in values])
+    out: dict[str, float] = {}
+    for c, e in effects.items():
+        z = (math.copysign(math.inf, e) if med == 0 else e / med) if abs(e) > margin else 0.0
+        out[c] = min(cap, max(-cap, z))
+    return out
+
+
+def validation_window_scores(
+    effects: Mapping[str, float], history: Sequence[Mapping[str, float]], margin: float, cap: float
+) -> dict[str, float]:
+    """Each current upload's score over the window: its evidence this round plus its evidence
+    in each earlier round of `history` (the job's previous rounds' effects, one mapping per
+    round; a round it did not take part in, or that was not screened, adds 0). Empty when the
+    current round cannot be screened."""
+    now = validation_evidence(effects, margin, cap)
+    if not now:
+        return {}
+    past = [validation_evidence(h, margin, cap) for h in history]
+    return {c: s + sum(p.get(c, 0.0) for p in past) for c, s in now.items()}
+
+
+def validation_window_outliers(
+    effects: Mapping[str, float],
+    history: Sequence[Mapping[str, float]],
+    margin: float,
+    score: float,
+    cap: float,
+) -> list[str]:
+    """The windowed rule: upload i is left out when its summed evidence over the window
+    (`validation_window_scores`: this round and the job's previous rounds in `history`) is
+    above `score` *and* its own effect this round is harmful (`e_i > margin`: an upload that
+    does not raise the loss now is never taken away for its past). Largest score first, ties
+    in upload order, at most ⌊(N−1)/2⌋ of the round; strictly above only. With `cap ≤ score`
+    no single round decides: an honest upload's one bad round (seen at 4–12 × the median on
+    MiniLM) stays in, an upload that hurts round after round does not; an agent new to the job
+    is judged on the rounds it has (its window starts empty: evidence is required, not
+    assumed). An empty `history` and `cap > score` give the one-round rule with `k = score`."""
+    scores = validation_window_scores(effects, history, margin, cap)
+    clients = list(effects)
+    above = sorted(
+        (-scores[c], i) for i, c in enumerate(clients) if scores and scores[c] > score and effects[c] > margin
+    )
+    return [clients[i] for _, i in above[: (len(clients) - 1) // 2]]
