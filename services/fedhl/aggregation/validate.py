@@ -11,18 +11,28 @@ recomputes them; reported sizes still bounded over the whole round) and `L` the 
 
     e_i = L(M(all)) − L(M(all but i))        (> 0: leaving upload i out lowers the loss)
 
-and upload i is left out of the round when `e_i > max(margin, k · median_j |e_j|)`
-(core/defence.py `validation_outliers`: never with fewer than 3 uploads, at most ⌊(N−1)/2⌋,
-largest effect first, strictly above the threshold). The median term keeps honest non-IID
-spread in: an honest upload that pulls the model toward its own label skew usually moves the
-loss by about as much as the others do, a sign-flipped one by several times that (measured on MiniLM,
-bench/README.md: caught from round 3-4 at seed 0). What cannot be seen: an upload whose harm
-is within the honest spread of its round — on MiniLM seed 1 the flipped agent pulled the model
-the way an honest agent with the same label skew did and was never left out, while honest
-uploads that raised the loss in a round were — harm on inputs the split does not cover, and a
-colluding half of the round (it sets the median and the minority bound). One round's effects
-cannot tell a hostile upload from an honest one that hurt this round; an honest leave-out is
-a strike like any other.
+and upload i is left out of the round by the job's rule (core/defence.py). The window rule (the
+default, `validation_window_outliers`): when its effects over the job's last `window` rounds,
+each in multiples of its round's median |effect| and counted within ±cap, sum to more than
+`score`, and it raises the loss this round by more than `margin`. The one-round rule (`window:
+1`, `validation_outliers`): when `e_i > max(margin, k · median_j |e_j|)`. Both never with fewer
+than 3 uploads, at most ⌊(N−1)/2⌋, largest first, strictly above. The median keeps honest
+non-IID spread in: an honest upload that pulls the model toward its own label skew usually
+moves the loss by about as much as the others do. The window is there because one round
+cannot tell a hostile upload from an honest one that hurt this round (MiniLM, bench/README.md:
+honest single-round effects of 4–12 medians in clean runs; the flip at seed 1 beside an honest
+agent with its label skew), while over rounds the two differ: the flip hurts round after round,
+an honest agent's bad rounds are isolated and offset by helpful ones. What cannot be seen:
+harm within the honest spread round after round, harm on inputs the split does not cover, a
+colluding half of the round (it sets the median and the minority bound). A leave-out is a
+strike like any other.
+
+History: the effects of the window's earlier rounds come from those rounds' summaries
+(`window_history`): the aggregation worker reads them from the job's committed round reports
+(`validation`, one query per round: aggregation/inputs.py), `fedhl simulate` keeps them in
+memory; the same summaries give the same decision. A round that failed, or was not screened,
+gives no evidence. In the coordinator a failed round is retried under its number;
+`simulate(keep_going=True)` (the benchmarks) moves on, so there it is a gap in the window.
 
 Cost: N + 1 merges and N + 1 forward passes (no_grad) over at most `max_examples` examples per
 round, on the aggregating worker's device; the seconds are in the round report

@@ -81,16 +81,30 @@ the median gate is what keeps honest clients in; on MiniLM honest per-module cos
 orthogonal in weight space, the gate rarely opens, and a sign flip is not told apart from an
 honest update there.
 
-Validation (`validation_outliers`; off unless a job's `defence.validation` names a server-held
+Validation (off unless a job's `defence.validation` names a server-held
 labelled split: it needs data only the server has). Before the merge is committed, each upload's
 leave-one-out effect on the validation loss, `e_i = L(all) − L(all but i)`, is measured with
 the strategy's own merge (aggregation/validate.py: Zeno-style suspicion scoring, Xie et al.
 2019, on the merge itself); upload i is left out of the whole round (`validation_loss_worse`,
-module `*`, with `e_i` and the threshold) when `e_i > max(margin, k · median_j |e_j|)`: only
-harm counts (a helpful outlier stays), the median keeps honest non-IID spread in, and the rule
-never acts with fewer than `VALIDATION_MIN_CLIENTS` uploads, never on half the round, never
-when an effect is not finite. Such a leave-out is a judgement of the whole upload, so it counts
-a strike (as a direction leave-out in most modules does).
+module `*`, with `e_i` and the threshold) by one of two rules. The one-round rule (`window` 1,
+`validation_outliers`): `e_i > max(margin, k · median_j |e_j|)`. The window rule (the default,
+`validation_window_outliers`): each screened round t gives each of its uploads the evidence
+`s_i,t = clip(e_i,t / median_j |e_j,t|, −cap, cap)`, 0 when `|e_i,t| ≤ margin`; upload i is left
+out of round t when `Σ s_i,τ` over the job's rounds τ = t−w+1 … t that i took part in (a round
+it missed, or one not screened, adds 0) is above `score`, *and* `e_i,t > margin` (it raises the
+loss now: a past never takes away a helpful upload). With `cap < score` no one round decides:
+an honest upload's bad round (4–12 medians on MiniLM, in clean runs) stays in, harm repeated
+over rounds does not; helpful rounds count against harmful ones, so an honest agent's average
+stays near or below zero. An agent new to the job is judged on the rounds it has: it needs
+⌊score / cap⌋ + 1 harmful rounds at least (evidence required, not assumed: judging newcomers
+by one round would bring back the one-round rule's honest leave-outs). An agent that behaves,
+then turns, needs as many or more (its helpful rounds in the window count against it); one
+that takes part in every other round is caught if its harmful rounds within the window still
+sum above `score`. Both rules never act with fewer than `VALIDATION_MIN_CLIENTS` uploads, never
+on half the round, never when an effect of the round is not finite; only harm counts (a
+helpful outlier stays), the median keeps honest non-IID spread in. Such a leave-out is a
+judgement of the whole upload, so it counts a strike (as a direction leave-out in most modules
+does).
 
 What it does not stop: an update inside the size bound whose direction is not clearly against
 a round that agrees and whose harm on the server's split (validation screen on) does not stand
