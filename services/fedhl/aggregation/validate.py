@@ -209,7 +209,30 @@ def validation_screen(
     else:
         scores = validation_window_scores(effects, history, cfg.margin, cfg.cap)
         t = cfg.score if scores else math.inf
-        out = validation_window_outliers(effects, history, cfg.margin, cfg.score, cfg.cap) if cfg.act else []
+        candidates = validation_window_outliers(effects, history, cfg.margin, cfg.score, cfg.cap) if cfg.act else []
+        rechecked: dict[str, float] = {}
+        out = []
+        try:
+            for c in candidates:  # largest score first
+                if out:  # harmful to the merge without the ones already out? (the first one is, by its effect)
+                    gone = [DropRecord(x, "*", VALIDATION_REASON) for x in out]
+                    kept, _ = strategy.aggregate(state, plan, updates, left_out=gone)
+                    less, _ = strategy.aggregate(
+                        state, plan, updates, left_out=[*gone, DropRecord(c, "*", VALIDATION_REASON)]
+                    )
+                    heads = (kept, less) if cfg.scope == "upload" else (every, every)
+                    rechecked[c] = loss(kept, heads[0]) - loss(less, heads[1])
+                    del kept, less
+                    if not rechecked[c] > cfg.margin:
+                        continue
+                out.append(c)
+        except AggregationError as e:  # as for any leave-out merge: keep what was decided
+            log.info("validation screen: re-check merge failed: %s", e)
+        finally:
+            for m in state.modules:
+                strategy.round_change(plan, m)
+        if rechecked:
+            summary["rechecked"] = rechecked
         why = {
             c: f"leaving it out lowers the validation loss by {effects[c]:.4g} this round, and its effects over "
             f"the last {cfg.window} rounds sum to {scores[c]:.4g} > {t:g} round medians (each within "
