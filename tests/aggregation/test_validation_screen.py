@@ -105,15 +105,16 @@ def flip(start: ClientStart, upd: ClientUpdate) -> ClientUpdate:
 
 
 class Recorder:
-    """`simulate`'s tamper hook: flips the hostile upload (when asked) and keeps every upload
-    as the merge received it, per round."""
+    """`simulate`'s tamper hook: flips the hostile upload (when asked; `also`: more hostile
+    agents) and keeps every upload as the merge received it, per round."""
 
-    def __init__(self, hostile: bool) -> None:
+    def __init__(self, hostile: bool, also: tuple[str, ...] = ()) -> None:
         self.hostile = hostile
+        self.flipped = {HOSTILE, *also}
         self.uploads: dict[int, list[ClientUpdate]] = {}
 
     def __call__(self, round_: int, start: ClientStart, upd: ClientUpdate) -> ClientUpdate:
-        out = flip(start, upd) if self.hostile and upd.client_id == HOSTILE else upd
+        out = flip(start, upd) if self.hostile and upd.client_id in self.flipped else upd
         self.uploads.setdefault(round_, []).append(out)
         return out
 
@@ -313,3 +314,20 @@ def test_the_window_rule_leaves_out_the_flip_once_two_rounds_add_up_and_the_work
     # the history decides: without round 0's summary the same round keeps the flip in
     alone = worker_round(spec, state1, rec.uploads[1], tmp_path / "alone", screened=[None])
     assert alone.report["validation"]["left_out"] == [] and alone.report["validation"]["history"] == 0
+
+
+def test_a_second_candidate_is_left_out_only_if_it_hurts_the_merge_without_the_first(
+    bert: Path, tmp_path: Path
+) -> None:
+    # two flipped agents of five: both above the score in round 1; the second is re-measured
+    # against the merge without the first (an honest agent whose harm came from the first would
+    # fall below the margin there) and, a flip itself, is left out too
+    # with two flips the round's median |effect| is larger: each sums to ≈ 1.7 medians over the two rounds
+    spec = spec_for(bert, tmp_path, "fedhl", **{**WINDOW, "score": 1.5})
+    _, rows = simulate(spec, clients(), [], tamper=Recorder(hostile=True, also=("agent-2",)))
+    v = rows[1]["validation"]
+    assert sorted(c for r, c in left_out(rows) if r == 1) == [HOSTILE, "agent-2"]
+    second = v["left_out"][1]
+    assert list(v["rechecked"]) == [second] and v["rechecked"][second] > v["margin"]
+    assert v["rechecked"][second] != v["effects"][second]  # measured against a different merge
+    assert "rechecked" not in rows[0]["validation"]  # nobody above the score: nothing to re-check
