@@ -108,8 +108,9 @@ does).
 
 What it does not stop: an update inside the size bound whose direction is not clearly against
 a round that agrees and whose harm on the server's split (validation screen on) does not stand
-out from its round's (on MiniLM a sign flip costs 7–13 points without the validation screen,
-2.1–2.2 with it at seed 0, and was not caught at seed 1 under FedHL, bench/README.md), though it
+out from its round's (on MiniLM a sign flip costs 7–13 points without the validation screen;
+with the window rule 0.6 at seed 0 under FedHL, and at seed 1 it was not caught by either rule:
+its effects ran beside an honest agent's with its label skew, bench/README.md), though it
 holds no more weight than an honest client at `size_k ×` the median size could; a colluding
 majority (or half), which sets the medians.
 """
