@@ -16,7 +16,10 @@ default, `validation_window_outliers`): when its effects over the job's last `wi
 each in multiples of its round's median |effect| and counted within ±cap, sum to more than
 `score`, and it raises the loss this round by more than `margin`. The one-round rule (`window:
 1`, `validation_outliers`): when `e_i > max(margin, k · median_j |e_j|)`. Both never with fewer
-than 3 uploads, at most ⌊(N−1)/2⌋, largest first, strictly above. The median keeps honest
+than 3 uploads, at most ⌊(N−1)/2⌋, largest first, strictly above; under the window rule each
+candidate after the first is re-measured against the merge without the ones already out and
+left out only if it still raises the loss there by more than `margin` (an honest agent whose
+effect came from the flip it shares the round with stays; summary `rechecked`). The median keeps honest
 non-IID spread in: an honest upload that pulls the model toward its own label skew usually
 moves the loss by about as much as the others do. The window is there because one round
 cannot tell a hostile upload from an honest one that hurt this round (MiniLM, bench/README.md:
