@@ -24,7 +24,8 @@ the model and are covered by tests/coordinator/test_hostile_agents.py.
 With `--validation-size N` the server holds a validation split (N snippets drawn from the agents'
 pool after the partition, taken out of their shares; `split_with_validation`), and `--validation
 measure|on` turns on the validation screen (`defence.validation`; measure: effects of both scopes
-computed and reported, never acted on); `--skip-clean` runs the attacks only.
+computed and reported, never acted on; `--validation-window/-score/-cap` the window rule's
+parameters, `--validation-window 1` the one-round rule); `--skip-clean` runs the attacks only.
 
 Prints one JSON line per run and a final summary line with `attacks` and
 `worst_drop_pt_with_defence`. Resumable: a run whose JSON exists under --out is not run again.
@@ -112,6 +113,11 @@ def run_one(args: argparse.Namespace, strategy: str, attack: str, defence: bool,
             "scope": args.validation_scope,
             **({"k": args.validation_k} if args.validation_k is not None else {}),
             **({"margin": args.validation_margin} if args.validation_margin is not None else {}),
+            **{
+                key: getattr(args, f"validation_{key}")
+                for key in ("window", "score", "cap")
+                if getattr(args, f"validation_{key}") is not None
+            },
         }
     raw["defence"] = on if defence else DEFENCE_OFF
     spec = JobSpec.model_validate(raw)
@@ -170,7 +176,7 @@ def run_one(args: argparse.Namespace, strategy: str, attack: str, defence: bool,
         ],
         "validation": [r.get("validation") for r in rows],  # the validation screen's measurements, per round
         "validation_dropped": [
-            (r["round"], d["client"], d["effect"], d["threshold"])
+            (r["round"], d["client"], d["effect"], d["threshold"], d.get("score"))
             for r in rows
             for d in (r.get("report") or {}).get("dropped", [])
             if d["reason"] == "validation_loss_worse"
@@ -229,6 +235,13 @@ def main() -> int:
     p.add_argument("--validation-scope", choices=("upload", "adapters"), default="upload")
     p.add_argument("--validation-k", type=float, default=None, help="the screen's k instead of the default")
     p.add_argument("--validation-margin", type=float, default=None, help="the screen's margin instead of the default")
+    p.add_argument(
+        "--validation-window", type=int, default=None, help="the screen's window instead of the default (1: one round)"
+    )
+    p.add_argument(
+        "--validation-score", type=float, default=None, help="the window rule's score instead of the default"
+    )
+    p.add_argument("--validation-cap", type=float, default=None, help="the window rule's cap instead of the default")
     p.add_argument("--summary-only", action="store_true", help="summarise the runs on disk; run nothing")
     p.add_argument(
         "--skip-clean", action="store_true", help="run the attacks only (the clean run comes from elsewhere)"

@@ -3,9 +3,10 @@ disk (`validation`: one summary per round, with every upload's leave-one-out eff
 `e_i = L(all) − L(all but i)` on the server's validation split; > 0: leaving i out lowers the loss).
 
 For each run: the honest effects (count, min, median, max, and the largest in multiples of the
-round's median |effect|), the hostile agent's effects per round, and, for each rule
-`max(margin, k × median |e|)` of a small grid, how many honest uploads it would leave out and in
-how many rounds it would leave out the hostile one (counterfactual on a measured run: after a
+round's median |effect|), the hostile agent's effects per round, and, for each one-round rule
+`max(margin, k × median |e|)` of a small grid and each window rule (window, cap, score; margin
+--margin), how many honest uploads it would leave out and in how many rounds it would leave out
+the hostile one (counterfactual on a measured run: after a
 first leave-out the trajectory would differ; on a clean run with no honest leave-out the acting
 run is the measured run, bit for bit).
 
@@ -22,11 +23,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
-from fedhl.core.defence import validation_outliers
+from fedhl.core.defence import validation_outliers, validation_window_outliers
 
 HOSTILE = "agent-0"
 KS = [2.0, 3.0, 4.0, 5.0, 8.0]
 MARGINS = [0.01, 0.02, 0.05, 0.1]
+WINDOWS, CAPS, SCORES = [3, 4, 5, 6], [2.0, 3.0, 4.0], [3.0, 4.0, 5.0, 6.0, 8.0]  # the window rule's grid
 
 
 def lower_median(xs: list[float]) -> float:
@@ -37,6 +39,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+")
     p.add_argument("--scope", default=None, help="upload or adapters: that scope's effects (measured runs record both)")
+    p.add_argument("--margin", type=float, default=0.01, help="the window rules' margin")
     args = p.parse_args()
     for path in args.runs:
         d = json.loads(Path(path).read_text())
@@ -79,6 +82,22 @@ def main() -> int:
                     tp += sum(1 for c in out if c == HOSTILE and hostile)
                 cells.append(f"k{k:g}: {fp}/{tp}")
             print(f"    margin {m:<5g} " + "  ".join(cells))
+        by_round = [
+            ((v.get("effects_by_scope") or {}).get(args.scope, v.get("effects")) if v else None) or {}
+            for v in d.get("validation") or []
+        ]
+        print(f"  window rule (window, cap: score → honest left out / hostile's rounds), margin {args.margin:g}")
+        for w in WINDOWS:
+            for cap in CAPS:
+                cells = []
+                for score in SCORES:
+                    fp, tp = 0, []
+                    for t, now in enumerate(by_round):
+                        out = validation_window_outliers(now, by_round[max(0, t - w + 1) : t], args.margin, score, cap)
+                        fp += sum(1 for c in out if c != HOSTILE or not hostile)
+                        tp += [t for c in out if c == HOSTILE and hostile]
+                    cells.append(f"s{score:g}: {fp}/{''.join(map(str, tp)) or '-'}")
+                print(f"    w{w} cap{cap:g}  " + "  ".join(cells))
     return 0
 
 

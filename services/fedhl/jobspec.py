@@ -9,7 +9,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .core import WEIGHT_PRESETS, Strategy, WeightConfig, build_strategy
-from .core.defence import MIN_COSINE, SIZE_K, VALIDATION_K, VALIDATION_MARGIN
+from .core.defence import (
+    MIN_COSINE,
+    SIZE_K,
+    VALIDATION_CAP,
+    VALIDATION_K,
+    VALIDATION_MARGIN,
+    VALIDATION_SCORE,
+    VALIDATION_WINDOW,
+)
 
 INT64_MAX = 2**63 - 1  # the largest integer the database stores; the wire's uint64 goes beyond it
 
@@ -86,8 +94,10 @@ class EvaluationConfig(Strict):
 class ValidationScreenConfig(Strict):
     """The validation screen (aggregation/validate.py): before a round's merge is committed,
     each upload's leave-one-out effect on the loss over a labelled split the *server* holds;
-    an upload whose leaving out lowers that loss by more than `max(margin, k × the round's
-    median |effect|)` is left out (never with fewer than 3 uploads, never half the round).
+    an upload whose effects over the job's last `window` rounds add up to clear harm (in
+    multiples of each round's median |effect|) and that raises the loss this round is left out
+    (never with fewer than 3 uploads, never half the round; `window: 1`: one round's effect
+    above `max(margin, k × the round's median |effect|)`).
     Needs server-side data, so it is off unless a path is given; keep the split apart from
     `evaluation.path` (screening on the data the accuracy is reported on would leak it into
     the figure). The aggregation then runs in one task per round (no module shards): the screen
@@ -97,7 +107,14 @@ class ValidationScreenConfig(Strict):
     path: str = Field(min_length=1, max_length=4096)
     max_examples: int = Field(default=256, ge=1, le=10_000)  # each upload costs one forward pass over them
     margin: float = Field(default=VALIDATION_MARGIN, ge=0, le=1e6)  # loss units (mean per example / token)
-    k: float = Field(default=VALIDATION_K, ge=1, le=1e6)
+    k: float = Field(default=VALIDATION_K, ge=1, le=1e6)  # the one-round rule's (window: 1)
+    # the window rule (core/defence.py validation_window_outliers): an upload is left out when its
+    # effects over the job's last `window` rounds, each in multiples of its round's median |effect|
+    # and counted within ±cap, sum to more than `score`, and it raises the loss this round by more
+    # than `margin`; window 1: the one-round rule, `max(margin, k × median)`, as before
+    window: int = Field(default=VALIDATION_WINDOW, ge=1, le=100)
+    score: float = Field(default=VALIDATION_SCORE, ge=0, le=1e6)
+    cap: float = Field(default=VALIDATION_CAP, gt=0, le=1e6)
     # what leaving an upload out takes away when its effect is measured: "upload", everything it
     # contributes (LoRA modules and non-LoRA parameters such as a head); "adapters", its LoRA
     # modules only, the non-LoRA parameters staying as merged from every upload (a small head

@@ -35,7 +35,7 @@ import torch
 
 from .agent.globalcache import full_view_start
 from .agent.trainer import prepare, train
-from .aggregation.validate import Screen, validation_examples, validation_screen
+from .aggregation.validate import Screen, history_rounds, validation_examples, validation_screen, window_history
 from .artifacts import downlink_parts, initial_state, next_round_artifacts
 from .codec import decode_change, encode_change, encode_start, encode_update, state_metadata
 from .core import AggregationError, ClientStart, ClientUpdate, GlobalState, RoundPlan, Spectrum, Strategy
@@ -194,6 +194,7 @@ def simulate(
     state = initial_state(strategy, spec)
     modules = list(spec.module_shapes)
     rows: list[dict[str, Any]] = []
+    screened: dict[int, dict[str, Any] | None] = {}  # round -> the validation screen's summary
     downlink = SimDownlink(dict(spec.module_shapes)) if strategy.factored_downlink else None
     ready: tuple[dict[str, Spectrum], dict[int, ClientStart], dict[int, int]] | None = None
     for t in range(spec.rounds):
@@ -227,8 +228,13 @@ def simulate(
         plan = RoundPlan(round=t, ranks={c.name: dict.fromkeys(modules, c.rank) for c in chosen}, spectra=spectra)
         try:
             # the validation screen, as the aggregation worker runs it (aggregation/validate.py)
+            # with the earlier rounds' effects from their summaries, as the worker reads them from
+            # the committed round reports
+            history = window_history([screened.get(r) for r in history_rounds(spec, t)])
             screen = (
-                validation_screen(strategy, state, plan, updates, spec, base=(base, tok), device=device)
+                validation_screen(
+                    strategy, state, plan, updates, spec, history=history, base=(base, tok), device=device
+                )
                 if spec.defence.validation is not None
                 else Screen()
             )
@@ -248,6 +254,7 @@ def simulate(
             continue
         aggregate_s = time.perf_counter() - t_merge
         validate_s = t_merge - t_agg
+        screened[t] = screen.summary
         ev: dict[str, float] = {}
         t_ev = time.perf_counter()
         if test and (t + 1) % spec.evaluation.every == 0:

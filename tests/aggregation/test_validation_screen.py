@@ -1,7 +1,9 @@
 """The validation screen on a real (tiny, random-config) BERT, trained for real by the agents'
-trainer (issue 12, aggregation/validate.py): a sign-flipped upload is left out by name, a clean
+trainer (issue 12, aggregation/validate.py): a sign-flipped upload is left out by name (by the
+one-round rule in the round it is seen, by the window rule once two rounds add up), a clean
 round is bit-identical to a round without the screen, and `fedhl simulate` and the aggregation
-worker (`compute_shard`, reading the round from the blob store) decide the same."""
+worker (`compute_shard`, reading the round from the blob store and the window's history from
+the earlier round's summary) decide the same."""
 
 from __future__ import annotations
 
@@ -84,7 +86,10 @@ def clients() -> list[SimClient]:
 FLIP = -3.0  # a sign flip as large as the update-size bound lets through (3 × the median norm)
 # the tiny task learns in a few rounds and its honest effects are helpful (< 0) and close together;
 # the flip's is 1.9-2.2 × the round's median |effect| (MiniLM's defaults are for MiniLM's spread)
-RULE = {"k": 1.5, "margin": 0.01, "scope": "upload"}
+RULE = {"k": 1.5, "margin": 0.01, "scope": "upload", "window": 1}
+# the window rule at the tiny task's scale: one round of the flip (≈ 2 medians) is not enough,
+# two are; honest uploads sit near −1 median each round
+WINDOW = {"margin": 0.01, "scope": "upload", "window": 2, "score": 3.0, "cap": 3.0}
 
 
 def flip(start: ClientStart, upd: ClientUpdate) -> ClientUpdate:
@@ -100,15 +105,16 @@ def flip(start: ClientStart, upd: ClientUpdate) -> ClientUpdate:
 
 
 class Recorder:
-    """`simulate`'s tamper hook: flips the hostile upload (when asked) and keeps every upload
-    as the merge received it, per round."""
+    """`simulate`'s tamper hook: flips the hostile upload (when asked; `also`: more hostile
+    agents) and keeps every upload as the merge received it, per round."""
 
-    def __init__(self, hostile: bool) -> None:
+    def __init__(self, hostile: bool, also: tuple[str, ...] = ()) -> None:
         self.hostile = hostile
+        self.flipped = {HOSTILE, *also}
         self.uploads: dict[int, list[ClientUpdate]] = {}
 
     def __call__(self, round_: int, start: ClientStart, upd: ClientUpdate) -> ClientUpdate:
-        out = flip(start, upd) if self.hostile and upd.client_id == HOSTILE else upd
+        out = flip(start, upd) if self.hostile and upd.client_id in self.flipped else upd
         self.uploads.setdefault(round_, []).append(out)
         return out
 
@@ -257,3 +263,71 @@ def test_the_scheduler_gives_a_screened_job_one_shard(tmp_path: Path) -> None:
         finally:
             team.close()
     assert shards == [3, 1]
+
+
+def worker_round(spec: JobSpec, state: Any, uploads: list[ClientUpdate], tmp: Path, **inputs: Any) -> Any:
+    """The round that starts from `state`, through the aggregation worker (`compute_shard`):
+    state, spectra and uploads from a blob store."""
+    blobs = FileBlobStore(tmp / "blobs")
+    strategy = spec.build_strategy()
+    spectra, _ = next_round_artifacts(strategy, state, spec.rank_set)
+    inp = RoundInputs(
+        round_id=1,
+        job_id="job",
+        number=state.round,
+        spec=spec,
+        uploads=[(u.client_id, blobs.put_bytes(encode_update(u.factors, u.extras)), u.n_examples) for u in uploads],
+        rank_of={c.name: c.rank for c in clients()},
+        state_key=put_state(blobs, state),
+        plan_key=put_spectra(blobs, spectra) if strategy.uses_spectrum else None,
+        shards=1,
+        **inputs,
+    )
+    deps = Deps(sessions=None, blobs=blobs, coordination=None, device="cpu")  # type: ignore[arg-type]
+    return compute_shard(deps, inp, 0)
+
+
+@pytest.mark.parametrize("strategy", ["fedhl", "flexlora"])
+def test_the_window_rule_leaves_out_the_flip_once_two_rounds_add_up_and_the_worker_agrees(
+    strategy: str, bert: Path, tmp_path: Path
+) -> None:
+    spec = spec_for(bert, tmp_path, strategy, **WINDOW)
+    rec = Recorder(hostile=True)
+    _, rows = simulate(spec, clients(), [], tamper=rec)
+    assert left_out(rows) == [(1, HOSTILE)]  # round 0 alone is not enough
+    first, second = rows[0]["validation"], rows[1]["validation"]
+    assert 0 < first["scores"][HOSTILE] <= 3.0 < second["scores"][HOSTILE]
+    assert (first["history"], second["history"]) == (0, 1) and second["threshold"] == 3.0
+    honest = [s for c, s in second["scores"].items() if c != HOSTILE]
+    assert max(honest) < 0  # helpful in both rounds
+    d = next(d for d in rows[1]["report"]["dropped"] if d["reason"] == VALIDATION_REASON)
+    assert (d["effect"], d["score"], d["threshold"]) == (second["effects"][HOSTILE], second["scores"][HOSTILE], 3.0)
+    # round 1 through the worker, from the state round 0 committed and round 0's summary as stored
+    state1, _ = simulate(spec.model_copy(update={"rounds": 1}), clients(), [], tamper=Recorder(hostile=True))
+    stored = json.loads(json.dumps(first))  # through a report's JSON, as the database returns it
+    part = worker_round(spec, state1, rec.uploads[1], tmp_path, screened=[stored])
+    timeless = {k: x for k, x in part.report["validation"].items() if k != "seconds"}
+    assert timeless == {k: x for k, x in second.items() if k != "seconds"}
+    assert [x for x in part.report["dropped"] if x["reason"] == VALIDATION_REASON] == [
+        x for x in rows[1]["report"]["dropped"] if x["reason"] == VALIDATION_REASON
+    ]
+    # the history decides: without round 0's summary the same round keeps the flip in
+    alone = worker_round(spec, state1, rec.uploads[1], tmp_path / "alone", screened=[None])
+    assert alone.report["validation"]["left_out"] == [] and alone.report["validation"]["history"] == 0
+
+
+def test_a_second_candidate_is_left_out_only_if_it_hurts_the_merge_without_the_first(
+    bert: Path, tmp_path: Path
+) -> None:
+    # two flipped agents of five: both above the score in round 1; the second is re-measured
+    # against the merge without the first (an honest agent whose harm came from the first would
+    # fall below the margin there) and, a flip itself, is left out too
+    # with two flips the round's median |effect| is larger: each sums to ≈ 1.7 medians over the two rounds
+    spec = spec_for(bert, tmp_path, "fedhl", **{**WINDOW, "score": 1.5})
+    _, rows = simulate(spec, clients(), [], tamper=Recorder(hostile=True, also=("agent-2",)))
+    v = rows[1]["validation"]
+    assert sorted(c for r, c in left_out(rows) if r == 1) == [HOSTILE, "agent-2"]
+    second = v["left_out"][1]
+    assert list(v["rechecked"]) == [second] and v["rechecked"][second] > v["margin"]
+    assert v["rechecked"][second] != v["effects"][second]  # measured against a different merge
+    assert "rechecked" not in rows[0]["validation"]  # nobody above the score: nothing to re-check

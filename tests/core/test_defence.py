@@ -492,6 +492,7 @@ def test_report_to_dict_lists_the_actions() -> None:
         "cosine": None,
         "effect": None,
         "threshold": None,
+        "score": None,
     } in d["dropped"]
     assert {c["module"] for c in d["clipped"]} == {"q", "o", "extra::head"}
     assert all(set(c) == {"client", "module", "norm", "bound", "scale"} for c in d["clipped"])

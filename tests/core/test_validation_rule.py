@@ -15,8 +15,11 @@ from fedhl.core.defence import (
     VALIDATION_REASON,
     check_validation_rule,
     is_strike,
+    validation_evidence,
     validation_outliers,
     validation_threshold,
+    validation_window_outliers,
+    validation_window_scores,
 )
 from fedhl.round_report import RoundReport
 
@@ -74,6 +77,92 @@ def test_never_more_than_a_minority() -> None:
 def test_an_effect_that_is_not_finite_turns_the_screen_off_for_the_round() -> None:
     assert validation_threshold([0.5, 0.0, math.nan, 0.0], 0.01, 4.0) == math.inf
     assert validation_outliers([0.5, 0.0, math.nan, 0.0], 0.01, 4.0) == []
+
+
+# ------------------------------------------------------------------ the window rule, by hand
+# six uploads; the four `c`s sit at ±0.25 (within the margin 0.3: no evidence) and set the lower
+# median |effect| to 0.25 as long as the other two are at least that large: 0.5 is 2 medians,
+# 0.75 is 3, 2.5 is 10 (every figure exact in binary)
+M, SCORE, CAP = 0.3, 5.0, 3.0
+
+
+def rnd(**effects: float) -> dict[str, float]:
+    return {**effects, "c1": 0.25, "c2": -0.25, "c3": 0.25, "c4": -0.25}
+
+
+def test_evidence_is_the_effect_in_round_medians_clipped_and_zero_within_the_margin() -> None:
+    assert validation_evidence(rnd(h=2.5, a=-0.5), M, CAP) == {
+        "h": 3.0,  # 10 medians, counted as cap
+        "a": -2.0,  # a helpful round is evidence the other way
+        "c1": 0.0,
+        "c2": 0.0,
+        "c3": 0.0,
+        "c4": 0.0,
+    }
+    assert validation_evidence({"a": 0.5, "b": 0.0, "c": 0.0}, 0.01, CAP) == {"a": 3.0, "b": 0.0, "c": 0.0}  # median 0
+    assert validation_evidence({"a": 0.5, "b": 0.0}, 0.01, CAP) == {}  # not screened: two uploads
+    assert validation_evidence({"a": 0.5, "b": 0.0, "c": math.nan}, 0.01, CAP) == {}
+
+
+def test_one_bad_round_stays_in_and_harm_round_after_round_is_left_out() -> None:
+    # an honest agent's worst round (10 medians) counts `cap`, below `score`: in, whatever came before
+    assert validation_window_outliers(rnd(h=2.5, a=0.25), [], M, SCORE, CAP) == []
+    assert validation_window_outliers(rnd(h=2.5, a=0.25), [rnd(h=0.25, a=0.25)] * 4, M, SCORE, CAP) == []
+    # the same round after helpful ones: the window sums to 3 − 2 − 2 < 5
+    assert validation_window_scores(rnd(h=2.5, a=0.25), [rnd(h=-0.5, a=0.25)] * 2, M, CAP)["h"] == -1.0
+    # 3 medians in two rounds running: 6 > 5, out; in its first such round (3): in
+    hurt = rnd(a=0.75, h=0.25)
+    assert validation_window_outliers(hurt, [], M, SCORE, CAP) == []
+    assert validation_window_outliers(hurt, [hurt], M, SCORE, CAP) == ["a"]
+    assert validation_window_scores(hurt, [hurt, hurt], M, CAP)["a"] == 9.0
+
+
+def test_a_tie_with_the_score_stays_in() -> None:
+    now = rnd(a=0.75, h=0.25)  # 3
+    assert validation_window_scores(now, [rnd(a=0.5, h=0.25)], M, CAP)["a"] == 5.0
+    assert validation_window_outliers(now, [rnd(a=0.5, h=0.25)], M, SCORE, CAP) == []
+    assert validation_window_outliers(now, [rnd(a=0.5, h=0.25)], M, 4.999, CAP) == ["a"]
+
+
+def test_an_upload_that_does_no_harm_now_is_not_left_out_for_its_past() -> None:
+    past = [rnd(a=0.75, h=0.25)] * 4  # 12 medians of harm before
+    assert validation_window_outliers(rnd(a=-0.5, h=0.25), past, M, SCORE, CAP) == []  # helpful now
+    assert validation_window_outliers(rnd(a=0.26, h=0.25), past, M, SCORE, CAP) == []  # within the margin
+    assert validation_window_scores(rnd(a=0.26, h=0.25), past, M, CAP)["a"] == 12.0  # yet its score is high
+
+
+def test_missing_rounds_and_new_agents_add_no_evidence() -> None:
+    hurt = rnd(a=0.75, h=0.25)
+    skipped = {k: v for k, v in hurt.items() if k != "a"}  # a took no part
+    unscreened = {"a": 0.75, "h": 0.25}  # a round of two uploads is not screened
+    for gap in (skipped, unscreened, {}):
+        assert validation_window_scores(hurt, [gap, gap], M, CAP)["a"] == 3.0
+        assert validation_window_outliers(hurt, [gap, gap], M, SCORE, CAP) == []
+        assert validation_window_outliers(hurt, [hurt, gap], M, SCORE, CAP) == ["a"]  # the rounds it took part in
+    # a new agent is judged on the rounds it has: one round at 10 medians counts `cap`
+    assert validation_window_outliers({**hurt, "new": 2.5}, [hurt, hurt], M, SCORE, CAP) == ["a"]
+
+
+def test_never_half_the_round_largest_score_first_ties_in_upload_order() -> None:
+    now = rnd(a=0.75, b=0.75, d=0.75)  # seven uploads: at most 3 left out
+    assert validation_window_outliers(now, [now], M, SCORE, CAP) == ["a", "b", "d"]  # 6 each: upload order
+    later = [now, rnd(d=0.75, a=0.25, b=0.25)]  # d: 9, a and b: 6
+    assert validation_window_outliers(now, later, M, SCORE, CAP) == ["d", "a", "b"]
+    six = {"a": 0.75, "b": 0.75, "d": 0.75, "c1": 0.25, "c2": -0.25, "c3": 0.25}  # six uploads: at most 2
+    assert validation_window_outliers(six, [six], M, SCORE, CAP) == ["a", "b"]
+    assert validation_window_outliers({"a": 0.75, "b": 0.25}, [{"a": 0.75, "b": 0.25}], M, SCORE, CAP) == []
+    assert validation_window_outliers({**now, "c1": math.nan}, [now], M, SCORE, CAP) == []
+
+
+@pytest.mark.parametrize(
+    "effects",
+    [[0.001, -0.002, 0.002, 0.003, 0.004, 0.1], [0.3, 0.0, 0.5, 0.4, 0.001], [0.01, 0.01, 0.02, 0.0401], [0.9, -0.9]],
+)
+def test_no_history_and_a_cap_above_the_score_is_the_one_round_rule(effects: list[float]) -> None:
+    named = {f"u{i}": e for i, e in enumerate(effects)}
+    for margin, k in [(0.01, 4.0), (0.0, 4.0), (0.01, 1.0)]:
+        one = [f"u{i}" for i in validation_outliers(effects, margin, k)]
+        assert validation_window_outliers(named, [], margin, k, cap=1e6) == one
 
 
 @pytest.mark.parametrize(("margin", "k"), [(-0.1, 4.0), (math.nan, 4.0), (0.01, 0.5), (0.01, math.inf)])

@@ -344,6 +344,29 @@ def test_active_for_job_attempts_and_count_in(sessions: Sessions) -> None:
         assert rounds.active(job.id) is None
 
 
+def test_validation_summaries_reads_committed_rounds_of_the_job_in_range(sessions: Sessions) -> None:
+    screened = {"effects": {"a": 0.25, "b": -0.5}, "threshold": 5.0}
+    with transaction(sessions) as s:
+        job, other = add_job(s), add_job(s)
+        a, _ = add_agent(s)
+        rounds = RoundRepo(s)
+        for number, state, report in [
+            (0, RoundState.COMMITTED, {"round": 0, "validation": screened}),  # before the window
+            (1, RoundState.FAILED, {"round": 1, "validation": {"effects": {"a": 9.0}}}),  # a failed attempt
+            (1, RoundState.COMMITTED, {"round": 1, "validation": screened}),
+            (2, RoundState.COMMITTED, {"round": 2}),  # no screen that round
+            (3, RoundState.OPEN, None),  # the round being aggregated
+        ]:
+            rnd = open_round(s, job.id, [a.id], number=number, attempt=int(state is RoundState.FAILED))
+            if state is not RoundState.OPEN:
+                rounds.transition(rnd.id, [RoundState.OPEN], state, report=report)
+        o = open_round(s, other.id, [a.id], number=2)
+        rounds.transition(o.id, [RoundState.OPEN], RoundState.COMMITTED, report={"validation": {"effects": {"x": 1.0}}})
+    with transaction(sessions) as s:
+        assert RoundRepo(s).validation_summaries(job.id, 1, 3) == {1: screened, 2: None}
+        assert RoundRepo(s).validation_summaries(job.id, 4, 3) == {}
+
+
 @pytest.mark.parametrize(
     ("start", "allowed", "applied", "final"),
     [

@@ -26,7 +26,7 @@ from ..core import AggregationError, ClientUpdate, GlobalState, LoRAFactors, Rou
 from ..round_report import partial
 from .allocator import release_free_memory
 from .inputs import RoundInputs, pick_device, shard_modules
-from .validate import Screen, validation_screen
+from .validate import Screen, validation_screen, window_history
 
 Module = Tensor | LoRAFactors
 
@@ -101,7 +101,9 @@ def compute_shard_file(deps: Deps, inp: RoundInputs, shard: int, path: Path) -> 
             whole = GlobalState(round=state.round, extras=dict(state.extras))
             for m in modules:
                 _put(whole, m, source(m))
-            screen = validation_screen(strategy, whole, plan, updates, spec, device=device)
+            screen = validation_screen(
+                strategy, whole, plan, updates, spec, history=window_history(inp.screened), device=device
+            )
             del whole
             validate_s = time.perf_counter() - t_val
         out = ShardWriter(path, inp.number + 1, spec.rank_set)

@@ -3,7 +3,8 @@ the round started from. Read once per aggregation task (the spec is parsed here,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -12,6 +13,7 @@ from ..jobspec import JobSpec
 from ..storage.db import transaction
 from ..storage.models import RoundState
 from ..storage.repos import RoundRepo
+from .validate import history_rounds
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,9 @@ class RoundInputs:
     state_key: str | None
     plan_key: str | None
     shards: int
+    # the validation screen's summaries of the job's earlier rounds in its window (committed round
+    # reports' `validation`, oldest first, None where there is none); empty without a window
+    screened: list[dict[str, Any] | None] = field(default_factory=list)
 
 
 def load_inputs(deps: Deps, round_id: int, *, aggregating_only: bool = True) -> RoundInputs | None:
@@ -33,16 +38,20 @@ def load_inputs(deps: Deps, round_id: int, *, aggregating_only: bool = True) -> 
         rnd = RoundRepo(s).get(round_id)
         if aggregating_only and rnd.state is not RoundState.AGGREGATING:
             return None
+        spec = JobSpec.model_validate(rnd.job.config)
+        window = history_rounds(spec, rnd.number)
+        found = RoundRepo(s).validation_summaries(rnd.job_id, window.start, window.stop - 1) if window else {}
         return RoundInputs(
             round_id=round_id,
             job_id=rnd.job_id,
             number=rnd.number,
-            spec=JobSpec.model_validate(rnd.job.config),
+            spec=spec,
             uploads=[(u.agent_id, u.blob_key, u.n_examples) for u in RoundRepo(s).updates(round_id)],
             rank_of={a.agent_id: a.rank for a in rnd.assignments},
             state_key=rnd.input_state_key,
             plan_key=rnd.input_plan_key,
             shards=rnd.shards,
+            screened=[found.get(n) for n in window],
         )
 
 

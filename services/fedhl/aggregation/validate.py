@@ -11,18 +11,31 @@ recomputes them; reported sizes still bounded over the whole round) and `L` the 
 
     e_i = L(M(all)) − L(M(all but i))        (> 0: leaving upload i out lowers the loss)
 
-and upload i is left out of the round when `e_i > max(margin, k · median_j |e_j|)`
-(core/defence.py `validation_outliers`: never with fewer than 3 uploads, at most ⌊(N−1)/2⌋,
-largest effect first, strictly above the threshold). The median term keeps honest non-IID
-spread in: an honest upload that pulls the model toward its own label skew usually moves the
-loss by about as much as the others do, a sign-flipped one by several times that (measured on MiniLM,
-bench/README.md: caught from round 3-4 at seed 0). What cannot be seen: an upload whose harm
-is within the honest spread of its round — on MiniLM seed 1 the flipped agent pulled the model
-the way an honest agent with the same label skew did and was never left out, while honest
-uploads that raised the loss in a round were — harm on inputs the split does not cover, and a
-colluding half of the round (it sets the median and the minority bound). One round's effects
-cannot tell a hostile upload from an honest one that hurt this round; an honest leave-out is
-a strike like any other.
+and upload i is left out of the round by the job's rule (core/defence.py). The window rule (the
+default, `validation_window_outliers`): when its effects over the job's last `window` rounds,
+each in multiples of its round's median |effect| and counted within ±cap, sum to more than
+`score`, and it raises the loss this round by more than `margin`. The one-round rule (`window:
+1`, `validation_outliers`): when `e_i > max(margin, k · median_j |e_j|)`. Both never with fewer
+than 3 uploads, at most ⌊(N−1)/2⌋, largest first, strictly above; under the window rule each
+candidate after the first is re-measured against the merge without the ones already out and
+left out only if it still raises the loss there by more than `margin` (an honest agent whose
+effect came from the flip it shares the round with stays; summary `rechecked`). The median keeps honest
+non-IID spread in: an honest upload that pulls the model toward its own label skew usually
+moves the loss by about as much as the others do. The window is there because one round
+cannot tell a hostile upload from an honest one that hurt this round (MiniLM, bench/README.md:
+honest single-round effects of 4–12 medians in clean runs; the flip at seed 1 beside an honest
+agent with its label skew), while over rounds the two differ: the flip hurts round after round,
+an honest agent's bad rounds are isolated and offset by helpful ones. What cannot be seen:
+harm within the honest spread round after round, harm on inputs the split does not cover, a
+colluding half of the round (it sets the median and the minority bound). A leave-out is a
+strike like any other.
+
+History: the effects of the window's earlier rounds come from those rounds' summaries
+(`window_history`): the aggregation worker reads them from the job's committed round reports
+(`validation`, one query per round: aggregation/inputs.py), `fedhl simulate` keeps them in
+memory; the same summaries give the same decision. A round that failed, or was not screened,
+gives no evidence. In the coordinator a failed round is retried under its number;
+`simulate(keep_going=True)` (the benchmarks) moves on, so there it is a gap in the window.
 
 Cost: N + 1 merges and N + 1 forward passes (no_grad) over at most `max_examples` examples per
 round, on the aggregating worker's device; the seconds are in the round report
@@ -46,14 +59,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..core import AggregationError, ClientUpdate, DropRecord, GlobalState, RoundPlan, Strategy
-from ..core.defence import VALIDATION_MIN_CLIENTS, VALIDATION_REASON, validation_outliers, validation_threshold
+from ..core.defence import (
+    VALIDATION_MIN_CLIENTS,
+    VALIDATION_REASON,
+    validation_outliers,
+    validation_threshold,
+    validation_window_outliers,
+    validation_window_scores,
+)
 from ..data import DataError, Example
 from ..evaluation import evaluate
 from ..export import effective_updates
@@ -73,6 +93,26 @@ class Screen:
 
     left_out: list[DropRecord] = field(default_factory=list)
     summary: dict[str, Any] | None = None
+
+
+def history_rounds(spec: JobSpec, number: int) -> range:
+    """The earlier rounds the window rule reads for round `number`: the job's previous
+    `window − 1` round numbers (none for the one-round rule or a job without a screen)."""
+    cfg = spec.defence.validation
+    w = 1 if cfg is None else cfg.window
+    return range(max(0, number - w + 1), number)
+
+
+def window_history(summaries: Sequence[Mapping[str, Any] | None]) -> list[dict[str, float]]:
+    """The effects of earlier rounds from their `validation` summaries (as stored in the round
+    reports), one mapping per round; `{}` for a round without a summary (not committed, failed)
+    or not screened (skipped, merge failed). `fedhl simulate` and the aggregation worker both
+    build the window rule's history with this, from the same summaries."""
+    out: list[dict[str, float]] = []
+    for v in summaries:
+        effects = (v or {}).get("effects")
+        out.append({str(c): float(e) for c, e in effects.items()} if isinstance(effects, dict) else {})
+    return out
 
 
 def validation_examples(spec: JobSpec) -> list[Example]:
@@ -95,11 +135,14 @@ def validation_screen(
     updates: Sequence[ClientUpdate],
     spec: JobSpec,
     *,
+    history: Sequence[Mapping[str, float]] = (),
     base: tuple[Any, Any] | None = None,
     device: torch.device | str = "cpu",
 ) -> Screen:
     """The round's validation screen (module docstring). `state` holds the whole start state
-    (every module), `updates` every upload; neither is changed. `base`: (model, tokenizer)
+    (every module), `updates` every upload; neither is changed. `history`: the effects of the
+    job's earlier rounds in the window (`window_history`, oldest first; read only when
+    `window` > 1). `base`: (model, tokenizer)
     holding W0 (`fedhl simulate` passes its own; else the process's cached copy). Raises
     AggregationError when the split cannot be read; a merge that fails here is reported and
     left to the real merge (which fails the round with its own reason)."""
@@ -110,6 +153,8 @@ def validation_screen(
     examples = validation_examples(spec)
     clients = [u.client_id for u in updates]
     summary: dict[str, Any] = {"examples": len(examples), "act": cfg.act, "margin": cfg.margin, "k": cfg.k}
+    if cfg.window > 1:
+        summary.update(window=cfg.window, score=cfg.score, cap=cfg.cap)
     if len(updates) < VALIDATION_MIN_CLIENTS:
         summary.update(skipped=f"{len(updates)} upload(s): the screen needs {VALIDATION_MIN_CLIENTS}")
         summary["seconds"] = time.perf_counter() - t0
@@ -153,20 +198,53 @@ def validation_screen(
         for m in state.modules:  # the screen's merges leave FedHL's downlink change behind: drop it
             strategy.round_change(plan, m)
     effects = by_scope[cfg.scope]
-    values = [effects[c] for c in clients]
-    t = validation_threshold(values, cfg.margin, cfg.k)
-    out = validation_outliers(values, cfg.margin, cfg.k) if cfg.act else []
+    n = len(examples)
+    scores: dict[str, float] = {}
+    if cfg.window == 1:
+        t = validation_threshold([effects[c] for c in clients], cfg.margin, cfg.k)
+        picked = validation_outliers([effects[c] for c in clients], cfg.margin, cfg.k) if cfg.act else []
+        out = [clients[i] for i in picked]
+        why = {
+            c: f"leaving it out lowers the validation loss by {effects[c]:.4g} > {t:.4g} (max({cfg.margin:g}, "
+            f"{cfg.k:g} × the round's median |effect|); {n} examples)"
+            for c in out
+        }
+    else:
+        scores = validation_window_scores(effects, history, cfg.margin, cfg.cap)
+        t = cfg.score if scores else math.inf
+        candidates = validation_window_outliers(effects, history, cfg.margin, cfg.score, cfg.cap) if cfg.act else []
+        rechecked: dict[str, float] = {}
+        out = []
+        try:
+            for c in candidates:  # largest score first
+                if out:  # harmful to the merge without the ones already out? (the first one is, by its effect)
+                    gone = [DropRecord(x, "*", VALIDATION_REASON) for x in out]
+                    kept, _ = strategy.aggregate(state, plan, updates, left_out=gone)
+                    less, _ = strategy.aggregate(
+                        state, plan, updates, left_out=[*gone, DropRecord(c, "*", VALIDATION_REASON)]
+                    )
+                    heads = (kept, less) if cfg.scope == "upload" else (every, every)
+                    rechecked[c] = loss(kept, heads[0]) - loss(less, heads[1])
+                    del kept, less
+                    if not rechecked[c] > cfg.margin:
+                        continue
+                out.append(c)
+        except AggregationError as e:  # as for any leave-out merge: keep what was decided
+            log.info("validation screen: re-check merge failed: %s", e)
+        finally:
+            for m in state.modules:
+                strategy.round_change(plan, m)
+        if rechecked:
+            summary["rechecked"] = rechecked
+        why = {
+            c: f"leaving it out lowers the validation loss by {effects[c]:.4g} this round, and its effects over "
+            f"the last {cfg.window} rounds sum to {scores[c]:.4g} > {t:g} round medians (each within "
+            f"±{cfg.cap:g}; {n} examples)"
+            for c in out
+        }
+        summary.update(scores=scores, history=sum(1 for h in history if h))
     records = [
-        DropRecord(
-            clients[i],
-            "*",
-            VALIDATION_REASON,
-            f"leaving it out lowers the validation loss by {values[i]:.4g} > {t:.4g} "
-            f"(max({cfg.margin:g}, {cfg.k:g} × the round's median |effect|); {len(examples)} examples)",
-            effect=values[i],
-            threshold=t,
-        )
-        for i in out
+        DropRecord(c, "*", VALIDATION_REASON, why[c], effect=effects[c], threshold=t, score=scores.get(c)) for c in out
     ]
     summary.update(
         loss_all=l_all,

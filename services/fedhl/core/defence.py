@@ -81,21 +81,36 @@ the median gate is what keeps honest clients in; on MiniLM honest per-module cos
 orthogonal in weight space, the gate rarely opens, and a sign flip is not told apart from an
 honest update there.
 
-Validation (`validation_outliers`; off unless a job's `defence.validation` names a server-held
+Validation (off unless a job's `defence.validation` names a server-held
 labelled split: it needs data only the server has). Before the merge is committed, each upload's
 leave-one-out effect on the validation loss, `e_i = L(all) − L(all but i)`, is measured with
 the strategy's own merge (aggregation/validate.py: Zeno-style suspicion scoring, Xie et al.
 2019, on the merge itself); upload i is left out of the whole round (`validation_loss_worse`,
-module `*`, with `e_i` and the threshold) when `e_i > max(margin, k · median_j |e_j|)`: only
-harm counts (a helpful outlier stays), the median keeps honest non-IID spread in, and the rule
-never acts with fewer than `VALIDATION_MIN_CLIENTS` uploads, never on half the round, never
-when an effect is not finite. Such a leave-out is a judgement of the whole upload, so it counts
-a strike (as a direction leave-out in most modules does).
+module `*`, with `e_i` and the threshold) by one of two rules. The one-round rule (`window` 1,
+`validation_outliers`): `e_i > max(margin, k · median_j |e_j|)`. The window rule (the default,
+`validation_window_outliers`): each screened round t gives each of its uploads the evidence
+`s_i,t = clip(e_i,t / median_j |e_j,t|, −cap, cap)`, 0 when `|e_i,t| ≤ margin`; upload i is left
+out of round t when `Σ s_i,τ` over the job's rounds τ = t−w+1 … t that i took part in (a round
+it missed, or one not screened, adds 0) is above `score`, *and* `e_i,t > margin` (it raises the
+loss now: a past never takes away a helpful upload). With `cap < score` no one round decides:
+an honest upload's bad round (4–12 medians on MiniLM, in clean runs) stays in, harm repeated
+over rounds does not; helpful rounds count against harmful ones, so an honest agent's average
+stays near or below zero. An agent new to the job is judged on the rounds it has: it needs
+⌊score / cap⌋ + 1 harmful rounds at least (evidence required, not assumed: judging newcomers
+by one round would bring back the one-round rule's honest leave-outs). An agent that behaves,
+then turns, needs as many or more (its helpful rounds in the window count against it); one
+that takes part in every other round is caught if its harmful rounds within the window still
+sum above `score`. Both rules never act with fewer than `VALIDATION_MIN_CLIENTS` uploads, never
+on half the round, never when an effect of the round is not finite; only harm counts (a
+helpful outlier stays), the median keeps honest non-IID spread in. Such a leave-out is a
+judgement of the whole upload, so it counts a strike (as a direction leave-out in most modules
+does).
 
 What it does not stop: an update inside the size bound whose direction is not clearly against
 a round that agrees and whose harm on the server's split (validation screen on) does not stand
-out from its round's (on MiniLM a sign flip costs 7–13 points without the validation screen,
-2.1–2.2 with it at seed 0, and was not caught at seed 1 under FedHL, bench/README.md), though it
+out from its round's (on MiniLM a sign flip costs 7–13 points without the validation screen;
+with the window rule 0.6 at seed 0 under FedHL, and at seed 1 it was not caught by either rule:
+its effects ran beside an honest agent's with its label skew, bench/README.md), though it
 holds no more weight than an honest client at `size_k ×` the median size could; a colluding
 majority (or half), which sets the medians.
 """
@@ -103,7 +118,7 @@ majority (or half), which sets the medians.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -139,6 +154,15 @@ VALIDATION_MIN_CLIENTS = 3
 # too, in rounds where one honest upload did raise the loss: no threshold separates those)
 VALIDATION_MARGIN = 0.01
 VALIDATION_K = 3.0
+# a job's default window rule (JobSpec.defence.validation; `window: 1` is the one-round rule
+# above): an upload is left out when its effect, in multiples of its round's median |effect| and
+# counted at most VALIDATION_CAP a round, sums to more than VALIDATION_SCORE over the job's last
+# VALIDATION_WINDOW rounds, and it is harmful this round. Chosen on MiniLM seed 0 (screen off,
+# bench/README.md): honest agents' sums there reached 3.0 at most, the sign flip's passed 5 from
+# its second or third harmful round; cap < score, so no single round decides
+VALIDATION_WINDOW = 5
+VALIDATION_SCORE = 5.0
+VALIDATION_CAP = 3.0
 
 
 def check_min_cosine(c: float | None) -> float | None:
@@ -405,3 +429,58 @@ def validation_outliers(effects: Sequence[float], margin: float, k: float) -> li
     t = validation_threshold(effects, margin, k)
     above = sorted(((-e, i) for i, e in enumerate(effects) if e > t))
     return [i for _, i in above[: (len(effects) - 1) // 2]]
+
+
+def validation_evidence(effects: Mapping[str, float], margin: float, cap: float) -> dict[str, float]:
+    """One screened round's evidence per upload: its effect in multiples of the round's lower
+    median |effect|, clipped to [−cap, cap] (one round, however extreme, counts at most `cap`),
+    and 0 when |e_i| ≤ margin (an effect the split cannot resolve is no evidence either way).
+    Empty for a round the one-round rule would not screen (fewer than `VALIDATION_MIN_CLIENTS`
+    effects, or any not finite): such a round says nothing about anyone."""
+    values = list(effects.values())
+    if len(values) < VALIDATION_MIN_CLIENTS or not all(math.isfinite(e) for e in values):
+        return {}
+    med = lower_median([abs(e) for e in values])
+    out: dict[str, float] = {}
+    for c, e in effects.items():
+        z = (math.copysign(math.inf, e) if med == 0 else e / med) if abs(e) > margin else 0.0
+        out[c] = min(cap, max(-cap, z))
+    return out
+
+
+def validation_window_scores(
+    effects: Mapping[str, float], history: Sequence[Mapping[str, float]], margin: float, cap: float
+) -> dict[str, float]:
+    """Each current upload's score over the window: its evidence this round plus its evidence
+    in each earlier round of `history` (the job's previous rounds' effects, one mapping per
+    round; a round it did not take part in, or that was not screened, adds 0). Empty when the
+    current round cannot be screened."""
+    now = validation_evidence(effects, margin, cap)
+    if not now:
+        return {}
+    past = [validation_evidence(h, margin, cap) for h in history]
+    return {c: s + sum(p.get(c, 0.0) for p in past) for c, s in now.items()}
+
+
+def validation_window_outliers(
+    effects: Mapping[str, float],
+    history: Sequence[Mapping[str, float]],
+    margin: float,
+    score: float,
+    cap: float,
+) -> list[str]:
+    """The windowed rule: upload i is left out when its summed evidence over the window
+    (`validation_window_scores`: this round and the job's previous rounds in `history`) is
+    above `score` *and* its own effect this round is harmful (`e_i > margin`: an upload that
+    does not raise the loss now is never taken away for its past). Largest score first, ties
+    in upload order, at most ⌊(N−1)/2⌋ of the round; strictly above only. With `cap ≤ score`
+    no single round decides: an honest upload's one bad round (seen at 4–12 × the median on
+    MiniLM) stays in, an upload that hurts round after round does not; an agent new to the job
+    is judged on the rounds it has (its window starts empty: evidence is required, not
+    assumed). An empty `history` and `cap > score` give the one-round rule with `k = score`."""
+    scores = validation_window_scores(effects, history, margin, cap)
+    clients = list(effects)
+    above = sorted(
+        (-scores[c], i) for i, c in enumerate(clients) if scores and scores[c] > score and effects[c] > margin
+    )
+    return [clients[i] for _, i in above[: (len(clients) - 1) // 2]]

@@ -163,9 +163,11 @@ class DropRecord:
     # the other uploads' unit-normalised updates in that module
     cosine: float | None = None
     # `validation_loss_worse` (the validation screen) only: how much leaving the upload out
-    # lowers the validation loss, `L(all) − L(all but it)`, and the round's threshold
+    # lowers the validation loss, `L(all) − L(all but it)`, and the round's threshold; under the
+    # window rule the threshold is on `score`, the upload's summed evidence over the window
     effect: float | None = None
     threshold: float | None = None
+    score: float | None = None
 
 
 @dataclass(frozen=True)

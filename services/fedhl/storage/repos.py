@@ -452,6 +452,20 @@ class RoundRepo:
         ).all()
         return {int(n): str(keys[CHANGE_KEY]) for n, keys in rows if keys and keys.get(CHANGE_KEY)}
 
+    def validation_summaries(self, job_id: str, first: int, last: int) -> dict[int, dict[str, Any] | None]:
+        """Round number -> the validation screen's summary in its report (`validation`; None
+        when it has none), for the job's committed rounds first..last: the window rule's
+        history (aggregation/validate.py), one query reading that part of each report only."""
+        rows = self.s.execute(
+            select(Round.number, Round.report["validation"]).where(
+                Round.job_id == job_id,
+                Round.state == RoundState.COMMITTED,
+                Round.number >= first,
+                Round.number <= last,
+            )
+        ).all()
+        return {int(n): v if isinstance(v, dict) else None for n, v in rows}
+
     def count_in(self, states: Sequence[RoundState]) -> int:
         """Rounds of every job in any of `states`."""
         return int(self.s.scalar(select(func.count()).select_from(Round).where(Round.state.in_(list(states)))) or 0)
