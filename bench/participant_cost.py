@@ -75,7 +75,8 @@ def main() -> None:
         # else runs in this process (the coordinator is not started)
         n0, c0, w0 = len(statements), time.process_time(), time.perf_counter()
         out = fn(*args, **kw)
-        ledger[name].append((len(statements) - n0, 1000 * (time.process_time() - c0), 1000 * (time.perf_counter() - w0)))
+        cpu_ms, wall_ms = 1000 * (time.process_time() - c0), 1000 * (time.perf_counter() - w0)
+        ledger[name].append((len(statements) - n0, cpu_ms, wall_ms))
         return out
 
     try:
