@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 from prometheus_client import Counter
 from sqlalchemy.exc import IntegrityError
@@ -31,6 +31,9 @@ from ..storage.repos import AgentRepo, AuditRepo, AuthError, JobRepo, RevokedErr
 from .authcache import AuthCache, TtlLru
 from .batcher import Batcher, Full
 from .errors import Code, ServiceError
+
+T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741 - a batch item
 
 MAX_HELD = 16  # held global-update versions an agent may report per pull
 LAST_SEEN_EVERY_S = 30.0  # agents.last_seen_at is informational (REST); liveness has its own TTL keys
@@ -131,14 +134,39 @@ def peer_host(peer: str) -> str:
     return f"{kind}:{rest}"[:200]
 
 
-def owned_assignment(s: Session, agent_id: str, task_id: str) -> TaskRow:
-    """The task, which must exist (NOT_FOUND) and belong to this agent (PERMISSION_DENIED)."""
-    a = RoundRepo(s).task_row(task_id)
+def not_owned(a: TaskRow | None, agent_id: str, task_id: str) -> ServiceError | None:
+    """Why this agent may not act on the task: it does not exist (NOT_FOUND) or is another
+    agent's (PERMISSION_DENIED); None when it may."""
     if a is None:
-        raise ServiceError(Code.NOT_FOUND, f"task {task_id} not found")
+        return ServiceError(Code.NOT_FOUND, f"task {task_id} not found")
     if a.agent_id != agent_id:
-        raise ServiceError(Code.PERMISSION_DENIED, f"task {task_id} is not this agent's")
+        return ServiceError(Code.PERMISSION_DENIED, f"task {task_id} is not this agent's")
+    return None
+
+
+def owned_assignment(s: Session, agent_id: str, task_id: str) -> TaskRow:
+    """The task, which must exist and belong to this agent (`not_owned`)."""
+    a = RoundRepo(s).task_row(task_id)
+    if (e := not_owned(a, agent_id, task_id)) is not None:
+        raise e
+    assert a is not None
     return a
+
+
+def only(results: Sequence[T | Exception]) -> T:
+    """The one result of a batch method called with one item (its error raised)."""
+    (res,) = results
+    if isinstance(res, Exception):
+        raise res
+    return res
+
+
+def submit(batcher: Batcher[I, T], item: I) -> concurrent.futures.Future[T]:
+    """Queue `item`; a full queue is RESOURCE_EXHAUSTED (the edge adds a retry-after)."""
+    try:
+        return batcher.submit(item)
+    except Full as e:
+        raise ServiceError(Code.RESOURCE_EXHAUSTED, f"the server is busy ({e}); retry later") from None
 
 
 VALIDATION_QUEUE_S = 2.0  # how long an upload waits for a validation slot before RESOURCE_EXHAUSTED
@@ -229,18 +257,12 @@ class AgentService:
         if cached is not None:
             return cached
         assert credential  # cached_agent refused an empty one
-        res = self.authenticate_many([credential])[0]
-        if isinstance(res, Exception):
-            raise res
-        return res
+        return only(self.authenticate_many([credential]))
 
     def authenticate_async(self, credential: str) -> concurrent.futures.Future[str]:
         """`authenticate` through the auth batcher (a fleet reconnecting after a restart checks
         its credentials a batch per query)."""
-        try:
-            return self._auths.submit(credential)
-        except Full as e:
-            raise ServiceError(Code.RESOURCE_EXHAUSTED, f"the server is busy ({e}); retry later") from None
+        return submit(self._auths, credential)
 
     def authenticate_many(self, credentials: Sequence[str]) -> list[str | Exception]:
         """Each credential's agent id (cached), or UNAUTHENTICATED / PERMISSION_DENIED (revoked):
@@ -373,18 +395,12 @@ class AgentService:
     def try_claim(self, agent_id: str, held: dict[str, int] | None = None) -> TrainTask | None:
         """The agent's pending task, claimed (blocking callers; the gRPC plane goes through
         `claim`, which batches); None when it has none."""
-        res = self.claim_many([(agent_id, held or {})])[0]
-        if isinstance(res, Exception):
-            raise res
-        return res
+        return only(self.claim_many([(agent_id, held or {})]))
 
     def claim(self, agent_id: str, held: dict[str, int]) -> concurrent.futures.Future[TrainTask | None]:
         """`try_claim` through the claim batcher: the claims of a round's wake-up share a few
         transactions (`batcher`). Raises ServiceError RESOURCE_EXHAUSTED when its queue is full."""
-        try:
-            return self._claims.submit((agent_id, held))
-        except Full as e:
-            raise ServiceError(Code.RESOURCE_EXHAUSTED, f"the server is busy ({e}); retry later") from None
+        return submit(self._claims, (agent_id, held))
 
     def claim_many(self, items: Sequence[tuple[str, dict[str, int]]]) -> list[TrainTask | Exception | None]:
         """Each (agent, held)'s pending task, claimed: the first claim moves it ISSUED →
@@ -651,10 +667,7 @@ class AgentService:
         return res
 
     def _accept(self, agent_id: str, h: UploadHeader, key: str, size: int) -> UploadResult:
-        try:
-            return self._accepts.run(Accept(agent_id, h, key, size))
-        except Full as e:
-            raise ServiceError(Code.RESOURCE_EXHAUSTED, f"the server is busy ({e}); retry later") from None
+        return submit(self._accepts, Accept(agent_id, h, key, size)).result()
 
     def accept_many(self, items: Sequence[Accept]) -> list[UploadResult | Exception]:
         """Accept verified uploads, exactly once each, in one transaction for the batch: one
@@ -672,11 +685,9 @@ class AgentService:
                 ok: list[int] = []
                 for i, it in enumerate(items):
                     a = rows.get(it.header.task_id)
-                    if a is None:
-                        out[i] = ServiceError(Code.NOT_FOUND, f"task {it.header.task_id} not found")
-                    elif a.agent_id != it.agent_id:
-                        out[i] = ServiceError(Code.PERMISSION_DENIED, f"task {it.header.task_id} is not this agent's")
-                    elif not a.round_open or now > a.deadline:
+                    if (e := not_owned(a, it.agent_id, it.header.task_id)) is not None:
+                        out[i] = e
+                    elif a is not None and (not a.round_open or now > a.deadline):
                         out[i] = ServiceError(
                             Code.FAILED_PRECONDITION, "the round closed while uploading; late upload rejected"
                         )

@@ -55,8 +55,6 @@ class Batcher(Generic[I, R]):
         self._cond = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._closed = False
-        self.batches = 0  # batch function calls (not counting the one-by-one reruns)
-        self.items = 0
 
     def submit(self, item: I) -> concurrent.futures.Future[R]:
         """Queue `item`; its future resolves to its result or raises its error."""
@@ -104,8 +102,6 @@ class Batcher(Generic[I, R]):
             live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
             if not live:
                 continue
-            self.batches += 1
-            self.items += len(live)
             prom.DB_BATCH_ITEMS.labels(self.name).observe(len(live))
             try:
                 results = self._call([item for item, _ in live])

@@ -119,13 +119,10 @@ class AgentRepo:
 
     def authenticate(self, credential: str) -> Agent:
         """Raises AuthError (unknown/malformed) or RevokedError (a subclass)."""
-        agent_id, _, secret = credential.partition(".")
-        agent = self.s.get(Agent, agent_id) if agent_id and secret else None
-        if agent is None or not hmac.compare_digest(agent.credential_hash, secret_hash(secret)):
-            raise AuthError("unknown agent or bad credential")
-        if agent.status is AgentStatus.REVOKED:
-            raise RevokedError(f"agent {agent.id} is revoked")
-        return agent
+        checked = self.authenticate_many([credential])[0]
+        if isinstance(checked, AuthError):
+            raise checked
+        return self.get(checked)
 
     def authenticate_many(self, credentials: Sequence[str]) -> list[str | AuthError]:
         """`authenticate` for many credentials in one query → each one's agent id or error."""
@@ -550,16 +547,17 @@ class RoundRepo:
         return a
 
     @staticmethod
-    def _pending(agent_id: str, *columns: Any) -> Any:
-        """`columns` of the agent's assignments it has not uploaded, in rounds still collecting,
-        oldest first."""
+    def _pending(agents: str | Sequence[str], *columns: Any) -> Any:
+        """`columns` of the agent's (or agents') assignments not uploaded, in rounds still
+        collecting of running jobs, oldest first."""
+        who = Assignment.agent_id == agents if isinstance(agents, str) else Assignment.agent_id.in_(set(agents))
         return (
             select(*columns)
             .select_from(Assignment)
             .join(Round)
             .join(Job)
             .where(
-                Assignment.agent_id == agent_id,
+                who,
                 Assignment.state.in_([AssignmentState.ISSUED, AssignmentState.RUNNING]),
                 Round.state.in_([RoundState.OPEN, RoundState.COLLECTING]),
                 Job.status == JobStatus.RUNNING,
@@ -571,10 +569,13 @@ class RoundRepo:
         """The agent's oldest assignment it has not uploaded, in a round still collecting."""
         return self.s.scalars(self._pending(agent_id, Assignment)).first()
 
+    @staticmethod
+    def _tasks() -> Any:
+        return select(*_TASK_COLUMNS).select_from(Assignment).join(Round).join(Job)
+
     def task_row(self, task_id: str) -> TaskRow | None:
         """`assignment` as a `TaskRow` (None: no such task)."""
-        q = select(*_TASK_COLUMNS).select_from(Assignment).join(Round).join(Job)
-        row = self.s.execute(q.where(Assignment.id == task_id)).first()
+        row = self.s.execute(self._tasks().where(Assignment.id == task_id)).first()
         return None if row is None else TaskRow(*row)
 
     def pending_row(self, agent_id: str) -> TaskRow | None:
@@ -586,8 +587,7 @@ class RoundRepo:
         """`task_row` for many tasks in one query (absent ids: no such task)."""
         if not task_ids:
             return {}
-        q = select(*_TASK_COLUMNS).select_from(Assignment).join(Round).join(Job)
-        rows = (TaskRow(*r) for r in self.s.execute(q.where(Assignment.id.in_(set(task_ids)))))
+        rows = (TaskRow(*r) for r in self.s.execute(self._tasks().where(Assignment.id.in_(set(task_ids)))))
         return {r.id: r for r in rows}
 
     def pending_rows(self, agent_ids: Sequence[str]) -> dict[str, TaskRow]:
@@ -595,21 +595,8 @@ class RoundRepo:
         (agents without one are absent)."""
         if not agent_ids:
             return {}
-        q = (
-            select(*_TASK_COLUMNS)
-            .select_from(Assignment)
-            .join(Round)
-            .join(Job)
-            .where(
-                Assignment.agent_id.in_(set(agent_ids)),
-                Assignment.state.in_([AssignmentState.ISSUED, AssignmentState.RUNNING]),
-                Round.state.in_([RoundState.OPEN, RoundState.COLLECTING]),
-                Job.status == JobStatus.RUNNING,
-            )
-            .order_by(Assignment.created_at)
-        )
         out: dict[str, TaskRow] = {}
-        for r in self.s.execute(q):
+        for r in self.s.execute(self._pending(agent_ids, *_TASK_COLUMNS)):
             out.setdefault(r.agent_id, TaskRow(*r))  # oldest first
         return out
 
@@ -631,13 +618,7 @@ class RoundRepo:
     def move_assignment(self, task_id: str, allowed: Sequence[AssignmentState], to: AssignmentState) -> bool:
         """`set_assignment_state` without synchronising loaded objects (the agent plane holds
         `TaskRow`s, not ORM rows)."""
-        res = self.s.execute(
-            update(Assignment)
-            .where(Assignment.id == task_id, Assignment.state.in_(list(allowed)))
-            .values(state=to, updated_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
-        return bool(res.rowcount)  # type: ignore[attr-defined]
+        return bool(self.move_assignments([task_id], allowed, to))
 
     def pending_id_for_agent(self, agent_id: str) -> str | None:
         """The id of what `pending_for_agent` returns, in one indexed query (no ORM rows)."""
@@ -740,9 +721,7 @@ class RoundRepo:
 
     def insert_update(self, **values: Any) -> str:
         """`add_update` as a Core INSERT (the upload path's cost; bench/README.md, fleet) → its id."""
-        update_id = new_id()
-        self.s.execute(insert(cast(Table, Update.__table__)).values(id=update_id, **values))
-        return update_id
+        return self.insert_updates([values])[0]
 
     def insert_updates(self, rows: Sequence[dict[str, Any]]) -> list[str]:
         """`insert_update` for many rows in one executemany → their ids, in order."""
